@@ -1,0 +1,223 @@
+"""Typed configuration: dataclass schemas (registered in Hydra's ConfigStore by ``simulations``),
+validation with errors that name the full key, and the one bridge to Flower's flat run config.
+
+This module knows nothing of Hydra or Flower: it works on plain dicts so that the same config can
+come from Hydra (simulation), from ``context.run_config`` (deployment) or from a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from federation.errors import ConfigError
+
+TASKS = ("churn", "propensity", "both")
+MODELS = ("logreg", "mlp")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ENGINES = ("auto", "opacus", "fast")
+ACCOUNTANTS = ("rdp",)  # what clients use to calibrate; the ledger can re-account with more
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    # "two_head": one model with a churn head and a propensity head, trained in one federation
+    # (one privacy spend for both tasks). "separate": one federation per task.
+    heads: str = "two_head"
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 3.0  # target for the whole run, per partner, privacy unit = one customer
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # expected Poisson batch size: sampling rate q = batch_size / n_train
+    local_epochs: float = 1.0  # expected passes over local data per round: steps = ceil(epochs / q)
+    lr: float = 0.5
+    momentum: float = 0.0
+    engine: str = "auto"  # auto: fast fused DP-SGD when the model supports it, else Opacus
+    test_fraction: float = 0.2
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 0.05  # fedadam eta
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    kind: str = "synthetic"  # synthetic | events | table
+    # synthetic generator
+    min_customers: int = 600
+    max_customers: int = 6000
+    history_days: int = 365
+    horizon_days: int = 90
+    cutoff: str = "2024-01-01"
+    # real data (events / table): a file and a contract, see conf/data/*.yaml
+    path: str = ""
+    partition_by: str = ""
+
+
+@dataclass
+class BaselineConfig:
+    enabled: bool = True
+    epochs: int = 30
+    lr: float = 0.01
+
+
+@dataclass
+class FedpropConfig:
+    partners: int = 5
+    rounds: int = 10
+    task: str = "both"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    num_cpus_per_client: float = 1.0
+    verbose: bool = False
+
+
+def _allowed(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    if value not in allowed:
+        return [f"{key}={value!r} is not allowed; use one of {', '.join(allowed)}"]
+    return []
+
+
+def validate(cfg: FedpropConfig) -> FedpropConfig:
+    """Collect every invalid value, then raise one ConfigError naming each full key."""
+    p: list[str] = []
+    if cfg.partners < 1:
+        p.append(f"partners={cfg.partners} must be >= 1 (number of partner nodes)")
+    if cfg.rounds < 1:
+        p.append(f"rounds={cfg.rounds} must be >= 1")
+    p += _allowed("task", cfg.task, TASKS)
+    p += _allowed("model.kind", cfg.model.kind, MODELS)
+    p += _allowed("model.heads", cfg.model.heads, ("two_head", "separate"))
+    if any(int(h) < 1 for h in cfg.model.hidden):
+        p.append(f"model.hidden={list(cfg.model.hidden)} must be positive layer widths")
+    pv = cfg.privacy
+    if pv.enabled:
+        if not pv.epsilon > 0:
+            p.append(f"privacy.epsilon={pv.epsilon} must be > 0 (target epsilon for the whole run)")
+        if not 0 < pv.delta < 1:
+            p.append(f"privacy.delta={pv.delta} must be in (0, 1); use well below 1/n customers, e.g. 1e-5")
+        if not pv.max_grad_norm > 0:
+            p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0")
+        p += _allowed("privacy.accountant", pv.accountant, ACCOUNTANTS)
+    t = cfg.train
+    if t.batch_size < 1:
+        p.append(f"train.batch_size={t.batch_size} must be >= 1")
+    if not t.local_epochs > 0:
+        p.append(f"train.local_epochs={t.local_epochs} must be > 0")
+    if not t.lr > 0:
+        p.append(f"train.lr={t.lr} must be > 0")
+    if not 0 <= t.momentum < 1:
+        p.append(f"train.momentum={t.momentum} must be in [0, 1)")
+    if not 0 < t.test_fraction < 1:
+        p.append(f"train.test_fraction={t.test_fraction} must be in (0, 1)")
+    p += _allowed("train.engine", t.engine, ENGINES)
+    p += _allowed("strategy.name", cfg.strategy.name, STRATEGIES)
+    if not 0 < cfg.strategy.fraction_train <= 1:
+        p.append(f"strategy.fraction_train={cfg.strategy.fraction_train} must be in (0, 1]")
+    if not 0 <= cfg.strategy.fraction_evaluate <= 1:
+        p.append(f"strategy.fraction_evaluate={cfg.strategy.fraction_evaluate} must be in [0, 1]")
+    p += _allowed("data.kind", cfg.data.kind, ("synthetic", "events", "table"))
+    if cfg.data.kind == "synthetic" and not 1 <= cfg.data.min_customers <= cfg.data.max_customers:
+        p.append(
+            f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"
+            " need 1 <= min_customers <= max_customers"
+        )
+    if p:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {x}" for x in p))
+    return cfg
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        full = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown configuration key(s): {full}; known: {', '.join(prefix + k for k in known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        value = data[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix + name} must be a group of keys, got {value!r}")
+            value = _build(type(default), value, prefix + name + ".")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> FedpropConfig:
+    """Nested plain dict (e.g. OmegaConf.to_container) -> validated FedpropConfig."""
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    return validate(_build(FedpropConfig, data, ""))
+
+
+def to_dict(cfg: FedpropConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: FedpropConfig) -> str:
+    """SHA-256 over the canonical JSON of the resolved config (recorded with every release)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# ---- The bridge to Flower's flat run config (values: int/float/bool/str; nested keys joined by ".").
+def to_run_config(cfg: FedpropConfig) -> dict[str, int | float | bool | str]:
+    flat: dict[str, int | float | bool | str] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            key = prefix + f.name
+            if dataclasses.is_dataclass(v):
+                walk(v, key + ".")
+            elif isinstance(v, list):
+                flat[key] = ",".join(str(x) for x in v)
+            else:
+                flat[key] = v
+
+    walk(cfg, "fedprop.")
+    return flat
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedpropConfig:
+    """Inverse of ``to_run_config``; unknown ``fedprop.*`` keys fail with their full name."""
+    nested: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if not key.startswith("fedprop."):
+            continue
+        parts = key[len("fedprop."):].split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    if isinstance(nested.get("model", {}).get("hidden"), str):
+        raw = nested["model"]["hidden"]
+        nested["model"]["hidden"] = [int(x) for x in raw.split(",") if x.strip()]
+    return from_dict(nested)
