@@ -1,9 +1,16 @@
-"""Point-in-time customer features and labels from a raw event log, with a data-independent encoding.
+"""Point-in-time customer features and labels, with a data-independent encoding.
 
 Every partner applies the same declared bounds and transforms (clip -> log1p/identity -> fixed affine
 map to [0, 1]) and fixed category vocabularies, so encodings agree across partners without sharing any
-statistic. Nothing at or after the cutoff reaches a feature; only events in (cutoff, cutoff+horizon]
-feed the labels.
+statistic.
+
+Event logs: nothing at or after the cutoff reaches a feature (``ts < cutoff``); only events in
+``[cutoff, cutoff + horizon)`` feed the labels. The population is every customer with at least one
+activity event in the lookback window before the cutoff. Customer tables: one row per customer (unless a
+contract allows capped snapshots), the label is a declared column.
+
+The aggregation is vectorised over integer customer codes (bincount / ufunc.at), so it scales to tens of
+millions of events; see benchmarks/bench_features.py.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import pandas as pd
 from federation.errors import DataValidationError
 
 DAY = pd.Timedelta(days=1)
+TRANSFORMS = ("log1p", "identity")
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,14 @@ class NumericFeature:
     lo: float
     hi: float
     transform: str = "log1p"  # log1p | identity
+
+    def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"feature {self.name!r}: transform {self.transform!r} not in {TRANSFORMS}")
+        if not self.hi > self.lo:
+            raise ValueError(f"feature {self.name!r}: need hi > lo, got lo={self.lo}, hi={self.hi}")
+        if self.transform == "log1p" and self.lo <= -1:
+            raise ValueError(f"feature {self.name!r}: log1p needs lo > -1, got {self.lo}")
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float64), nan=self.lo), self.lo, self.hi)
@@ -38,17 +54,17 @@ class NumericFeature:
 @dataclass(frozen=True)
 class CategoricalFeature:
     name: str
-    vocabulary: tuple[str, ...]  # fixed, declared; anything else -> "__other__"
+    vocabulary: tuple[str, ...]  # fixed, declared; anything else (and missing) -> "__other__"
 
     @property
     def columns(self) -> list[str]:
         return [f"{self.name}={v}" for v in self.vocabulary] + [f"{self.name}=__other__"]
 
     def encode(self, x: pd.Series) -> np.ndarray:
-        vals = x.astype("string").fillna("__other__").to_numpy()
+        vals = pd.Series(x).astype("string")
+        idx = pd.Index(list(self.vocabulary)).get_indexer(vals.fillna("\x00__missing__"))
+        idx = np.where(idx < 0, len(self.vocabulary), idx)
         out = np.zeros((len(vals), len(self.vocabulary) + 1), dtype=np.float32)
-        index = {v: i for i, v in enumerate(self.vocabulary)}
-        idx = np.array([index.get(v, len(self.vocabulary)) for v in vals], dtype=np.int64)
         if len(vals):
             out[np.arange(len(vals)), idx] = 1.0
         return out
@@ -56,7 +72,11 @@ class CategoricalFeature:
 
 @dataclass(frozen=True)
 class EventSchema:
-    """Which columns of an event log mean what, and which event types count as what."""
+    """Which columns of an event log mean what, and which event types count as what.
+
+    ``product`` and ``transaction`` are optional: a column that is absent from the log is skipped
+    (distinct_products is then 0; each purchase row is its own purchase occasion).
+    """
 
     customer_id: str = "user_id"
     timestamp: str = "timestamp"
@@ -67,13 +87,15 @@ class EventSchema:
     purchase_types: tuple[str, ...] = ("purchase",)
     support_types: tuple[str, ...] = ("support_ticket",)
     return_types: tuple[str, ...] = ("return",)
+    product: str = "product"
+    transaction: str = ""  # e.g. an invoice number: purchases are counted per distinct transaction
 
 
-# Declared, data-independent encodings for the event-log features.
+# Declared, data-independent encodings for the event-log features (a contract may override bounds).
 EVENT_FEATURES: tuple[NumericFeature, ...] = (
     NumericFeature("recency_days", 0, 365),
     NumericFeature("tenure_days", 0, 3650),
-    NumericFeature("frequency", 0, 500),  # purchases in the lookback window
+    NumericFeature("frequency", 0, 500),  # purchase occasions in the lookback window
     NumericFeature("monetary", 0, 50_000),  # purchase amount in the lookback window
     NumericFeature("events_7d", 0, 100),
     NumericFeature("events_30d", 0, 300),
@@ -85,22 +107,77 @@ EVENT_FEATURES: tuple[NumericFeature, ...] = (
     NumericFeature("support_90d", 0, 50),
     NumericFeature("returns_90d", 0, 50),
     NumericFeature("trend_30_vs_60", -1, 1, transform="identity"),
-    NumericFeature("mean_gap_days", 0, 365),
+    NumericFeature("mean_gap_days", 0, 365),  # between activity events
     NumericFeature("distinct_channels", 0, 10, transform="identity"),
+    NumericFeature("purchase_gap_days", 0, 365),  # mean inter-purchase gap (lookback if < 2 purchases)
+    NumericFeature("distinct_products", 0, 1000),
+    NumericFeature("return_ratio", 0, 1, transform="identity"),  # returns / (returns + purchases)
+    NumericFeature("avg_purchase_amount", 0, 5_000),  # monetary / frequency
 )
+EVENT_FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in EVENT_FEATURES)
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Encoded features and labels for one partner, one row per customer (the privacy unit)."""
+    """Encoded features and labels for one partner, one row per customer (the privacy unit).
+
+    ``max_rows_per_customer`` > 1 only when a contract allows several snapshots per customer; the
+    privacy accounting must then use group privacy of that size (or per-customer clipping).
+    """
 
     customer_ids: np.ndarray
     X: np.ndarray  # float32 [n, d], every column in [0, 1] (trend: [0, 1] after affine map)
     y: dict[str, np.ndarray] = field(default_factory=dict)  # task -> float32 {0,1} [n]
     feature_names: tuple[str, ...] = ()
+    max_rows_per_customer: int = 1
 
     def __len__(self) -> int:
         return len(self.customer_ids)
+
+
+# ---------------------------------------------------------------------------- vectorised helpers
+def _isin(values: pd.Series | np.ndarray, allowed: tuple[str, ...]) -> np.ndarray:
+    """Boolean membership that stays fast for categoricals (looks up categories, not rows)."""
+    s = values if isinstance(values, pd.Series) else pd.Series(values)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        hit = np.isin(np.asarray(s.cat.categories.astype(str)), list(allowed))
+        codes = s.cat.codes.to_numpy()
+        return np.where(codes >= 0, hit[np.maximum(codes, 0)], False)
+    return s.astype("string").isin(list(allowed)).fillna(False).to_numpy(dtype=bool)
+
+
+def _count(codes: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(codes[mask], minlength=n).astype(np.float64)
+
+
+def _sum(codes: np.ndarray, mask: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(codes[mask], weights=w[mask], minlength=n)
+
+
+def _min(codes: np.ndarray, mask: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n, np.inf)
+    np.minimum.at(out, codes[mask], v[mask])
+    return out
+
+
+def _max(codes: np.ndarray, mask: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n, -np.inf)
+    np.maximum.at(out, codes[mask], v[mask])
+    return out
+
+
+def _distinct(codes: np.ndarray, mask: np.ndarray, other: np.ndarray, n: int) -> np.ndarray:
+    """Per-customer number of distinct values of ``other`` (integer codes, -1 = missing) under mask."""
+    m = mask & (other >= 0)
+    pairs = pd.DataFrame({"c": codes[m], "o": other[m]}).drop_duplicates()
+    return np.bincount(pairs["c"].to_numpy(), minlength=n).astype(np.float64)
+
+
+def _days_before(ts: pd.Series, cutoff: pd.Timestamp) -> np.ndarray:
+    t = ts.to_numpy()
+    if not np.issubdtype(t.dtype, np.datetime64):
+        t = pd.to_datetime(ts).to_numpy()
+    return (np.datetime64(cutoff.to_datetime64()) - t) / np.timedelta64(1, "D")
 
 
 def raw_event_features(
@@ -108,82 +185,84 @@ def raw_event_features(
 ) -> pd.DataFrame:
     """Per-customer raw (un-encoded) features from events strictly before ``cutoff``.
 
-    Customers are those with at least one activity event in the lookback window before the cutoff.
+    Customers are those with at least one activity event in the lookback window before the cutoff;
+    the frame is indexed by customer id (sorted), one column per name in ``EVENT_FEATURE_NAMES``.
     """
     s = schema
     cutoff = pd.Timestamp(cutoff)
-    ts = pd.to_datetime(events[s.timestamp])
-    before = events.loc[(ts < cutoff).to_numpy()]
-    before_ts = ts[(ts < cutoff).to_numpy()]
-    age = ((cutoff - before_ts) / DAY).to_numpy()  # > 0
-    etype = before[s.event_type].astype("string").to_numpy()
-    is_act = np.isin(etype, s.activity_types)
-    is_buy = np.isin(etype, s.purchase_types)
-    is_sup = np.isin(etype, s.support_types)
-    is_ret = np.isin(etype, s.return_types)
-    amount = pd.to_numeric(before[s.amount], errors="coerce").fillna(0.0).to_numpy() if s.amount in before else 0.0
-    cid = before[s.customer_id].to_numpy()
-    win = age <= lookback_days
+    age_all = _days_before(events[s.timestamp], cutoff)
+    b = age_all > 0  # strictly before the cutoff; NaT compares False
+    ev = events.loc[b]
+    age = age_all[b]
+    codes, uniques = pd.factorize(ev[s.customer_id], sort=True)
+    codes = codes.astype(np.int64)
+    n = len(uniques)
+    ok = codes >= 0  # rows with a missing customer id are not attributable: ignored
+    win = ok & (age <= lookback_days)
+    et = ev[s.event_type]
+    act = _isin(et, s.activity_types) & win
+    buy = _isin(et, s.purchase_types) & win
+    sup = _isin(et, s.support_types) & win
+    ret = _isin(et, s.return_types) & win
+    if s.amount in ev:
+        amount = pd.to_numeric(ev[s.amount], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        amount = np.nan_to_num(amount, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        amount = np.zeros(len(ev))
+    cz = np.where(ok, codes, 0)
 
-    frame = pd.DataFrame(
-        {
-            "cid": cid,
-            "age": age,
-            "act": is_act & win,
-            "buy": is_buy & win,
-            "buy_amt": np.where(is_buy & win, amount, 0.0),
-            "e7": is_act & (age <= 7),
-            "e30": is_act & (age <= 30),
-            "e90": is_act & (age <= 90),
-            "e30_90": is_act & (age > 30) & (age <= 90),
-            "p30": is_buy & (age <= 30),
-            "p90": is_buy & (age <= 90),
-            "a30": np.where(is_buy & (age <= 30), amount, 0.0),
-            "a90": np.where(is_buy & (age <= 90), amount, 0.0),
-            "s90": is_sup & (age <= 90),
-            "r90": is_ret & (age <= 90),
-            "act_age": np.where(is_act, age, np.nan),
-        }
-    )
-    g = frame.groupby("cid", sort=True)
-    out = pd.DataFrame(
-        {
-            "recency_days": g["act_age"].min(),
-            "tenure_days": g["age"].max(),
-            "frequency": g["buy"].sum(),
-            "monetary": g["buy_amt"].sum(),
-            "events_7d": g["e7"].sum(),
-            "events_30d": g["e30"].sum(),
-            "events_90d": g["e90"].sum(),
-            "purchases_30d": g["p30"].sum(),
-            "purchases_90d": g["p90"].sum(),
-            "amount_30d": g["a30"].sum(),
-            "amount_90d": g["a90"].sum(),
-            "support_90d": g["s90"].sum(),
-            "returns_90d": g["r90"].sum(),
-            "_e30_90": g["e30_90"].sum(),
-            "_n_act": g["act"].sum(),
-        }
-    )
+    def occasions(mask: np.ndarray) -> np.ndarray:
+        if s.transaction and s.transaction in ev:
+            tx = pd.factorize(ev[s.transaction])[0].astype(np.int64)
+            return _distinct(cz, mask, tx, n)
+        return _count(cz, mask, n)
+
+    a7, a30, a90 = act & (age <= 7), act & (age <= 30), act & (age <= 90)
+    b30, b90 = buy & (age <= 30), buy & (age <= 90)
+    recency = _min(cz, act, age, n)
+    out = pd.DataFrame(index=pd.Index(uniques, name="customer_id"))
+    out["recency_days"] = recency
+    out["tenure_days"] = _max(cz, ok, age, n)
+    freq = occasions(buy)
+    out["frequency"] = freq
+    out["monetary"] = _sum(cz, buy, amount, n)
+    out["events_7d"] = _count(cz, a7, n)
+    out["events_30d"] = _count(cz, a30, n)
+    out["events_90d"] = _count(cz, a90, n)
+    out["purchases_30d"] = occasions(b30)
+    out["purchases_90d"] = occasions(b90)
+    out["amount_30d"] = _sum(cz, b30, amount, n)
+    out["amount_90d"] = _sum(cz, b90, amount, n)
+    out["support_90d"] = _count(cz, sup & (age <= 90), n)
+    out["returns_90d"] = _count(cz, ret & (age <= 90), n)
     # Trend: last 30 days against the 60 before, per-day rates, in [-1, 1].
-    r_recent = out["events_30d"] / 30.0
-    r_before = out.pop("_e30_90") / 60.0
-    out["trend_30_vs_60"] = ((r_recent - r_before) / (r_recent + r_before)).fillna(0.0)
-    # Mean gap between activity events in the window (span / (n-1)), lookback if fewer than 2 events.
-    n_act = out.pop("_n_act")
-    span = frame.loc[frame["act"]].groupby("cid")["age"].agg(lambda a: a.max() - a.min())
-    span = span.reindex(out.index).fillna(0.0)
-    out["mean_gap_days"] = np.where(n_act > 1, span / (n_act - 1).clip(lower=1), float(lookback_days))
-    if s.channel in before:
-        ch = pd.DataFrame({"cid": cid, "ch": before[s.channel].to_numpy()})
-        out["distinct_channels"] = ch.groupby("cid")["ch"].nunique().reindex(out.index).fillna(0)
+    r_recent = out["events_30d"].to_numpy() / 30.0
+    r_before = _count(cz, act & (age > 30) & (age <= 90), n) / 60.0
+    denom = r_recent + r_before
+    out["trend_30_vs_60"] = np.divide(r_recent - r_before, denom, out=np.zeros(n), where=denom > 0)
+    # Mean gap between activity events (span / (n-1)); the lookback if fewer than 2 events.
+    n_act = _count(cz, act, n)
+    span = _max(cz, act, age, n) - recency
+    out["mean_gap_days"] = np.where(n_act > 1, span / np.maximum(n_act - 1, 1), float(lookback_days))
+    if s.channel and s.channel in ev:
+        out["distinct_channels"] = _distinct(cz, win, pd.factorize(ev[s.channel])[0].astype(np.int64), n)
     else:
         out["distinct_channels"] = 0.0
+    # Inter-purchase gap: span of purchase times over (occasions - 1).
+    pspan = _max(cz, buy, age, n) - _min(cz, buy, age, n)
+    out["purchase_gap_days"] = np.where(freq > 1, pspan / np.maximum(freq - 1, 1), float(lookback_days))
+    if s.product and s.product in ev:
+        out["distinct_products"] = _distinct(cz, win, pd.factorize(ev[s.product])[0].astype(np.int64), n)
+    else:
+        out["distinct_products"] = 0.0
+    n_ret = _count(cz, ret, n)
+    n_buy_rows = _count(cz, buy, n)
+    tot = n_ret + n_buy_rows
+    out["return_ratio"] = np.divide(n_ret, tot, out=np.zeros(n), where=tot > 0)
+    out["avg_purchase_amount"] = np.divide(out["monetary"].to_numpy(), freq, out=np.zeros(n), where=freq > 0)
     # Population: customers active in the lookback window.
-    out = out.loc[out["recency_days"].notna() & (out["recency_days"] <= lookback_days)]
-    out["recency_days"] = out["recency_days"].fillna(float(lookback_days))
-    out.index.name = "customer_id"
-    return out.astype(np.float64)
+    out = out.loc[np.isfinite(recency)]
+    return out[list(EVENT_FEATURE_NAMES)].astype(np.float64)
 
 
 def event_labels(
@@ -194,20 +273,28 @@ def event_labels(
     horizon_days: int,
     schema: EventSchema = EventSchema(),
 ) -> dict[str, np.ndarray]:
-    """churn = no activity in (cutoff, cutoff+horizon]; propensity = a purchase in that horizon."""
+    """churn = no activity in [cutoff, cutoff+horizon); propensity = a purchase in that horizon."""
     s = schema
     cutoff = pd.Timestamp(cutoff)
-    ts = pd.to_datetime(events[s.timestamp])
-    in_h = ((ts >= cutoff) & (ts < cutoff + horizon_days * DAY)).to_numpy()
+    age = _days_before(events[s.timestamp], cutoff)  # <= 0 at/after the cutoff
+    in_h = (age <= 0) & (age > -float(horizon_days))
     h = events.loc[in_h]
-    et = h[s.event_type].astype("string").to_numpy()
-    active = set(h.loc[np.isin(et, s.activity_types), s.customer_id].tolist())
-    bought = set(h.loc[np.isin(et, s.purchase_types), s.customer_id].tolist())
-    ids = list(customer_ids)
-    return {
-        "churn": np.array([c not in active for c in ids], dtype=np.float32),
-        "propensity": np.array([c in bought for c in ids], dtype=np.float32),
-    }
+    pos = pd.Index(customer_ids).get_indexer(h[s.customer_id])
+    et = h[s.event_type]
+    n = len(customer_ids)
+    active = np.bincount(pos[(pos >= 0) & _isin(et, s.activity_types)], minlength=n) > 0
+    bought = np.bincount(pos[(pos >= 0) & _isin(et, s.purchase_types)], minlength=n) > 0
+    return {"churn": (~active).astype(np.float32), "propensity": bought.astype(np.float32)}
+
+
+def static_from_events(
+    events: pd.DataFrame, columns: list[str], *, cutoff: pd.Timestamp, schema: EventSchema = EventSchema()
+) -> pd.DataFrame:
+    """Per-customer static attributes taken from the event log: the last value strictly before the cutoff."""
+    cutoff = pd.Timestamp(cutoff)
+    ev = events.loc[_days_before(events[schema.timestamp], cutoff) > 0, [schema.customer_id, schema.timestamp, *columns]]
+    ev = ev.sort_values(schema.timestamp, kind="stable")
+    return ev.groupby(schema.customer_id, sort=True)[columns].last()
 
 
 def encode(raw: pd.DataFrame, numeric: tuple[NumericFeature, ...], categorical: tuple[CategoricalFeature, ...] = ()):
@@ -235,13 +322,17 @@ def build_event_features(
     static: pd.DataFrame | None = None,
     categorical: tuple[CategoricalFeature, ...] = (),
     lookback_days: int = 365,
+    numeric: tuple[NumericFeature, ...] = EVENT_FEATURES,
 ) -> FeatureSet:
-    """Event log (+ optional static attributes indexed by customer id) -> encoded FeatureSet."""
+    """Event log (+ optional static attributes indexed by customer id) -> encoded FeatureSet.
+
+    ``numeric`` lets a contract override the declared bounds of the event features (same names).
+    """
     cutoff = pd.Timestamp(cutoff)
     raw = raw_event_features(events, cutoff=cutoff, schema=schema, lookback_days=lookback_days)
     if static is not None and categorical:
         raw = raw.join(static[[c.name for c in categorical]], how="left")
-    X, names = encode(raw, EVENT_FEATURES, categorical)
+    X, names = encode(raw, numeric, categorical)
     ids = raw.index.to_numpy()
     y = event_labels(events, ids, cutoff=cutoff, horizon_days=horizon_days, schema=schema)
     return FeatureSet(customer_ids=ids, X=X, y=y, feature_names=names)
