@@ -220,13 +220,16 @@ class QuantizationSpec:
     """How float updates become integers modulo ``2**modulus_bits`` and back.
 
     Each coordinate is clipped to ``[-clip, clip]`` and mapped affinely onto the integer grid ``{0..levels}``
-    with ``levels = min((2**modulus_bits - 1) // max_summands, 2**52)``, so the sum of up to ``max_summands``
-    quantized vectors is at most ``2**modulus_bits - 1`` and never wraps (the ``2**52`` cap keeps float64
-    arithmetic exact). The grid step is ``step = 2 * clip / levels``.
+    with ``levels = min((2**modulus_bits - 1) // max_summands, 2**44)``, so the sum of up to ``max_summands``
+    quantized vectors is at most ``2**modulus_bits - 1`` and never wraps. The grid step is
+    ``step = 2 * clip / levels``; the ``2**44`` cap keeps float64 rounding in ``quantize`` below ``step / 256``.
 
-    Error bound (per coordinate, against the sum of the *clipped* inputs, for ``n`` summands):
-    ``rounding="nearest"``: ``|error| <= n * step / 2``; ``rounding="stochastic"``: ``|error| < n * step``
-    and the error is unbiased. :meth:`sum_error_bound` returns this figure.
+    Error bound (per coordinate, against the sum of the *clipped* inputs, for ``n`` summands)::
+
+        n * (r * step + step / 64) + n * clip * 2**-49,   r = 1/2 for "nearest", r = 1 for "stochastic"
+
+    ``r * step`` is the rounding error (stochastic rounding is unbiased); the two small terms bound float64
+    arithmetic in ``quantize`` and ``dequantize_sum``. :meth:`sum_error_bound` returns this figure.
     """
 
     clip: float
@@ -253,7 +256,7 @@ class QuantizationSpec:
 
     @property
     def levels(self) -> int:
-        return min(((1 << self.modulus_bits) - 1) // self.max_summands, 1 << 52)
+        return min(((1 << self.modulus_bits) - 1) // self.max_summands, 1 << 44)
 
     @property
     def step(self) -> float:
@@ -261,8 +264,8 @@ class QuantizationSpec:
 
     def sum_error_bound(self, num_summands: int) -> float:
         """Worst-case per-coordinate error of a dequantized sum of ``num_summands`` clipped vectors."""
-        per_value = self.step / 2 if self.rounding == "nearest" else self.step
-        return num_summands * per_value
+        rounding = self.step / 2 if self.rounding == "nearest" else self.step
+        return num_summands * (rounding + self.step / 64) + num_summands * self.clip * 2.0**-49
 
 
 def quantize(*, values: np.ndarray, spec: QuantizationSpec, rng: np.random.Generator | None = None) -> np.ndarray:
