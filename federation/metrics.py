@@ -523,25 +523,22 @@ def metrics_from_scores(y_true: Any, scores: Any, *, n_bins: int = DEFAULT_RELIA
 # ---------------------------------------------------------------------------------------- DP release
 
 
-def _discrete_laplace(rng: np.random.Generator, scale: float, size: int) -> np.ndarray:
-    """Integer noise with P(k) proportional to exp(-|k| / scale): difference of two geometric variables."""
-    p = -math.expm1(-1.0 / scale)  # 1 - exp(-1/scale), accurate for large scales
-    return rng.geometric(p, size=size) - rng.geometric(p, size=size)
-
-
 def noisy(hist: ScoreHistogram, *, epsilon: float, rng: np.random.Generator) -> tuple[ScoreHistogram, dict[str, Any]]:
     """Release ``hist`` with ``epsilon``-DP per customer; return the noisy histogram and the mechanism.
 
     Privacy unit: one customer, who contributes at most one held-out example (add/remove adjacency). Adding
     a customer changes one count of ``pos``/``neg`` by 1, one entry of ``sum_score`` by at most 1,
-    ``sum_logloss`` by at most ``MAX_LOGLOSS`` and ``sum_brier`` by at most 1. The budget is split equally
-    over these four groups (basic composition): counts get discrete Laplace noise with scale ``4/epsilon``,
-    sums continuous Laplace noise with scale ``4 * sensitivity / epsilon``. Afterwards (post-processing, no
-    privacy cost) counts are clipped at 0 and sums to the range the noisy counts allow. ``delta`` is 0.
+    ``sum_logloss`` by at most ``MAX_LOGLOSS`` and ``sum_brier`` by at most 1. Each of these four groups gets
+    Laplace noise with scale ``4 * sensitivity / epsilon``: four Laplace mechanisms with noise multiplier
+    ``4 / epsilon``, composed (``epsilon / 4`` each). Afterwards (post-processing, no privacy cost) counts
+    are rounded and clipped at 0, and sums clipped to the range the noisy counts allow. ``delta`` is 0.
 
-    ``rng`` is a numpy Generator; numpy's generators are not cryptographically secure and continuous
-    Laplace in floating point has known weaknesses (Mironov 2012), so for production releases seed it from
-    ``secrets`` and treat the sums' guarantee as approximate. The mechanism dict is what a ledger records.
+    The returned mechanism dict records all of it; its ``ledger_event`` entry is a ``laplace`` record
+    (``noise_multiplier``, ``count``) that ``federation.privacy.events.event_from_dict`` loads, so the
+    release is accounted like any other. ``rng`` is a numpy Generator: numpy's generators are not
+    cryptographically secure and floating-point Laplace noise has known weaknesses (Mironov 2012), so for
+    production releases seed it from ``secrets``. With DP, fewer bins (e.g. 50-100) keep metrics useful:
+    every bin pays noise of the same scale whatever its count.
     """
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
         raise PrivacyError(f"noisy(): epsilon must be a finite number > 0, got {epsilon!r}")
@@ -552,11 +549,10 @@ def noisy(hist: ScoreHistogram, *, epsilon: float, rng: np.random.Generator) -> 
         )
     eps = float(epsilon)
     groups = 4
-    share = eps / groups
-    b = 1.0 / share  # scale for unit sensitivity
+    b = groups / eps  # noise multiplier: Laplace scale per unit of L1 sensitivity
     B = hist.bins
-    pos = np.maximum(hist.pos + _discrete_laplace(rng, b, B), 0)
-    neg = np.maximum(hist.neg + _discrete_laplace(rng, b, B), 0)
+    pos = np.maximum(np.rint(hist.pos + rng.laplace(0.0, b, size=B)), 0).astype(np.int64)
+    neg = np.maximum(np.rint(hist.neg + rng.laplace(0.0, b, size=B)), 0).astype(np.int64)
     count = pos + neg
     edges = hist.edges
     sum_score = np.clip(hist.sum_score + rng.laplace(0.0, b, size=B), edges[:-1] * count, edges[1:] * count)
@@ -564,6 +560,7 @@ def noisy(hist: ScoreHistogram, *, epsilon: float, rng: np.random.Generator) -> 
     sum_ll = float(np.clip(hist.sum_logloss + rng.laplace(0.0, MAX_LOGLOSS * b), 0.0, MAX_LOGLOSS * n))
     sum_br = float(np.clip(hist.sum_brier + rng.laplace(0.0, b), 0.0, n))
     released = ScoreHistogram(bins=B, pos=pos, neg=neg, sum_score=sum_score, sum_logloss=sum_ll, sum_brier=sum_br)
+    share = eps / groups
     mechanism: dict[str, Any] = {
         "kind": "laplace",
         "release": "evaluation_histogram",
@@ -571,18 +568,19 @@ def noisy(hist: ScoreHistogram, *, epsilon: float, rng: np.random.Generator) -> 
         "delta": 0.0,
         "unit": "customer",
         "adjacency": "add_remove",
-        # Sensitivity and scale of the whole release with each component divided by its own sensitivity.
-        "sensitivity": float(groups),
-        "scale": float(groups / eps),
+        # Every component is noised relative to its own L1 sensitivity with the same multiplier:
+        "sensitivity": 1.0,
+        "scale": b,
+        "count": groups,
+        "ledger_event": {"kind": "laplace", "noise_multiplier": b, "count": groups},
         "bins": B,
         "components": {
-            "pos_neg_counts": {"noise": "discrete_laplace", "sensitivity": 1.0, "scale": b, "epsilon": share},
-            "sum_score": {"noise": "laplace", "sensitivity": 1.0, "scale": b, "epsilon": share},
-            "sum_logloss": {"noise": "laplace", "sensitivity": MAX_LOGLOSS, "scale": MAX_LOGLOSS * b,
-                            "epsilon": share},
-            "sum_brier": {"noise": "laplace", "sensitivity": 1.0, "scale": b, "epsilon": share},
+            "pos_neg_counts": {"sensitivity": 1.0, "scale": b, "epsilon": share},
+            "sum_score": {"sensitivity": 1.0, "scale": b, "epsilon": share},
+            "sum_logloss": {"sensitivity": MAX_LOGLOSS, "scale": MAX_LOGLOSS * b, "epsilon": share},
+            "sum_brier": {"sensitivity": 1.0, "scale": b, "epsilon": share},
         },
-        "composition": "basic (sum of component epsilons)",
+        "post_processing": "counts rounded and clipped at 0; sums clipped to the ranges the noisy counts allow",
         "assumption": "each customer contributes at most one held-out example to this partner's evaluation",
     }
     return released, mechanism

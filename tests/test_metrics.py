@@ -249,7 +249,7 @@ def test_noisy_release_mechanism_and_post_processing():
     h = M.histogram_from_scores(y, p, bins=20)
     released, mech = M.noisy(h, epsilon=2.0, rng=np.random.default_rng(1))
     assert mech["kind"] == "laplace" and mech["epsilon"] == 2.0 and mech["delta"] == 0.0
-    assert mech["unit"] == "customer" and mech["scale"] == pytest.approx(2.0)
+    assert mech["unit"] == "customer" and mech["scale"] == pytest.approx(2.0) and mech["count"] == 4
     assert sum(c["epsilon"] for c in mech["components"].values()) == pytest.approx(2.0)
     assert mech["components"]["sum_logloss"]["sensitivity"] == pytest.approx(M.MAX_LOGLOSS)
     assert released.pos.dtype.kind == "i" and (released.pos >= 0).all() and (released.neg >= 0).all()
@@ -264,13 +264,18 @@ def test_noisy_release_mechanism_and_post_processing():
     assert np.array_equal(nearly.pos, h.pos) and M.log_loss(nearly) == pytest.approx(M.log_loss(h), rel=1e-6)
 
 
-def test_discrete_laplace_has_declared_scale():
-    scale = 4.0
-    x = M._discrete_laplace(np.random.default_rng(14), scale, 400_000)
-    r = math.exp(-1 / scale)
-    assert x.dtype.kind == "i"
-    assert abs(x.mean()) < 0.03
-    assert x.var() == pytest.approx(2 * r / (1 - r) ** 2, rel=0.02)
+def test_count_noise_has_declared_scale_and_ledger_event_loads():
+    bins, eps = 20_000, 2.0
+    big = np.full(bins, 10_000)
+    h = M.ScoreHistogram(bins=bins, pos=big, neg=big, sum_score=np.zeros(bins), sum_logloss=0.0, sum_brier=0.0)
+    released, mech = M.noisy(h, epsilon=eps, rng=np.random.default_rng(14))
+    noise = (released.pos - h.pos).astype(float)
+    b = 4 / eps
+    assert abs(noise.mean()) < 0.05
+    assert noise.var() == pytest.approx(2 * b * b + 1 / 12, rel=0.05)  # Laplace(b), then rounded
+    events = pytest.importorskip("federation.privacy.events")
+    event = events.event_from_dict(mech["ledger_event"])
+    assert event.noise_multiplier == pytest.approx(b) and event.count == 4  # 4 x Laplace(eps/4) = eps
 
 
 @pytest.mark.parametrize("eps", [0, -1.0, float("inf"), float("nan"), True, "1"])
