@@ -1,0 +1,381 @@
+"""The data contract: one declaration, applied identically at every partner.
+
+A contract says which columns mean what, which event values count as activity / purchase / return,
+the cutoff and label horizon, and the declared bounds, transforms and vocabularies of every feature.
+Because all encodings are declared, partners produce comparable features without sharing any statistic.
+
+Contracts are YAML files (``conf/contracts/<name>.yaml``); a Hydra data config (``conf/data/<name>.yaml``)
+points at one with ``contract: contracts/<name>.yaml``. ``load_contract`` accepts either file.
+Relative data paths are resolved against ``$FEDPROP_DATA_DIR``, else ``<repo>/../shared/data``.
+
+``contract_hash()`` covers everything that shapes features and labels, and deliberately not the local
+file locations (``source``), so every partner's model card shows the same hash for the same contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from federation.errors import ConfigError
+from federation.features import EVENT_FEATURES, EventSchema, NumericFeature, CategoricalFeature, TRANSFORMS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR_ENV = "FEDPROP_DATA_DIR"
+KINDS = ("events", "table")
+FORMATS = ("auto", "csv", "parquet", "sql")
+
+
+def data_dir() -> Path:
+    """Where relative data paths point: $FEDPROP_DATA_DIR, else <repo>/../shared/data."""
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(env).expanduser() if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    files: tuple[str, ...] = ()
+    format: str = "auto"  # auto (from suffix) | csv | parquet | sql
+    sep: str = ","
+    encoding: str = "utf-8"
+    chunksize: int = 200_000  # CSV rows per chunk (memory stays bounded by the contract's columns)
+    url: str = ""  # sql: SQLAlchemy URL
+    query: str = ""  # sql: SELECT ...
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    customer_id: str = ""  # empty for a customer table without ids: each row is one customer
+    timestamp: str = ""
+    timestamp_format: str = ""  # strptime format; empty = ISO 8601
+    event_type: str = ""
+    amount: tuple[str, ...] = ()  # one column, or several multiplied (e.g. Quantity x UnitPrice)
+    channel: str = ""
+    product: str = ""
+    transaction: str = ""
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class EventRules:
+    event_type_rule: str = "value"  # value: the column holds the type | prefix: map value prefixes
+    event_type_map: tuple[tuple[str, str], ...] = ()  # prefix -> type (rule=prefix)
+    event_type_default: str = ""  # type of values matching no prefix (rule=prefix)
+    activity: tuple[str, ...] = ("visit", "purchase", "support_ticket", "return")
+    purchase: tuple[str, ...] = ("purchase",)
+    returns: tuple[str, ...] = ("return",)
+    support: tuple[str, ...] = ("support_ticket",)
+    amount_nonnegative: bool = True  # purchase events with a negative amount are a problem
+    drop_missing_customer: bool = False  # rows without a customer id cannot be attributed: drop (reported)
+    cutoff: str = ""
+    horizon_days: int = 90
+    lookback_days: int = 365
+    feature_bounds: tuple[NumericFeature, ...] = EVENT_FEATURES
+
+
+@dataclass(frozen=True)
+class TableFeature:
+    column: str
+    kind: str = "numeric"  # numeric | categorical
+    lo: float = 0.0
+    hi: float = 1.0
+    transform: str = "identity"
+    vocabulary: tuple[str, ...] = ()
+    fill: float | None = None  # numeric: value for missing cells; None = missing is a problem
+
+    def encoder(self) -> NumericFeature | CategoricalFeature:
+        if self.kind == "numeric":
+            return NumericFeature(self.column, float(self.lo), float(self.hi), self.transform)
+        return CategoricalFeature(self.column, tuple(str(v) for v in self.vocabulary))
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    column: str = ""
+    positive: tuple[str, ...] = ("1",)
+    negative: tuple[str, ...] = ("0",)
+    task: str = "churn"  # the FeatureSet.y key: churn | propensity
+
+
+@dataclass(frozen=True)
+class DataContract:
+    name: str
+    kind: str  # events | table
+    source: SourceSpec = field(default_factory=SourceSpec)
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    events: EventRules = field(default_factory=EventRules)
+    features: tuple[TableFeature, ...] = ()  # table: the declared features
+    static: tuple[TableFeature, ...] = ()  # events: per-customer attributes (last value before cutoff)
+    label: LabelSpec = field(default_factory=LabelSpec)
+    deduplicate: bool = False  # drop exact duplicate rows before anything else (reported)
+    max_rows_per_customer: int = 1  # > 1 allows snapshots; privacy accounting must use this group size
+    excluded_columns: tuple[str, ...] = ()  # documented exclusions (e.g. leaking columns): never features
+    min_customers: int = 100  # fewer customers at one partner: DP noise swamps the signal
+    description: str = ""
+
+    # ---- derived views
+    def schema(self) -> EventSchema:
+        c, e = self.columns, self.events
+        return EventSchema(
+            customer_id=c.customer_id, timestamp=c.timestamp, event_type="__event_type",
+            amount="__amount", channel=c.channel, product=c.product, transaction=c.transaction,
+            activity_types=e.activity, purchase_types=e.purchase, support_types=e.support, return_types=e.returns,
+        )
+
+    def required_columns(self) -> list[str]:
+        """Every source column the contract reads, in a stable order, without duplicates."""
+        c = self.columns
+        cols = [c.customer_id, c.timestamp, c.event_type, *c.amount, c.channel, c.product, c.transaction]
+        cols += [f.column for f in self.static] + [f.column for f in self.features]
+        cols += [self.label.column if self.kind == "table" else ""]
+        return list(dict.fromkeys(x for x in cols if x))
+
+    def identity(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def contract_hash(self) -> str:
+        """SHA-256 over the canonical JSON of everything that shapes features and labels (not file paths)."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def replace(self, **kw: Any) -> "DataContract":
+        return dataclasses.replace(self, **kw)
+
+    def with_events(self, **kw: Any) -> "DataContract":
+        return dataclasses.replace(self, events=dataclasses.replace(self.events, **kw))
+
+    def resolve_files(self) -> list[Path]:
+        return [resolve_data_path(f) for f in self.source.files]
+
+
+def resolve_data_path(p: str | os.PathLike) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else data_dir() / path
+
+
+def resolve_conf_path(p: str | os.PathLike) -> Path:
+    """A contract path: absolute, relative to the cwd, or relative to <repo>/conf or <repo>."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    for base in (REPO_ROOT / "conf", REPO_ROOT):
+        if (base / path).exists():
+            return base / path
+    return path
+
+
+# ---------------------------------------------------------------------------- parsing (closed, typed)
+def _tuple(v: Any, key: str) -> tuple:
+    if v is None:
+        return ()
+    if isinstance(v, (str, int, float)):
+        return (str(v),)
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    raise ConfigError(f"{key} must be a list, got {v!r}")
+
+
+def _strs(v: Any, key: str) -> tuple[str, ...]:
+    return tuple(str(x) for x in _tuple(v, key))
+
+
+def _check_keys(data: Mapping[str, Any], cls: type, prefix: str) -> None:
+    known = [f.name for f in fields(cls)]
+    for k in data:
+        if k not in known:
+            near = difflib.get_close_matches(str(k), known, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known: {', '.join(known)}"
+            raise ConfigError(f"unknown contract key {prefix}{k}{hint}")
+
+
+def _feature(d: Mapping[str, Any], key: str) -> TableFeature:
+    if not isinstance(d, Mapping) or "column" not in d:
+        raise ConfigError(f"{key} must be a mapping with at least 'column', got {d!r}")
+    _check_keys(d, TableFeature, key + ".")
+    kind = d.get("kind", "numeric")
+    if kind not in ("numeric", "categorical"):
+        raise ConfigError(f"{key}.kind={kind!r}: use numeric or categorical")
+    tr = d.get("transform", "identity")
+    if tr not in TRANSFORMS:
+        raise ConfigError(f"{key}.transform={tr!r}: use one of {', '.join(TRANSFORMS)}")
+    f = TableFeature(
+        column=str(d["column"]), kind=kind, lo=float(d.get("lo", 0.0)), hi=float(d.get("hi", 1.0)), transform=tr,
+        vocabulary=_strs(d.get("vocabulary"), key + ".vocabulary"),
+        fill=None if d.get("fill") is None else float(d["fill"]),
+    )
+    if kind == "numeric" and not f.hi > f.lo:
+        raise ConfigError(f"{key}: need hi > lo (declared bounds), got lo={f.lo}, hi={f.hi}")
+    if kind == "categorical" and not f.vocabulary:
+        raise ConfigError(f"{key}: a categorical feature needs a declared vocabulary")
+    return f
+
+
+def contract_from_dict(data: Mapping[str, Any]) -> DataContract:
+    """Plain dict (parsed YAML) -> DataContract; unknown or ill-typed keys raise ConfigError by full key."""
+    _check_keys(data, DataContract, "")
+    for req in ("name", "kind"):
+        if req not in data:
+            raise ConfigError(f"contract key {req!r} is required")
+    if data["kind"] not in KINDS:
+        raise ConfigError(f"kind={data['kind']!r}: use one of {', '.join(KINDS)}")
+    src = dict(data.get("source") or {})
+    _check_keys(src, SourceSpec, "source.")
+    src["files"] = _strs(src.get("files"), "source.files")
+    source = SourceSpec(**src)
+    if source.format not in FORMATS:
+        raise ConfigError(f"source.format={source.format!r}: use one of {', '.join(FORMATS)}")
+    cols = dict(data.get("columns") or {})
+    _check_keys(cols, ColumnMap, "columns.")
+    cols["amount"] = _strs(cols.get("amount"), "columns.amount")
+    columns = ColumnMap(**{k: (v if k == "amount" else ("" if v is None else str(v))) for k, v in cols.items()})
+    ev = dict(data.get("events") or {})
+    _check_keys(ev, EventRules, "events.")
+    for k in ("activity", "purchase", "returns", "support"):
+        if k in ev:
+            ev[k] = _strs(ev[k], f"events.{k}")
+    if "event_type_map" in ev:
+        m = ev["event_type_map"] or {}
+        if not isinstance(m, Mapping):
+            raise ConfigError("events.event_type_map must be a mapping prefix -> event type")
+        ev["event_type_map"] = tuple((str(k), str(v)) for k, v in m.items())
+    if ev.get("event_type_rule", "value") not in ("value", "prefix"):
+        raise ConfigError(f"events.event_type_rule={ev['event_type_rule']!r}: use value or prefix")
+    if "feature_bounds" in ev:
+        base = {f.name: f for f in EVENT_FEATURES}
+        over = ev["feature_bounds"] or {}
+        for name, spec in over.items():
+            if name not in base:
+                near = difflib.get_close_matches(str(name), list(base), n=1)
+                raise ConfigError(f"events.feature_bounds.{name}: no such event feature"
+                                  + (f"; did you mean {near[0]}?" if near else ""))
+            spec = list(spec)
+            tr = spec[2] if len(spec) > 2 else base[name].transform
+            try:
+                base[name] = NumericFeature(name, float(spec[0]), float(spec[1]), tr)
+            except (ValueError, IndexError) as exc:
+                raise ConfigError(f"events.feature_bounds.{name}: {exc} (write [lo, hi] or [lo, hi, transform])")
+        ev["feature_bounds"] = tuple(base[f.name] for f in EVENT_FEATURES)
+    if "cutoff" in ev:
+        ev["cutoff"] = str(ev["cutoff"])
+    events = EventRules(**ev)
+    lab = dict(data.get("label") or {})
+    _check_keys(lab, LabelSpec, "label.")
+    for k in ("positive", "negative"):
+        if k in lab:
+            lab[k] = _strs(lab[k], f"label.{k}")
+    label = LabelSpec(**lab)
+    if label.task not in ("churn", "propensity"):
+        raise ConfigError(f"label.task={label.task!r}: use churn or propensity")
+    c = DataContract(
+        name=str(data["name"]), kind=data["kind"], source=source, columns=columns, events=events,
+        features=tuple(_feature(f, f"features[{i}]") for i, f in enumerate(data.get("features") or [])),
+        static=tuple(_feature(f, f"static[{i}]") for i, f in enumerate(data.get("static") or [])),
+        label=label, deduplicate=bool(data.get("deduplicate", False)),
+        max_rows_per_customer=int(data.get("max_rows_per_customer", 1)),
+        excluded_columns=_strs(data.get("excluded_columns"), "excluded_columns"),
+        min_customers=int(data.get("min_customers", 100)), description=str(data.get("description", "")),
+    )
+    problems = contract_problems(c)
+    if problems:
+        raise ConfigError(f"contract {c.name!r} is inconsistent:\n" + "\n".join(f"  - {p}" for p in problems))
+    return c
+
+
+def contract_problems(c: DataContract) -> list[str]:
+    p: list[str] = []
+    if c.max_rows_per_customer < 1:
+        p.append(f"max_rows_per_customer={c.max_rows_per_customer} must be >= 1 (1 = one row per customer)")
+    if c.max_rows_per_customer > 1 and not c.columns.customer_id:
+        p.append("max_rows_per_customer > 1 needs columns.customer_id, or the cap cannot be enforced")
+    used = {f.column for f in c.features + c.static}
+    for x in c.excluded_columns:
+        if x in used:
+            p.append(f"column {x!r} is listed in excluded_columns and used as a feature; remove one")
+    if c.label.column and c.label.column in used:
+        p.append(f"label column {c.label.column!r} is also a feature: that leaks the label")
+    if set(c.label.positive) & set(c.label.negative):
+        p.append(f"label values {sorted(set(c.label.positive) & set(c.label.negative))} are both positive and negative")
+    if c.kind == "events":
+        for k in ("customer_id", "timestamp", "event_type"):
+            if not getattr(c.columns, k):
+                p.append(f"columns.{k} is required for an event log")
+        if not c.events.cutoff:
+            p.append("events.cutoff is required for an event log (the point-in-time boundary)")
+        if c.events.horizon_days < 1 or c.events.lookback_days < 1:
+            p.append("events.horizon_days and events.lookback_days must be >= 1")
+        if c.events.event_type_rule == "prefix" and not c.events.event_type_default:
+            p.append("events.event_type_default is required with event_type_rule: prefix")
+    else:
+        if not c.label.column:
+            p.append("label.column is required for a customer table")
+        if not c.features:
+            p.append("a customer table needs declared features")
+    if c.source.format == "sql" and not (c.source.url and c.source.query):
+        p.append("source.format=sql needs source.url and source.query")
+    return p
+
+
+def load_contract(path: str | os.PathLike) -> DataContract:
+    """Load a contract YAML, or a Hydra data config whose ``contract:`` key points at one."""
+    p = resolve_conf_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"contract file {str(path)!r} not found (looked in the cwd, {REPO_ROOT / 'conf'}, {REPO_ROOT})")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"contract file {str(p)!r} is not valid YAML: {exc}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"contract file {str(p)!r} must hold a mapping")
+    if "contract" in data and "columns" not in data:
+        return load_contract(data["contract"])
+    return contract_from_dict(data)
+
+
+def contract_to_yaml(c: DataContract) -> str:
+    d = dataclasses.asdict(c)
+    d["events"]["event_type_map"] = dict(c.events.event_type_map)
+    d["events"]["feature_bounds"] = {f.name: [f.lo, f.hi, f.transform] for f in c.events.feature_bounds}
+    return yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- proposing a contract
+PROPOSAL_WARNING = (
+    "WARNING: these bounds and vocabularies were proposed from ONE partner's data. They are NOT differentially\n"
+    "private (min/max and category lists reveal individual records) and they may not fit other partners.\n"
+    "Review and coarsen them (round bounds to public domain knowledge, drop rare categories) before the\n"
+    "federation uses this contract."
+)
+
+
+def propose_contract(frame, *, name: str, file: str, max_categories: int = 20) -> dict[str, Any]:
+    """A draft table contract from a sample frame: numeric bounds (outward-rounded), top categories.
+
+    The caller must show PROPOSAL_WARNING: nothing here is private.
+    """
+    import numpy as np
+    import pandas as pd
+
+    feats: list[dict[str, Any]] = []
+    for col in frame.columns:
+        s = frame[col]
+        num = pd.to_numeric(s.astype("string").str.strip().replace("", pd.NA), errors="coerce")
+        if num.notna().mean() > 0.95 and s.nunique(dropna=True) > 2:
+            lo, hi = float(np.floor(num.min())), float(np.ceil(num.max()))
+            hi = hi if hi > lo else lo + 1
+            tr = "log1p" if lo >= 0 and hi > 1000 else "identity"
+            feats.append({"column": col, "kind": "numeric", "lo": lo, "hi": hi, "transform": tr,
+                          **({"fill": lo} if num.isna().any() else {})})
+        else:
+            top = s.astype("string").value_counts().head(max_categories).index.tolist()
+            feats.append({"column": col, "kind": "categorical", "vocabulary": [str(v) for v in top]})
+    return {"name": name, "kind": "table", "source": {"files": [file]}, "columns": {"customer_id": "", "label": ""},
+            "label": {"column": "", "positive": ["1"], "negative": ["0"], "task": "churn"}, "features": feats}
