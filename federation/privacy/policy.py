@@ -265,7 +265,8 @@ def _rule_problems(policy: BudgetPolicy, planned: Sequence[Any], privacy_unit: s
     if privacy_unit != policy.privacy_unit:
         problems.append(f"privacy unit {privacy_unit!r} differs from the policy's {policy.privacy_unit!r}")
     for i, event in enumerate(planned):
-        sigma = getattr(event, "noise_multiplier", None)
+        # min_noise_multiplier governs Gaussian mechanisms (DP-SGD rounds); a Laplace scale is another unit
+        sigma = event.noise_multiplier if getattr(event, "kind", None) in ("poisson_sampled_gaussian", "gaussian") else None
         if sigma is not None and sigma < policy.min_noise_multiplier:
             problems.append(
                 f"planned event #{i} ({event.describe()}) has noise_multiplier {sigma:g} < policy "

@@ -1,0 +1,232 @@
+"""``fedprop budget plan | report | verify``: privacy budget commands for data teams and compliance.
+
+Mounted by the ``fedprop`` entry point through ``register(subparsers)``; ``main(argv)`` runs it standalone
+(``python -m federation.privacy.cli budget ...``). Exit codes: 0 ok, 1 verification/policy failure,
+2 usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from federation.errors import FedpropError, LedgerIntegrityError
+from federation.privacy.accountants import available_accountants, calibrate_noise_multiplier, get_accountant
+from federation.privacy.events import PoissonSampledGaussian
+from federation.privacy.ledger import Ledger, verify
+from federation.privacy.policy import load_policy
+from federation.privacy.report import build_report, render_json, render_markdown, write_report
+
+__all__ = ["register", "run", "main", "sampling_plan"]
+
+
+def sampling_plan(*, n_customers: int, batch_size: int, epochs_per_round: float) -> tuple[float, int]:
+    """(q, steps per round) exactly as the client trains: q = min(1, batch/n), steps = ceil(epochs / q)."""
+    if n_customers < 1 or batch_size < 1 or not epochs_per_round > 0:
+        raise FedpropError("n_customers and batch_size must be >= 1 and epochs_per_round > 0.")
+    q = min(1.0, batch_size / n_customers)
+    return q, max(1, math.ceil(epochs_per_round / q))
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    budget = subparsers.add_parser("budget", help="privacy budget: plan a run, report and verify a ledger")
+    sub = budget.add_subparsers(dest="budget_command", required=True)
+
+    plan = sub.add_parser("plan", help="epsilon a run will spend, or the noise needed for a target epsilon")
+    plan.add_argument("--config", type=Path, help="resolved run config YAML (rounds, train.*, privacy.*)")
+    plan.add_argument("--n-customers", type=int, help="training customers at the partner (n)")
+    rate = plan.add_mutually_exclusive_group()
+    rate.add_argument("--batch-size", type=int, help="expected Poisson batch size (q = batch / n)")
+    rate.add_argument("--sampling-rate", type=float, help="Poisson sampling rate q")
+    length = plan.add_mutually_exclusive_group()
+    length.add_argument("--epochs-per-round", type=float, help="expected local epochs per round")
+    length.add_argument("--steps", type=int, help="optimizer steps per round")
+    plan.add_argument("--rounds", type=int, help="rounds in the run")
+    plan.add_argument("--delta", type=float, help="target delta (default: config privacy.delta or 1e-5)")
+    noise = plan.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=float, help="sigma: print the epsilon the run spends")
+    noise.add_argument("--target-epsilon", type=float, help="print the sigma needed for this epsilon over the run")
+    plan.add_argument(
+        "--accountant", action="append", choices=available_accountants(),
+        help="accountant(s) to use (repeatable; default: all registered)",
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(budget_func=_plan)
+
+    report = sub.add_parser("report", help="compliance report from a ledger (HTML, Markdown or JSON)")
+    report.add_argument("ledger", type=Path)
+    report.add_argument("--public-key", type=Path, required=True, help="the node's Ed25519 public key (PEM)")
+    report.add_argument("--policy", type=Path, help="budget policy YAML")
+    report.add_argument("--server-ledger", type=Path, help="the server's federation ledger (partner-level layer)")
+    report.add_argument("--server-public-key", type=Path, help="public key of the server ledger")
+    report.add_argument("--partner", help="partner to report on (when the ledger holds several)")
+    report.add_argument("--format", choices=("html", "md", "json"), default="md")
+    report.add_argument("--out", type=Path, help="output file (default: stdout for md/json)")
+    report.set_defaults(budget_func=_report)
+
+    ver = sub.add_parser("verify", help="check hash chain, signatures and recompute every epsilon")
+    ver.add_argument("ledger", type=Path)
+    ver.add_argument("--public-key", type=Path, required=True)
+    ver.add_argument(
+        "--expected-head", metavar="SEQ:HASH", help="head recorded outside the node (detects rollback)"
+    )
+    ver.set_defaults(budget_func=_verify)
+    budget.set_defaults(func=run)
+    return budget
+
+
+def _cfg_get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _plan(args: argparse.Namespace, out) -> int:
+    cfg: dict = {}
+    if args.config is not None:
+        cfg = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    rounds = args.rounds if args.rounds is not None else _cfg_get(cfg, "rounds")
+    delta = args.delta if args.delta is not None else (_cfg_get(cfg, "privacy.delta") or 1e-5)
+    delta = float(delta)
+    batch = args.batch_size if args.batch_size is not None else _cfg_get(cfg, "train.batch_size")
+    epochs = args.epochs_per_round if args.epochs_per_round is not None else _cfg_get(cfg, "train.local_epochs")
+    target = args.target_epsilon
+    if target is None and args.noise_multiplier is None:
+        target = _cfg_get(cfg, "privacy.epsilon")
+    missing = [name for name, v in (("--rounds", rounds),) if v is None]
+    if args.sampling_rate is not None:
+        q = args.sampling_rate
+    elif batch is not None and args.n_customers is not None:
+        q = min(1.0, batch / args.n_customers)
+    else:
+        missing.append("--sampling-rate, or --batch-size with --n-customers")
+        q = None
+    if args.steps is not None:
+        steps = args.steps
+    elif epochs is not None and q is not None:
+        steps = max(1, math.ceil(float(epochs) / q))
+    else:
+        missing.append("--steps or --epochs-per-round")
+        steps = None
+    if target is None and args.noise_multiplier is None:
+        missing.append("--noise-multiplier or --target-epsilon")
+    if missing:
+        raise FedpropError("budget plan needs: " + "; ".join(missing) + ".")
+    accountants = args.accountant or list(available_accountants())
+    total_steps = int(rounds) * int(steps)
+    result: dict[str, Any] = {
+        "sampling_rate": q, "steps_per_round": steps, "rounds": int(rounds), "total_steps": total_steps,
+        "delta": delta, "accountants": {},
+    }
+    if args.noise_multiplier is not None:
+        sigma = args.noise_multiplier
+        per_round = PoissonSampledGaussian(sampling_rate=q, noise_multiplier=sigma, steps=steps)
+        run = PoissonSampledGaussian(sampling_rate=q, noise_multiplier=sigma, steps=total_steps)
+        result["noise_multiplier"] = sigma
+        for name in accountants:
+            acc = get_accountant(name)
+            result["accountants"][name] = {
+                "epsilon_per_round": acc.epsilon([per_round], delta=delta),
+                "epsilon_run": acc.epsilon([run], delta=delta),
+            }
+    else:
+        result["target_epsilon"] = float(target)
+        for name in accountants:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=float(target), delta=delta, sampling_rate=q, steps=total_steps, accountant=name
+            )
+            eps = get_accountant(name).epsilon(
+                [PoissonSampledGaussian(sampling_rate=q, noise_multiplier=sigma, steps=total_steps)], delta=delta
+            )
+            result["accountants"][name] = {"noise_multiplier": sigma, "epsilon_run": eps}
+    if args.json:
+        out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
+    out.write(
+        f"Plan: q={q:.6g}, {steps} steps/round x {rounds} rounds = {total_steps} Poisson-sampled Gaussian steps, "
+        f"delta={delta:g}, privacy unit = one customer\n"
+    )
+    for name, row in result["accountants"].items():
+        if args.noise_multiplier is not None:
+            out.write(
+                f"  {name:8s} sigma={args.noise_multiplier:g}: epsilon per round {row['epsilon_per_round']:.4f}, "
+                f"whole run {row['epsilon_run']:.4f}\n"
+            )
+        else:
+            out.write(
+                f"  {name:8s} target epsilon {float(target):g}: noise multiplier {row['noise_multiplier']:.4f} "
+                f"(spends {row['epsilon_run']:.4f})\n"
+            )
+    return 0
+
+
+def _load_verified(path: Path, public_key: Path):
+    result = verify(path, public_key)
+    with Ledger.open(path, signing_key=None) as ledger:
+        return ledger.entries(), result
+
+
+def _report(args: argparse.Namespace, out) -> int:
+    entries, result = _load_verified(args.ledger, args.public_key)
+    if args.server_ledger is not None:
+        if args.server_public_key is None:
+            raise FedpropError("--server-ledger needs --server-public-key.")
+        server_entries, _ = _load_verified(args.server_ledger, args.server_public_key)
+        entries = entries + [e for e in server_entries if e.layer == "partner"]
+    policy = load_policy(args.policy) if args.policy else None
+    report = build_report(entries, policy=policy, verification=result, partner=args.partner)
+    if args.out is not None:
+        write_report(report, args.out, fmt=args.format)
+        out.write(f"wrote {args.out}\n")
+    elif args.format == "html":
+        raise FedpropError("--format html needs --out FILE.")
+    else:
+        out.write(render_json(report) if args.format == "json" else render_markdown(report))
+    comp = report["compliance"]
+    return 1 if comp is not None and not comp["compliant"] else 0
+
+
+def _verify(args: argparse.Namespace, out) -> int:
+    head = None
+    if args.expected_head:
+        seq, _, h = args.expected_head.partition(":")
+        if not seq.isdigit() or not h:
+            raise FedpropError(f"--expected-head must be SEQ:HASH, got {args.expected_head!r}.")
+        head = (int(seq), h)
+    result = verify(args.ledger, args.public_key, expected_head=head)
+    out.write(
+        f"OK {result.path}: {result.entries} entries, head seq={result.head_seq} {result.head_hash[:16]}, "
+        f"key {result.public_key_fingerprint}; epsilons recomputed with {', '.join(result.accountants)}\n"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``budget`` command (``args.func`` after ``register``); returns the exit code."""
+    try:
+        return args.budget_func(args, sys.stdout)
+    except LedgerIntegrityError as exc:
+        print(f"LEDGER VERIFICATION FAILED: {exc}", file=sys.stderr)
+        return 1
+    except (FedpropError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedprop")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
