@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import stat
@@ -99,7 +100,7 @@ def test_altered_manifest_is_refused(signed, keys):
     model, sig = signed
     model.write_bytes(b"malicious")
     doc = json.loads(sig.read_text())
-    doc["manifest"]["sha256"] = __import__("hashlib").sha256(b"malicious").hexdigest()
+    doc["manifest"]["sha256"] = hashlib.sha256(b"malicious").hexdigest()
     doc["manifest"]["size"] = len(b"malicious")
     sig.write_text(json.dumps(doc))
     with pytest.raises(SignatureError, match="does not verify"):
