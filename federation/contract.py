@@ -25,7 +25,17 @@ from typing import Any, Mapping
 import yaml
 
 from federation.errors import ConfigError
-from federation.features import EVENT_FEATURES, EventSchema, NumericFeature, CategoricalFeature, TRANSFORMS
+from federation.features import (
+    EVENT_FEATURES,
+    TRANSFORMS,
+    CategoricalFeature,
+    EventSchema,
+    FeatureSet,
+    NumericFeature,
+    build_event_features,
+    build_table_features,
+    static_from_events,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "FEDPROP_DATA_DIR"
@@ -122,9 +132,10 @@ class DataContract:
 
     # ---- derived views
     def schema(self) -> EventSchema:
+        """The event schema of a validated frame (``federation.validation`` names the core columns)."""
         c, e = self.columns, self.events
         return EventSchema(
-            customer_id=c.customer_id, timestamp=c.timestamp, event_type="__event_type",
+            customer_id="__cid", timestamp="__ts", event_type="__event_type",
             amount="__amount", channel=c.channel, product=c.product, transaction=c.transaction,
             activity_types=e.activity, purchase_types=e.purchase, support_types=e.support, return_types=e.returns,
         )
@@ -155,6 +166,34 @@ class DataContract:
 
     def resolve_files(self) -> list[Path]:
         return [resolve_data_path(f) for f in self.source.files]
+
+
+def build_features(frame, contract: DataContract) -> FeatureSet:
+    """Validated frame (from ``federation.validation.read_validated``) -> encoded FeatureSet.
+
+    Event logs: point-in-time features at ``events.cutoff``, labels {"churn", "propensity"}.
+    Customer tables: the declared features, label under ``label.task``; customer ids are the id column,
+    or ``row-<i>`` (position in the validated frame) when the table has none.
+    """
+    import numpy as np
+
+    c = contract
+    if c.kind == "events":
+        static = None
+        if c.static:
+            static = static_from_events(frame, [f.column for f in c.static], cutoff=c.events.cutoff, schema=c.schema())
+        fs = build_event_features(
+            frame, cutoff=c.events.cutoff, horizon_days=c.events.horizon_days, schema=c.schema(), static=static,
+            categorical=tuple(f.encoder() for f in c.static if f.kind == "categorical"),
+            lookback_days=c.events.lookback_days, numeric=c.events.feature_bounds,
+        )
+        return fs
+    ids = frame["__cid"].to_numpy() if "__cid" in frame else np.array([f"row-{i}" for i in frame.index], dtype=object)
+    return build_table_features(
+        frame, customer_ids=ids, numeric=tuple(f.encoder() for f in c.features if f.kind == "numeric"),
+        categorical=tuple(f.encoder() for f in c.features if f.kind == "categorical"),
+        labels={c.label.task: frame["__label"].to_numpy()}, max_rows_per_customer=c.max_rows_per_customer,
+    )
 
 
 def resolve_data_path(p: str | os.PathLike) -> Path:

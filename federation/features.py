@@ -336,3 +336,19 @@ def build_event_features(
     ids = raw.index.to_numpy()
     y = event_labels(events, ids, cutoff=cutoff, horizon_days=horizon_days, schema=schema)
     return FeatureSet(customer_ids=ids, X=X, y=y, feature_names=names)
+
+
+def build_table_features(
+    table: pd.DataFrame,
+    *,
+    customer_ids: np.ndarray,
+    numeric: tuple[NumericFeature, ...],
+    categorical: tuple[CategoricalFeature, ...] = (),
+    labels: dict[str, np.ndarray],
+    max_rows_per_customer: int = 1,
+) -> FeatureSet:
+    """Customer table (one row per customer, or capped snapshots) -> encoded FeatureSet."""
+    X, names = encode(table, numeric, categorical)
+    y = {k: np.asarray(v, dtype=np.float32) for k, v in labels.items()}
+    return FeatureSet(customer_ids=np.asarray(customer_ids), X=X, y=y, feature_names=names,
+                      max_rows_per_customer=int(max_rows_per_customer))
