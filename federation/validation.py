@@ -88,17 +88,22 @@ class _Problems:
         return out
 
 
+def _text(s: pd.Series) -> pd.Series:
+    """String view of a column without a copy when it already is text (pandas 3 ``str``)."""
+    return s if pd.api.types.is_string_dtype(s.dtype) and s.dtype != object else s.astype("str")
+
+
 def _blank(s: pd.Series) -> np.ndarray:
     if s.dtype.kind in "fiub":
         return s.isna().to_numpy()
-    t = s.astype("string")
+    t = s.pipe(_text)
     return (t.isna() | (t.str.strip() == "")).to_numpy(dtype=bool)
 
 
 def _to_number(s: pd.Series) -> pd.Series:
     if s.dtype.kind in "fiub":
         return s.astype("float64")
-    t = s.astype("string").str.strip()
+    t = s.pipe(_text).str.strip()
     return pd.to_numeric(t.where(t != ""), errors="coerce").astype("float64")
 
 
@@ -107,15 +112,15 @@ def _label_text(s: pd.Series) -> pd.Series:
     if s.dtype.kind in "fiub":
         v = s.astype("float64")
         return pd.Series(np.where(v.isna(), None, v.map(lambda x: str(int(x)) if float(x).is_integer() else str(x))),
-                         index=s.index, dtype="string")
-    return s.astype("string").str.strip()
+                         index=s.index, dtype="str")
+    return s.pipe(_text).str.strip()
 
 
 def _parse_ts(s: pd.Series, fmt: str) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(s):
         ts = s
     else:
-        t = s.astype("string").str.strip()
+        t = s.pipe(_text).str.strip()
         ts = pd.to_datetime(t, format=fmt or "ISO8601", errors="coerce")
     if getattr(ts.dt, "tz", None) is not None:
         ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
@@ -153,7 +158,7 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         cid = raw[cols.customer_id]
         if cid.dtype.kind == "f":  # e.g. a nullable integer id read as float: 17850.0 -> '17850'
             cid = cid.map(lambda x: None if pd.isna(x) else str(int(x)) if float(x).is_integer() else str(x))
-        out["__cid"] = cid.astype("string").str.strip()
+        out["__cid"] = cid.pipe(_text).str.strip()
     if c.kind == "events":
         ts_raw = raw[cols.timestamp]
         ts = _parse_ts(ts_raw, cols.timestamp_format)
@@ -169,9 +174,9 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                    "future events are clock or time-zone errors and would leak into labels; fix the source clock "
                    "or the time zone of the export")
         out["__ts"] = ts
-        et = raw[cols.event_type].astype("string").str.strip()
+        et = raw[cols.event_type].pipe(_text).str.strip()
         if c.events.event_type_rule == "prefix":
-            mapped = pd.Series(c.events.event_type_default, index=raw.index, dtype="string")
+            mapped = pd.Series(c.events.event_type_default, index=raw.index, dtype="str")
             for prefix, typ in c.events.event_type_map:
                 mapped = mapped.mask(et.str.startswith(prefix).fillna(False), typ)
             et = mapped
@@ -197,9 +202,9 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
             out["__amount"] = amount.fillna(0.0)
         for opt in (cols.channel, cols.product, cols.transaction):
             if opt:
-                out[opt] = raw[opt].astype("string").str.strip().astype("category")
+                out[opt] = raw[opt].pipe(_text).str.strip().astype("category")
         for f in c.static:
-            out[f.column] = raw[f.column].astype("string").str.strip()
+            out[f.column] = raw[f.column].pipe(_text).str.strip()
     else:
         for f in c.features:
             s = raw[f.column]
@@ -214,7 +219,7 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                 P.rows_bad(f.column, "are infinite", np.isinf(v.to_numpy()), s, offset, "repair these values")
                 out[f.column] = v if f.fill is None else v.fillna(f.fill)
             else:
-                t = s.astype("string").str.strip()
+                t = s.pipe(_text).str.strip()
                 notes[f"values of {f.column!r} outside the declared vocabulary (encoded as __other__)"] += int(
                     (~t.isin(list(f.vocabulary)).fillna(False)).sum())
                 out[f.column] = t
@@ -328,7 +333,7 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
     e = c.events
     cutoff = pd.Timestamp(e.cutoff)
     ts = frame["__ts"]
-    et = frame["__event_type"].astype("string")
+    et = frame["__event_type"].pipe(_text)
     before = (ts < cutoff) & (ts >= cutoff - pd.Timedelta(days=e.lookback_days)) & et.isin(list(e.activity))
     pop = pd.Index(frame.loc[before.fillna(False), "__cid"].unique())
     n = len(pop)
@@ -344,7 +349,7 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
               "events.cutoff earlier or shorten events.horizon_days")
     if n:
         h = frame.loc[horizon.fillna(False)]
-        het = h["__event_type"].astype("string")
+        het = h["__event_type"].pipe(_text)
         act = pd.Index(h.loc[het.isin(list(e.activity)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0
         buy = pd.Index(h.loc[het.isin(list(e.purchase)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0
         report.positives = {"churn": float(1 - act.mean()), "propensity": float(buy.mean())}
