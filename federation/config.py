@@ -68,9 +68,13 @@ class DataConfig:
     history_days: int = 365
     horizon_days: int = 90
     cutoff: str = "2024-01-01"
-    # real data (events / table): a file and a contract, see conf/data/*.yaml
-    path: str = ""
-    partition_by: str = ""
+    # real data (events / table): a contract and a partitioning, see conf/data/*.yaml.
+    # For kind=events, cutoff and horizon_days above override the contract's events.cutoff/horizon_days.
+    contract: str = ""  # path of a contract YAML (conf/contracts/<name>.yaml), relative to conf/ or the repo
+    path: str = ""  # overrides the contract's source file (relative: $FEDPROP_DATA_DIR, else ../shared/data)
+    partitioner: str = "natural"  # natural (the dataset's own groups) | dirichlet | iid
+    partition_by: str = ""  # natural scheme name (simulations/realdata.py); "" = the dataset's default
+    dirichlet_alpha: float = 0.5  # dirichlet: label/size skew (smaller = more skewed)
 
 
 @dataclass
@@ -141,6 +145,13 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     if not 0 <= cfg.strategy.fraction_evaluate <= 1:
         p.append(f"strategy.fraction_evaluate={cfg.strategy.fraction_evaluate} must be in [0, 1]")
     p += _allowed("data.kind", cfg.data.kind, ("synthetic", "events", "table"))
+    p += _allowed("data.partitioner", cfg.data.partitioner, ("natural", "dirichlet", "iid"))
+    if cfg.data.kind in ("events", "table") and not cfg.data.contract:
+        p.append(f"data.contract is empty: data.kind={cfg.data.kind!r} needs a contract YAML (conf/contracts/)")
+    if not cfg.data.dirichlet_alpha > 0:
+        p.append(f"data.dirichlet_alpha={cfg.data.dirichlet_alpha} must be > 0")
+    if cfg.data.kind == "events" and cfg.data.horizon_days < 1:
+        p.append(f"data.horizon_days={cfg.data.horizon_days} must be >= 1")
     if cfg.data.kind == "synthetic" and not 1 <= cfg.data.min_customers <= cfg.data.max_customers:
         p.append(
             f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"
