@@ -410,9 +410,7 @@ def write_report(report: dict[str, Any], path: str | os.PathLike[str], *, fmt: s
     text = _RENDERERS[fmt](report)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a report is meant to be shared (mkstemp creates 0600)
+        os.chmod(tmp, 0o644)  # a report is meant to be shared (mkstemp creates 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
