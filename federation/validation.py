@@ -135,7 +135,7 @@ def column_problems(available: list[str], required: list[str]) -> list[str]:
         if col in available:
             continue
         near = difflib.get_close_matches(col.lower(), list(lower), n=1, cutoff=0.6)
-        hint = f"did you mean {lower[near[0]]!r}?" if near else f"available columns: {', '.join(available[:20])}"
+        hint = f"did you mean {lower[near[0]]!r}?" if near else f"available columns: {', '.join(available[:20])}."
         out.append(f"column {col!r} is required by the contract but absent; {hint} "
                    "Rename the column in the export or fix the contract's column mapping.")
     return out
