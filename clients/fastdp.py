@@ -472,27 +472,30 @@ class FastDPSGD:
         else:
             records = self._records_hooks(x, y)
         # Per-sample squared norm over all parameters: sum_l ||g_l||^2 (||a_l||^2 [W] + 1 [b]).
+        # One fused reduction per (B x d) matrix; the rest are B-vector operations.
         sq = None
         for a, asq, g, w_slot, b_slot in records:
-            gsq = torch.linalg.vecdot(g, g)
+            if w_slot is None and b_slot is None:
+                continue
+            gsq = torch.linalg.vector_norm(g, dim=1).square_()
             if w_slot is not None:
                 if asq is None:
-                    asq = torch.linalg.vecdot(a, a)
-                term = gsq * (asq + 1.0) if b_slot is not None else gsq * asq
-            elif b_slot is not None:
-                term = gsq
-            else:
-                continue
-            sq = term if sq is None else sq.add_(term)
+                    asq = torch.linalg.vector_norm(a, dim=1).square_()
+                elif b_slot is not None:
+                    asq = asq.clone()
+                gsq.mul_(asq.add_(1.0) if b_slot is not None else asq)
+            sq = gsq if sq is None else sq.add_(gsq)
         # Opacus: per_sample_clip_factor = (max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
         clip = torch.reciprocal_(sq.sqrt_().add_(1e-6)).mul_(self.max_grad_norm).clamp_(max=1.0)
-        clip = clip.unsqueeze(1)
+        clip_col = clip.unsqueeze(1)
         for a, _, g, w_slot, b_slot in records:
-            gc = g * clip
-            if w_slot is not None:
-                torch.mm(gc.t(), a, out=w_slot)
+            if w_slot is not None:  # sum_i c_i g_i^T a_i: scale the narrower of the two factors
+                if a.shape[1] < g.shape[1]:
+                    torch.mm(g.t(), a * clip_col, out=w_slot)
+                else:
+                    torch.mm((g * clip_col).t(), a, out=w_slot)
             if b_slot is not None:
-                torch.sum(gc, 0, out=b_slot)
+                torch.mv(g.t(), clip, out=b_slot)
         return flat
 
     @torch.no_grad()
@@ -560,12 +563,13 @@ def train_steps(
         generator=generator, secure_mode=secure_mode,
     )
     first = dp._chain[0] if dp._chain is not None else None
-    x_sqnorm = torch.linalg.vecdot(X, X) if type(first) is nn.Linear else None
+    x_sqnorm = torch.linalg.vector_norm(X, dim=1).square_() if type(first) is nn.Linear else None
     examples = 0
     for idx in poisson_batches(n, sample_rate=sample_rate, steps=steps, generator=generator,
                                device=X.device):
         examples += idx.shape[0]
-        dp.step(X[idx], y[idx], x_sqnorm=None if x_sqnorm is None else x_sqnorm[idx])
+        dp.step(X.index_select(0, idx), y.index_select(0, idx),
+                x_sqnorm=None if x_sqnorm is None else x_sqnorm.index_select(0, idx))
     return TrainStats(steps=steps, examples=examples)
 
 
@@ -593,6 +597,6 @@ def train_steps_nonprivate(
         if b == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(X[idx]), y[idx]).backward()
+        loss_fn(model(X.index_select(0, idx)), y.index_select(0, idx)).backward()
         optimizer.step()
     return TrainStats(steps=steps, examples=examples)

@@ -138,7 +138,7 @@ def train_dp(
             from clients import fastdp
         except ImportError:  # pragma: no cover - fast path not installed
             fastdp = None
-        if fastdp is not None and fastdp.supports_fast_path(model):
+        if fastdp is not None and hasattr(fastdp, "train_round") and fastdp.supports_fast_path(model):
             return fastdp.train_round(
                 model, X, Y, params=params, lr=lr, momentum=momentum, generator=generator, proximal_mu=proximal_mu
             )

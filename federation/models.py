@@ -11,11 +11,14 @@ from federation.config import ModelConfig
 from federation.errors import ConfigError
 
 
-def task_heads(task: str, heads: str) -> tuple[str, ...]:
-    """The label heads one federation trains: ("churn", "propensity") for a two-head model."""
+def federations(task: str, heads: str) -> list[tuple[str, ...]]:
+    """The federations a run trains, each as its tuple of label heads.
+
+    task=both, heads=two_head -> one two-head model; task=both, heads=separate -> two models, one per task.
+    """
     if task == "both":
-        return ("churn", "propensity") if heads == "two_head" else ("churn",)
-    return (task,)
+        return [("churn", "propensity")] if heads == "two_head" else [("churn",), ("propensity",)]
+    return [(task,)]
 
 
 def build_model(cfg: ModelConfig, *, n_features: int, n_outputs: int) -> nn.Sequential:

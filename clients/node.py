@@ -1,0 +1,142 @@
+"""What a partner node does each round, as plain functions (no Flower): split, train, evaluate.
+
+Data is prepared once per node process and cached; every round reuses the tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from clients.privacy_state import PrivacyState
+from clients.training import DPSGDParams, per_sample_loss, sampling_plan, train_dp, train_nonprivate
+from federation.config import FedpropConfig, config_hash
+from federation.features import FeatureSet
+from federation.models import build_model, predict_proba
+
+PartnerLoader = Callable[[FedpropConfig, int, int], FeatureSet]
+
+
+@dataclass(frozen=True)
+class PartnerData:
+    partition_id: int
+    heads: tuple[str, ...]
+    X_train: torch.Tensor
+    Y_train: torch.Tensor
+    X_test: torch.Tensor
+    Y_test: torch.Tensor
+    feature_names: tuple[str, ...]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.X_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.X_test)
+
+
+def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: float, seed: int, partition_id: int) -> PartnerData:
+    """Deterministic per-partner train/test split of customers (one row per customer)."""
+    n = len(fs)
+    rng = np.random.default_rng([seed, partition_id, 99])
+    perm = rng.permutation(n)
+    n_test = max(1, int(round(test_fraction * n))) if n > 1 else 0
+    test, train = perm[:n_test], perm[n_test:]
+    Y = np.stack([fs.y[h] for h in heads], axis=1).astype(np.float32)
+    X = fs.X.astype(np.float32)
+    t = torch.from_numpy
+    return PartnerData(
+        partition_id, heads, t(X[train]).contiguous(), t(Y[train]).contiguous(),
+        t(X[test]).contiguous(), t(Y[test]).contiguous(), tuple(fs.feature_names),
+    )
+
+
+_CACHE: dict[tuple[str, int, str], PartnerData] = {}
+
+
+def load_partner(cfg: FedpropConfig, *, partition_id: int, num_partitions: int, loader: PartnerLoader, heads_key: str) -> PartnerData:
+    """Prepare this partner's tensors once per process (cached by config hash and partition)."""
+    key = (config_hash(cfg), partition_id, heads_key)
+    if key not in _CACHE:
+        fs = loader(cfg, partition_id, num_partitions)
+        heads = tuple(heads_key.split(","))
+        _CACHE[key] = split_partner(
+            fs, heads=heads, test_fraction=cfg.train.test_fraction, seed=cfg.seed, partition_id=partition_id
+        )
+    return _CACHE[key]
+
+
+def initial_privacy_state(cfg: FedpropConfig, data: PartnerData) -> PrivacyState:
+    """Calibrate sigma for the whole run. With ``model.heads=separate`` and ``task=both`` the same customers
+    feed two federations, so each gets half the target (basic composition: the total stays <= target)."""
+    q, steps = sampling_plan(n_train=data.n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
+    federations = 2 if (cfg.task == "both" and cfg.model.heads == "separate") else 1
+    return PrivacyState.plan(
+        target_epsilon=cfg.privacy.epsilon / federations,
+        delta=cfg.privacy.delta,
+        sample_rate=q,
+        steps_per_round=steps,
+        rounds=cfg.rounds,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+    )
+
+
+def train_round(
+    cfg: FedpropConfig,
+    data: PartnerData,
+    state_dict: dict[str, torch.Tensor],
+    privacy: PrivacyState | None,
+    *,
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], PrivacyState | None]:
+    """One local round. With DP on, the caller must have run ``privacy.check_next_round()``."""
+    model = build_model(cfg.model, n_features=data.X_train.shape[1], n_outputs=len(data.heads))
+    model.load_state_dict(state_dict)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, data.partition_id, server_round]).integers(2**62)))
+    metrics: dict[str, Any] = {"num-examples": data.n_train, "partition-id": data.partition_id}
+    if privacy is not None:
+        params = DPSGDParams(
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            sample_rate=privacy.sample_rate,
+            steps=privacy.steps_per_round,
+        )
+        loss = train_dp(
+            model, data.X_train, data.Y_train, params=params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+            generator=gen, engine=cfg.train.engine, proximal_mu=proximal_mu,
+        )
+        privacy = privacy.after_round()
+        metrics.update(
+            {
+                "train-loss": loss,
+                "epsilon": privacy.epsilon(),
+                "delta": privacy.delta,
+                "noise-multiplier": privacy.noise_multiplier,
+                "sample-rate": privacy.sample_rate,
+                "steps": privacy.steps_per_round,
+            }
+        )
+    else:
+        _, steps = sampling_plan(n_train=data.n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
+        train_nonprivate(model, data.X_train, data.Y_train, epochs=max(1, round(cfg.train.local_epochs)),
+                         lr=cfg.baselines.lr, batch_size=cfg.train.batch_size, generator=gen)
+        metrics["train-loss"] = float(per_sample_loss(model(data.X_train), data.Y_train).mean())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, privacy
+
+
+def evaluate(cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Metrics of the global model on this partner's held-out customers (aggregates only)."""
+    from clients.evaluation import evaluation_metrics
+
+    model = build_model(cfg.model, n_features=data.X_test.shape[1], n_outputs=len(data.heads))
+    model.load_state_dict(state_dict)
+    P = predict_proba(model, data.X_test).numpy()
+    Y = data.Y_test.numpy()
+    out: dict[str, Any] = {"num-examples": data.n_test, "partition-id": data.partition_id}
+    for j, head in enumerate(data.heads):
+        out.update(evaluation_metrics(Y[:, j], P[:, j], prefix=f"{head}."))
+    return out

@@ -1,0 +1,29 @@
+"""The `fedprop` command. Subcommand groups live next to the code they drive; each module exposes
+``register(subparsers)``. ``simulate`` hands the rest of the command line to Hydra."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Closed table of command modules (never a module named by user input).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        from simulations.simulate import hydra_main
+
+        return hydra_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="fedprop", description="Privacy-preserving federated churn and propensity models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("simulate", help="run a simulation (Hydra overrides follow, e.g. partners=8 privacy.epsilon=3; -m for sweeps)")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
