@@ -66,7 +66,7 @@ def build_report(
     at = datetime.now(timezone.utc) if at is None else at.astimezone(timezone.utc)
     entries = list(entries)
     customer = [e for e in entries if e.layer == "customer"]
-    partners = sorted({e.partner for e in customer} | {e.partner for e in entries if e.kind == "run_start"})
+    partners = sorted({e.partner for e in entries if e.layer != "partner"})
     if partner is None:
         if len(partners) > 1:
             raise PrivacyError(f"entries cover several partners {partners}; pass partner= to pick one.")
@@ -249,8 +249,9 @@ def build_statement(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Policy: at most epsilon {pol['max_epsilon']:g} per {period['label']} period at delta {pol['delta']:g}, "
-            f"noise multiplier >= {pol['min_noise_multiplier']:g}, at most {pol['max_rounds']} rounds per run: "
-            f"{verdict}. Remaining budget in the current period: {_fmt_eps(comp['remaining_epsilon'])}.",
+            f"noise multiplier >= {pol['min_noise_multiplier']:g}, "
+            + (f"at most {pol['max_rounds']} rounds per run" if pol["max_rounds"] else "no limit on rounds per run")
+            + f": {verdict}. Remaining budget in the current period: {_fmt_eps(comp['remaining_epsilon'])}.",
         ]
     pl = report["partner_layer"]
     if pl is not None:
