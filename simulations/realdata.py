@@ -208,7 +208,7 @@ def _assignment(contract: DataContract, partitioner: str, scheme_name: str, num_
                                   schema=contract.schema())["churn"]
         else:
             labels = frame["__label"].to_numpy()
-        part = dirichlet_assignment(labels, num_partitions, alpha=alpha, seed=seed)
+        part = dirichlet_assignment(labels, num_partitions, alpha=alpha, seed=seed, min_size=contract.min_customers)
     else:
         part = iid_assignment(len(ids), num_partitions, seed=seed)
     return np.asarray(ids), part
