@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.privacy import PoissonSampledGaussian, calibrate_noise_multiplier
+from federation.privacy.accountants import get_accountant
+from federation.privacy.cli import main, register, run, sampling_plan
+
+REPO = Path(__file__).resolve().parents[2]
+PRIVACY_SOURCES = sorted((REPO / "federation" / "privacy").glob("*.py"))
+
+
+def test_plan_prints_epsilon_per_accountant(capsys):
+    code = main(["budget", "plan", "--n-customers", "5000", "--batch-size", "100", "--epochs-per-round", "1",
+                 "--rounds", "10", "--noise-multiplier", "1.0", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["sampling_rate"], out["steps_per_round"], out["total_steps"]) == (0.02, 50, 500)
+    run_event = PoissonSampledGaussian(sampling_rate=0.02, noise_multiplier=1.0, steps=500)
+    for name, row in out["accountants"].items():
+        assert row["epsilon_run"] == pytest.approx(get_accountant(name).epsilon([run_event], delta=1e-5))
+    assert set(out["accountants"]) == {"rdp", "dp_rdp", "dp_pld"}
+
+
+def test_plan_target_epsilon_prints_the_noise(capsys):
+    code = main(["budget", "plan", "--sampling-rate", "0.02", "--steps", "50", "--rounds", "10",
+                 "--target-epsilon", "1.0", "--accountant", "rdp"])
+    assert code == 0
+    out = capsys.readouterr().out
+    sigma = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500)
+    assert f"noise multiplier {sigma:.4f}" in out
+    assert "500 Poisson-sampled Gaussian steps" in out
+
+
+def test_plan_reads_a_run_config(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rounds: 4\ntrain:\n  batch_size: 50\n  local_epochs: 2\nprivacy:\n  epsilon: 3.0\n  delta: 1.0e-6\n")
+    assert main(["budget", "plan", "--config", str(cfg), "--n-customers", "1000", "--accountant", "rdp",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["sampling_rate"], out["steps_per_round"], out["rounds"], out["delta"]) == (0.05, 40, 4, 1e-6)
+    assert out["target_epsilon"] == 3.0
+    assert sampling_plan(n_customers=1000, batch_size=50, epochs_per_round=2) == (0.05, 40)
+
+
+def test_plan_names_what_is_missing(capsys):
+    assert main(["budget", "plan", "--rounds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--sampling-rate, or --batch-size with --n-customers" in err and "--steps or --epochs-per-round" in err
+
+
+def test_verify_and_report_commands(filled_ledger, node_key, tmp_path, capsys):
+    pub = str(node_key) + ".pub"
+    assert main(["budget", "verify", str(filled_ledger), "--public-key", pub]) == 0
+    assert "OK" in capsys.readouterr().out
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("max_epsilon: 10\nperiod: all-time\ndelta: 1.0e-5\nmin_noise_multiplier: 0.5\n"
+                      "allowed_accountants: [rdp, dp_rdp, dp_pld]\n")
+    out = tmp_path / "report.html"
+    assert main(["budget", "report", str(filled_ledger), "--public-key", pub, "--policy", str(policy),
+                 "--format", "html", "--out", str(out)]) == 0
+    assert "data:image/png;base64," in out.read_text()
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["budget", "report", str(filled_ledger), "--public-key", pub, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["dpsgd_rounds"] == 4
+
+
+def test_verify_exits_non_zero_naming_the_first_bad_entry(filled_ledger, node_key, capsys):
+    conn = sqlite3.connect(filled_ledger)
+    conn.execute("UPDATE entries SET update_hash = 'x' WHERE seq = 4")
+    conn.commit()
+    conn.close()
+    assert main(["budget", "verify", str(filled_ledger), "--public-key", str(node_key) + ".pub"]) == 1
+    assert "entry seq=4" in capsys.readouterr().err
+    assert main(["budget", "report", str(filled_ledger), "--public-key", str(node_key) + ".pub"]) == 1
+
+
+def test_register_mounts_under_another_parser():
+    parser = argparse.ArgumentParser(prog="fedprop")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["budget", "plan", "--sampling-rate", "0.1", "--steps", "3", "--rounds", "1",
+                              "--noise-multiplier", "2", "--accountant", "rdp"])
+    assert args.func is run and run(args) == 0
+
+
+def test_privacy_core_imports_neither_torch_nor_flwr_nor_opacus():
+    banned = ("torch", "flwr", "opacus")
+    for path in PRIVACY_SOURCES:
+        for line in path.read_text().splitlines():
+            words = line.strip().replace(",", " ").split()
+            if words[:1] in (["import"], ["from"]):
+                assert not any(w.split(".")[0] in banned for w in words[1:2]), f"{path.name}: {line}"
+    code = (
+        "import sys, federation.privacy, federation.privacy.report, federation.privacy.cli; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr', 'opacus')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
