@@ -1,7 +1,7 @@
 """A real Flower 1.41 deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication, three SuperNodes.
 
 Proves: registered nodes come online over TLS; an unregistered key is refused; a node that does not trust the
-federation CA cannot connect; a 2-round run completes over this deployment. Every process started here is
+federation CA cannot connect (about 30 s together); a 2-round run completes over this deployment (marked slow). Every process started here is
 stopped here (ManagedProcess.stop in finally blocks), also when an assertion fails.
 """
 from __future__ import annotations
@@ -156,7 +156,10 @@ def test_node_not_trusting_ca_cannot_connect(federation, rejected):
     assert all(n.alive() for n in federation.nodes)
 
 
+@pytest.mark.slow  # 25-45 s on 2 cores: Flower's fixed 3 s polls (ServerApp grid, SuperNode pull) per round
 def test_two_round_run_completes(federation, tmp_path):
+    """A 2-round FedAvg run of a tiny app over this deployment (TODO: the fedprop app with SecAgg, once it
+    runs in deployment: it needs clients.local_data for node-local data)."""
     app = tmp_path / "app"
     (app / "deploysmoke").mkdir(parents=True)
     (app / "pyproject.toml").write_text(SMOKE_PYPROJECT)
