@@ -1,0 +1,63 @@
+"""The ClientApp driven in-process (no Ray): cumulative epsilon in context.state, refusal, evaluation."""
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import ERR_BUDGET, make_client_app
+from federation.config import from_dict
+from federation.featurespec import feature_names
+from federation.models import build_model
+from simulations.partners import load_partner
+
+CFG = from_dict({"partners": 2, "rounds": 2, "privacy": {"epsilon": 2.0},
+                 "data": {"min_customers": 300, "max_customers": 600}})
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    # Outside a real ServerApp process Flower has no run identity for new messages; give it one.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def _msg(kind, arrays, rnd):
+    cfg = ConfigRecord({"server-round": rnd, "heads": "churn,propensity"})
+    return Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=1, message_type=kind)
+
+
+def test_train_rounds_accumulate_epsilon_then_refuse():
+    app = make_client_app(config=CFG, loader=load_partner)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
+    model = build_model(CFG.model, n_features=len(feature_names(CFG.data)), n_outputs=2)
+    arrays = ArrayRecord(model.state_dict())
+    eps = []
+    for rnd in (1, 2):
+        reply = app(_msg("train", arrays, rnd), ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        m = reply.content["metrics"]
+        eps.append(m["epsilon"])
+        assert m["num-examples"] > 100  # true number of training customers, not batches
+        arrays = reply.content["arrays"]
+    assert 0 < eps[0] < eps[1] <= 2.0
+    reply = app(_msg("train", arrays, 3), ctx)
+    assert reply.has_error() and reply.error.code == ERR_BUDGET
+    assert "refusing to train" in reply.error.reason and "target 2.0000" in reply.error.reason
+
+    ev = app(_msg("evaluate", arrays, 3), ctx)
+    m = ev.content["metrics"]
+    assert 0.5 < m["churn.auc"] <= 1.0
+    assert sum(m["churn.hist.pos"]) + sum(m["churn.hist.neg"]) == m["num-examples"]
+
+
+def test_state_is_per_node():
+    app = make_client_app(config=CFG, loader=load_partner)
+    model = build_model(CFG.model, n_features=len(feature_names(CFG.data)), n_outputs=2)
+    a = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    b = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
+    ra = app(_msg("train", ArrayRecord(model.state_dict()), 1), a)
+    app(_msg("train", ArrayRecord(model.state_dict()), 2), a)
+    rb = app(_msg("train", ArrayRecord(model.state_dict()), 1), b)
+    # different partners, different sizes -> different sampling rates, both first-round epsilons positive
+    assert ra.content["metrics"]["sample-rate"] != rb.content["metrics"]["sample-rate"]
+    assert len(b.state) == 1 and len(a.state) == 1
