@@ -24,6 +24,7 @@ from federation.privacy.ledger import (
     load_signing_key,
     verify,
 )
+from federation.privacy.report import build_report, render_html, render_json, render_markdown, write_report
 from federation.privacy.policy import (
     BudgetCheck,
     BudgetPolicy,
@@ -67,4 +68,9 @@ __all__ = [
     "check_run",
     "load_policy",
     "policy_from_mapping",
+    "build_report",
+    "render_html",
+    "render_json",
+    "render_markdown",
+    "write_report",
 ]
