@@ -19,11 +19,11 @@ STATE_KEY = "fedprop.privacy"
 ERR_BUDGET = 4201
 
 
-def _default_loader(cfg: FedpropConfig, partition_id: int, num_partitions: int):
-    """Deployment: the node's data comes from its own node config (issue: partner data contracts)."""
+def _default_loader(cfg: FedpropConfig, node_config: dict):
+    """Deployment: the node's data comes from its own node config (data-path + contract)."""
     from clients.local_data import load_node_features
 
-    return load_node_features(cfg, partition_id, num_partitions)
+    return load_node_features(cfg, node_config)
 
 
 def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None) -> ClientApp:
@@ -34,13 +34,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     def setup(msg: Message, context: Context):
         cfg = config or from_run_config(context.run_config)
         heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
-        data = N.load_partner(
-            cfg,
-            partition_id=int(context.node_config["partition-id"]),
-            num_partitions=int(context.node_config["num-partitions"]),
-            loader=load,
-            heads_key=str(heads),
-        )
+        data = N.load_partner(cfg, node_config=dict(context.node_config), loader=load, heads_key=str(heads))
         return cfg, data
 
     @app.train()

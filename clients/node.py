@@ -16,7 +16,8 @@ from federation.config import FedpropConfig, config_hash
 from federation.features import FeatureSet
 from federation.models import build_model, predict_proba
 
-PartnerLoader = Callable[[FedpropConfig, int, int], FeatureSet]
+# (typed run config, this node's node_config) -> this partner's FeatureSet
+PartnerLoader = Callable[[FedpropConfig, dict], FeatureSet]
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,22 @@ def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: floa
     )
 
 
-_CACHE: dict[tuple[str, int, str], PartnerData] = {}
+_CACHE: dict[tuple, PartnerData] = {}
 
 
-def load_partner(cfg: FedpropConfig, *, partition_id: int, num_partitions: int, loader: PartnerLoader, heads_key: str) -> PartnerData:
-    """Prepare this partner's tensors once per process (cached by config hash and partition)."""
-    key = (config_hash(cfg), partition_id, heads_key)
+def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader, heads_key: str) -> PartnerData:
+    """Prepare this partner's tensors once per process (cached by config hash and node config)."""
+    key = (config_hash(cfg), tuple(sorted(node_config.items())), heads_key)
     if key not in _CACHE:
-        fs = loader(cfg, partition_id, num_partitions)
+        fs = loader(cfg, dict(node_config))
         heads = tuple(heads_key.split(","))
+        missing = [h for h in heads if h not in fs.y]
+        if missing:
+            raise ValueError(f"task head(s) {missing} have no label in this partner's data (labels: {sorted(fs.y)}); "
+                             "set task= to one of those")
         _CACHE[key] = split_partner(
-            fs, heads=heads, test_fraction=cfg.train.test_fraction, seed=cfg.seed, partition_id=partition_id
+            fs, heads=heads, test_fraction=cfg.train.test_fraction, seed=cfg.seed,
+            partition_id=int(node_config.get("partition-id", 0)),
         )
     return _CACHE[key]
 

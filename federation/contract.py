@@ -164,6 +164,22 @@ class DataContract:
     def with_events(self, **kw: Any) -> "DataContract":
         return dataclasses.replace(self, events=dataclasses.replace(self.events, **kw))
 
+    def feature_names(self) -> tuple[str, ...]:
+        """Encoded column names, in order, known without reading data (the server builds the model from it)."""
+        if self.kind == "events":
+            names = [f.name for f in self.events.feature_bounds]
+            cats = [f.encoder() for f in self.static if f.kind == "categorical"]
+        else:
+            names = [f.column for f in self.features if f.kind == "numeric"]
+            cats = [f.encoder() for f in self.features if f.kind == "categorical"]
+        for c in cats:
+            names += c.columns
+        return tuple(names)
+
+    def tasks(self) -> tuple[str, ...]:
+        """The label heads this data provides: both for event logs, the declared one for a table."""
+        return ("churn", "propensity") if self.kind == "events" else (self.label.task,)
+
     def resolve_files(self) -> list[Path]:
         return [resolve_data_path(f) for f in self.source.files]
 
@@ -194,6 +210,11 @@ def build_features(frame, contract: DataContract) -> FeatureSet:
         categorical=tuple(f.encoder() for f in c.features if f.kind == "categorical"),
         labels={c.label.task: frame["__label"].to_numpy()}, max_rows_per_customer=c.max_rows_per_customer,
     )
+
+
+def contract_feature_names(data_cfg: Any) -> tuple[str, ...]:
+    """Feature layout of the contract a ``DataConfig`` names (no data is read)."""
+    return load_contract(data_cfg.contract).feature_names()
 
 
 def resolve_data_path(p: str | os.PathLike) -> Path:

@@ -7,7 +7,12 @@ import importlib
 import sys
 
 # Closed table of command modules (never a module named by user input).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "clients.data_cli",  # fedprop data check|propose
+    "federation.privacy.cli",  # fedprop budget plan|report|verify
+    "server.provision",  # fedprop certs init|node-key|check
+    "server.deploy_cli",  # fedprop server start|register-node|submit, fedprop client start
+)
 
 
 def main(argv: list[str] | None = None) -> int:

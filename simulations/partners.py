@@ -20,9 +20,36 @@ def synthetic_partner(cfg: FedpropConfig, partition_id: int, num_partitions: int
     )
 
 
-def load_partner(cfg: FedpropConfig, partition_id: int, num_partitions: int) -> FeatureSet:
+def load_partner(cfg: FedpropConfig, node_config: dict) -> FeatureSet:
+    """Simulation loader: Flower's simulation engine sets partition-id / num-partitions per node."""
+    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if cfg.data.kind == "synthetic":
         return synthetic_partner(cfg, partition_id, num_partitions)
     from simulations.realdata import load_partner_features
 
     return load_partner_features(cfg.data, partition_id=partition_id, num_partitions=num_partitions, seed=cfg.seed)
+
+
+def resolve_for_data(cfg: FedpropConfig) -> FedpropConfig:
+    """Fit the run to a real dataset: natural partitions fix the partner count; a customer table has one task."""
+    import dataclasses
+
+    from federation.contract import load_contract
+    from federation.errors import ConfigError
+    from simulations.realdata import num_natural_partners
+
+    if cfg.data.kind == "synthetic":
+        return cfg
+    natural = num_natural_partners(cfg.data)
+    tasks = load_contract(cfg.data.contract).tasks()
+    changes: dict = {}
+    if natural is not None and natural != cfg.partners:
+        print(f"fedprop: data={cfg.data.name} has {natural} natural partners; using partners={natural} "
+              f"(data.partitioner=dirichlet or iid allows any number)", flush=True)
+        changes["partners"] = natural
+    if cfg.task == "both" and len(tasks) == 1:
+        print(f"fedprop: data={cfg.data.name} provides only the {tasks[0]} label; using task={tasks[0]}", flush=True)
+        changes["task"] = tasks[0]
+    elif cfg.task != "both" and cfg.task not in tasks:
+        raise ConfigError(f"task={cfg.task!r} is not available for data={cfg.data.name}: it provides {', '.join(tasks)}")
+    return dataclasses.replace(cfg, **changes)

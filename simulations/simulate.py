@@ -40,8 +40,10 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     from server.server_app import make_server_app
     from simulations.baselines import pooled_metrics, run_baselines
     from simulations.partners import load_partner as partner_loader
+    from simulations.partners import resolve_for_data
     from simulations.summary import build_summary, render_summary
 
+    cfg = resolve_for_data(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_flower(cfg.verbose)
@@ -70,8 +72,8 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for heads in federations(cfg.task, cfg.model.heads):
         tag = "+".join(heads)
-        parts = [load_partner(cfg, partition_id=i, num_partitions=cfg.partners, loader=partner_loader, heads_key=",".join(heads))
-                 for i in range(cfg.partners)]
+        parts = [load_partner(cfg, node_config={"partition-id": i, "num-partitions": cfg.partners},
+                              loader=partner_loader, heads_key=",".join(heads)) for i in range(cfg.partners)]
         sd, meta = load_model(run_dir / f"model_{tag}.pt")
         model = build_model(cfg.model, n_features=len(meta["feature_names"]), n_outputs=len(heads))
         model.load_state_dict(sd)
