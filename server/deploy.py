@@ -228,7 +228,7 @@ def _json_out(proc: subprocess.CompletedProcess[str], what: str) -> dict:
     if proc.returncode != 0 or not isinstance(data, dict) or not data.get("success", False):
         detail = (data or {}).get("error-message") if isinstance(data, dict) else None
         raise DeployError(
-            f"{what} failed (exit {proc.returncode}): {detail or (proc.stderr or proc.stdout).strip()[-800:]}"
+            f"{what} failed (flwr exit code {proc.returncode}, success=false): {detail or (proc.stderr or proc.stdout).strip()[-800:]}"
         )
     return data
 
