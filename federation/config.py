@@ -37,6 +37,11 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # Per-partner privacy ledgers (clients/ledger_hooks.py). Simulation: <ledger_dir>/partner-<i>.sqlite, kept
+    # ACROSS runs so a partner's budget is cumulative per policy period (relative paths: to the CWD).
+    # Deployment nodes use their node config (ledger-path, node-key, budget-policy) instead.
+    ledger_dir: str = "runs/ledgers"
+    policy: str = ""  # budget policy YAML (federation/privacy/policy.py); "" = record only, no policy enforced
 
 
 @dataclass
@@ -127,6 +132,10 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         if not pv.max_grad_norm > 0:
             p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0")
         p += _allowed("privacy.accountant", pv.accountant, ACCOUNTANTS)
+        if not isinstance(pv.ledger_dir, str) or not pv.ledger_dir.strip():
+            p.append(f"privacy.ledger_dir={pv.ledger_dir!r} must be a directory path (partner ledgers live there)")
+        if not isinstance(pv.policy, str) or (pv.policy and not pv.policy.endswith((".yaml", ".yml"))):
+            p.append(f"privacy.policy={pv.policy!r} must be \"\" (no policy) or the path of a budget policy .yaml file")
     t = cfg.train
     if t.batch_size < 1:
         p.append(f"train.batch_size={t.batch_size} must be >= 1")
