@@ -134,19 +134,36 @@ def train_dp(
 ) -> float:
     """DP-SGD round with the chosen engine ("fast" needs an all-Linear model; "auto" picks it when it can)."""
     if engine in ("auto", "fast"):
-        try:
-            from clients import fastdp
-        except ImportError:  # pragma: no cover - fast path not installed
-            fastdp = None
-        if fastdp is not None and hasattr(fastdp, "train_round") and fastdp.supports_fast_path(model):
-            return fastdp.train_round(
-                model, X, Y, params=params, lr=lr, momentum=momentum, generator=generator, proximal_mu=proximal_mu
-            )
+        from clients import fastdp
+
+        # FedProx's per-step proximal pull is only wired into the Opacus loop.
+        if fastdp.supports_fast_path(model) and proximal_mu <= 0:
+            return _train_dp_fast(model, X, Y, params=params, lr=lr, momentum=momentum, generator=generator)
         if engine == "fast":
-            raise PrivacyError("train.engine=fast needs a model of nn.Linear layers and activations; use auto")
+            raise PrivacyError(
+                "train.engine=fast needs a model of nn.Linear layers and activations and no FedProx term; use auto"
+            )
     return train_dp_opacus(
         model, X, Y, params=params, lr=lr, momentum=momentum, generator=generator, proximal_mu=proximal_mu
     )
+
+
+def _train_dp_fast(
+    model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, params: DPSGDParams, lr: float, momentum: float,
+    generator: torch.Generator,
+) -> float:
+    """Same mechanism as ``train_dp_opacus`` via the fused ghost-norm path (clients/fastdp.py)."""
+    from clients import fastdp
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    model.train()
+    fastdp.train_steps(
+        model, X, Y, loss_fn=nn.BCEWithLogitsLoss(reduction="sum"), optimizer=opt,
+        noise_multiplier=params.noise_multiplier, max_grad_norm=params.max_grad_norm,
+        sample_rate=params.sample_rate, steps=params.steps, generator=generator,
+    )
+    with torch.no_grad():  # training loss after the round, on the local data (never released raw)
+        return float(per_sample_loss(model(X), Y).mean())
 
 
 def train_nonprivate(
