@@ -167,11 +167,12 @@ def test_full_step_equals_opacus_dpoptimizer_step():
     gsm._close()
 
 
-def test_empty_batch_takes_a_pure_noise_step():
-    make, k = _models()["mlp_relu"]
+@pytest.mark.parametrize("name", ["mlp_relu", "two_heads_hooks"])
+def test_empty_batch_takes_a_pure_noise_step(name):
+    make, k = _models()[name]
     model = _seeded(make)
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = torch.empty(0, D, dtype=torch.float64), torch.empty(0, 1, dtype=torch.float64)
+    x, y = torch.empty(0, D, dtype=torch.float64), torch.empty(0, k, dtype=torch.float64)
     dp = FastDPSGD(model, loss_fn=nn.BCEWithLogitsLoss(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                    noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=8, generator=None)
     dp.step(x, y)
@@ -181,8 +182,8 @@ def test_empty_batch_takes_a_pure_noise_step():
     dp.step(x, y)
     delta = torch.cat([(a - b).reshape(-1) for a, b in zip(before, model.parameters())])
     assert delta.abs().min() > 0  # every parameter moved by noise alone
-    # update = lr * noise / ebs, noise ~ N(0, (sigma C)^2) -> std 2/8 over ~700 coordinates
-    assert abs(delta.std().item() - 0.25) < 0.03
+    # update = lr * noise / ebs, noise ~ N(0, (sigma C)^2) -> std 2/8 over a few hundred coordinates
+    assert abs(delta.std().item() - 0.25) < 0.04
 
 
 def test_noise_std_and_scaling():
@@ -290,6 +291,14 @@ def test_supports_fast_path():
         m = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 1))
         FastDPSGD(m, loss_fn=nn.MSELoss(), optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
                   noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, generator=None)
+
+
+def test_train_steps_refuses_unsupported_model():
+    m = nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(FastPathError, match="BatchNorm1d"):
+        train_steps(m, torch.randn(20, D), torch.rand(20, 1), loss_fn=nn.BCEWithLogitsLoss(),
+                    optimizer=torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                    sample_rate=0.5, steps=2, generator=None)
 
 
 def test_shared_weights_refused_in_hook_path():
