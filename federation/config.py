@@ -90,6 +90,31 @@ class BaselineConfig:
 
 
 @dataclass
+class SecureAggConfig:
+    # Secure aggregation (SecAgg / SecAgg+, federation/secagg): the server learns only the sum of the partners'
+    # updates. See docs/secure-aggregation.md.
+    enabled: bool = False
+    threshold_fraction: float = 0.6  # t = max(2, ceil(fraction * sampled partners)); n - t dropouts tolerated
+    degree: int = 0  # neighbours per partner (SecAgg+, even); 0 = complete graph (SecAgg)
+    clip: float = 4.0  # per-coordinate clip of a partner's update delta (quantization range)
+    modulus_bits: int = 48  # integer arithmetic modulo 2**modulus_bits
+    rounding: str = "stochastic"  # stochastic (unbiased) | nearest
+    weight_cap: int = 100000  # FedAvg weight min(n, cap) / cap, summed securely; central_dp uses equal weights
+    timeout: float = 600.0  # seconds per protocol stage (the masked-input stage includes local training)
+
+
+@dataclass
+class CentralDPConfig:
+    # Partner-level DP with distributed noise: each partner clips its delta to clipping_norm (L2) and adds
+    # N(0, (noise_multiplier * clipping_norm)^2 / t) before masking; the securely summed aggregate carries at
+    # least noise_multiplier * clipping_norm if t partners are honest. Needs secagg.enabled.
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5  # partner-level delta (privacy unit: one partner's whole contribution)
+
+
+@dataclass
 class FedpropConfig:
     partners: int = 5
     rounds: int = 10
@@ -101,6 +126,8 @@ class FedpropConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    secagg: SecureAggConfig = field(default_factory=SecureAggConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     num_cpus_per_client: float = 1.0
     verbose: bool = False
 
@@ -166,6 +193,33 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
             f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"
             " need 1 <= min_customers <= max_customers"
         )
+    sa, cd = cfg.secagg, cfg.central_dp
+    if sa.enabled:
+        if not 0.5 < sa.threshold_fraction <= 1:
+            p.append(f"secagg.threshold_fraction={sa.threshold_fraction} must be in (0.5, 1]: a minority must never unmask")
+        if sa.degree != 0 and (sa.degree < 2 or sa.degree % 2):
+            p.append(f"secagg.degree={sa.degree} must be 0 (complete graph) or an even number >= 2")
+        if not sa.clip > 0:
+            p.append(f"secagg.clip={sa.clip} must be > 0 (per-coordinate range of an update delta)")
+        if not 16 <= sa.modulus_bits <= 64:
+            p.append(f"secagg.modulus_bits={sa.modulus_bits} must be in [16, 64]")
+        p += _allowed("secagg.rounding", sa.rounding, ("stochastic", "nearest"))
+        if sa.weight_cap < 1:
+            p.append(f"secagg.weight_cap={sa.weight_cap} must be >= 1 (examples)")
+        if not sa.timeout > 0:
+            p.append(f"secagg.timeout={sa.timeout} must be > 0 seconds")
+        if cfg.strategy.name not in ("fedavg", "fedprox"):
+            p.append(f"strategy.name={cfg.strategy.name!r} with secagg.enabled: use fedavg or fedprox (server "
+                     "optimisers on a securely summed update are not implemented)")
+    if cd.enabled:
+        if not sa.enabled:
+            p.append("central_dp.enabled needs secagg.enabled: partners add noise shares that only the secure sum hides")
+        if not cd.noise_multiplier > 0:
+            p.append(f"central_dp.noise_multiplier={cd.noise_multiplier} must be > 0")
+        if not cd.clipping_norm > 0:
+            p.append(f"central_dp.clipping_norm={cd.clipping_norm} must be > 0 (L2 bound of a partner's delta)")
+        if not 0 < cd.delta < 1:
+            p.append(f"central_dp.delta={cd.delta} must be in (0, 1)")
     if p:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {x}" for x in p))
     return cfg
