@@ -9,14 +9,17 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import ledger_hooks as LH
 from clients import node as N
 from clients.privacy_state import PrivacyState
-from federation.config import FedpropConfig, from_run_config
-from federation.errors import BudgetExceededError
+from federation.config import FedpropConfig, config_hash, from_run_config
+from federation.errors import BudgetExceededError, PrivacyError
 from federation.models import federations
 
 STATE_KEY = "fedprop.privacy"
+LEDGER_STATE_KEY = "fedprop.ledger"
 ERR_BUDGET = 4201
+ERR_LEDGER = 4202  # the round's ledger entry could not be written: the update is withheld
 
 
 def _default_loader(cfg: FedpropConfig, node_config: dict):
@@ -24,6 +27,29 @@ def _default_loader(cfg: FedpropConfig, node_config: dict):
     from clients.local_data import load_node_features
 
     return load_node_features(cfg, node_config)
+
+
+def _ledger_preflight(cfg: FedpropConfig, node: LH.NodeLedger, privacy: PrivacyState, run_id: str, heads: str) -> None:
+    """The node's first train message of a run: the whole run's planned spend against policy + ledger."""
+    LH.preflight(
+        node, run_id=run_id, sampling_rate=privacy.sample_rate, noise_multiplier=privacy.noise_multiplier,
+        steps_per_round=privacy.steps_per_round, rounds=privacy.planned_rounds, delta=privacy.delta,
+        clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
+        extra={"heads": heads, "target_epsilon": privacy.target_epsilon},
+    )
+
+
+def _ledger_check_round(node: LH.NodeLedger, privacy: PrivacyState, run_id: str, server_round: int) -> None:
+    """Before training: the run's own target (recorded if refused), then the policy's remaining budget."""
+    try:
+        privacy.check_next_round()
+    except BudgetExceededError as exc:
+        LH.record_refusal(node, run_id=run_id, round=server_round, reason=str(exc))
+        raise
+    LH.check_round(
+        node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
+        noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round,
+    )
 
 
 def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None) -> ClientApp:
@@ -42,14 +68,26 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         cfg, data = setup(msg, context)
         privacy = None
         if cfg.privacy.enabled:
-            key = f"{STATE_KEY}.{msg.content['config'].get('heads', '')}"
-            privacy = (
-                PrivacyState.from_json(context.state[key]["json"]) if key in context.state
-                else N.initial_privacy_state(cfg, data)
-            )
+            heads_tag = str(msg.content['config'].get('heads', ''))
+            key = f"{STATE_KEY}.{heads_tag}"
+            lkey = f"{LEDGER_STATE_KEY}.{heads_tag}"
+            node = LH.resolve_node_ledger(cfg, dict(context.node_config))
+            run_id, server_round = str(context.run_id), int(msg.content["config"]["server-round"])
+            if lkey in context.state:  # the whole run was refused at preflight: nothing more to check
+                return Message(Error(code=ERR_BUDGET, reason=str(context.state[lkey]["run-refused"])), reply_to=msg)
+            if key in context.state:
+                privacy = PrivacyState.from_json(context.state[key]["json"])
+            else:  # first train message of this run at this node: preflight before any training
+                privacy = N.initial_privacy_state(cfg, data)
+                try:
+                    _ledger_preflight(cfg, node, privacy, run_id, heads_tag)
+                except PrivacyError as exc:
+                    reason = f"partner {data.partition_id}: run refused before training: {exc}"
+                    context.state[lkey] = ConfigRecord({"run-refused": reason})
+                    return Message(Error(code=ERR_BUDGET, reason=reason), reply_to=msg)
             try:
-                privacy.check_next_round()
-            except BudgetExceededError as exc:
+                _ledger_check_round(node, privacy, run_id, server_round)
+            except PrivacyError as exc:
                 context.state[key] = ConfigRecord({"json": privacy.after_refusal().to_json()})
                 return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: {exc}"), reply_to=msg)
         state_dict = msg.content["arrays"].to_torch_state_dict()
@@ -58,9 +96,25 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             server_round=int(msg.content["config"]["server-round"]),
             proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         )
+        content = RecordDict({"arrays": ArrayRecord(new_sd), "metrics": MetricRecord(metrics)})
         if privacy is not None:
             context.state[key] = ConfigRecord({"json": privacy.to_json()})
-        content = RecordDict({"arrays": ArrayRecord(new_sd), "metrics": MetricRecord(metrics)})
+            # The ledger entry is committed BEFORE the update is handed to Flower; no entry, no update.
+            try:
+                entry = LH.record_round(
+                    node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
+                    noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round, delta=privacy.delta,
+                    clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
+                    update_hash=LH.update_hash(new_sd),
+                    extra={"heads": heads_tag, "run_epsilon_opacus_rdp": privacy.epsilon(),
+                           "target_epsilon": privacy.target_epsilon},
+                )
+            except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
+                reason = f"partner {data.partition_id}: ledger entry for round {server_round} not written ({exc}); update withheld"
+                return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
+            content["ledger"] = ConfigRecord(
+                {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash}
+            )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -1,0 +1,271 @@
+"""A partner node's privacy ledger and budget policy, as plain functions (no Flower).
+
+The ClientApp calls, in this order, for each federation (``heads``) of a run:
+
+1. ``resolve_node_ledger(cfg, node_config)`` -- where this node's ledger, signing key and policy live;
+2. ``preflight(...)`` once, at the node's first train message of the run: the planned spend of the WHOLE
+   run (``rounds`` x ``PoissonSampledGaussian(q, sigma, steps)``) composed with what the ledger already
+   holds in the policy's current period is checked against the policy (``policy.check_run``). A refused
+   run is recorded as a ``refusal`` entry and raises ``BudgetExceededError`` / ``PolicyViolationError``
+   whose message states the numbers; an allowed run is recorded as ``run_start``;
+3. ``check_round(...)`` before every round's training: the round's mechanism against the remaining
+   budget (``policy.check_round``), re-reading the ledger and the policy file (a concurrent run in another
+   federation, or a tightened policy, stops the partner mid-run). Refusals are recorded too;
+4. ``record_round(...)`` after training and BEFORE the update is handed back to Flower: one
+   ``dpsgd_round`` entry, committed with ``synchronous=FULL`` when it returns. If it raises, the caller
+   must not release the update.
+
+What "before touching data" means here: the sampling rate q = batch_size / n_train needs the count of
+training customers, so the node has loaded and split its table when ``preflight`` runs (the count is all
+the check uses). No gradient has been computed, no model trained and nothing has left the node: a refused
+run releases nothing but the refusal reason (which states q, and hence n_train, already reported to the
+server as ``num-examples`` by every participating node).
+
+Where things live:
+
+* Simulation: ``<privacy.ledger_dir>/partner-<partition-id>.sqlite`` (kept across runs, so the budget is
+  cumulative per policy period), key ``partner-<i>.key`` (+ ``.key.pub``) next to it, policy
+  ``privacy.policy``.
+* Deployment node config (``flower-supernode --node-config``): ``ledger-path`` (the ledger file),
+  ``node-key`` (Ed25519 private key PEM; must exist when given), ``budget-policy`` (policy YAML; overrides
+  ``privacy.policy`` of the run config: the partner's policy is the partner's to set).
+
+A key at the default location is generated on first use (mode 0600, never overwritten).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from federation.config import FedpropConfig
+from federation.errors import ConfigError, PrivacyError
+from federation.privacy.events import PoissonSampledGaussian
+from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
+from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_round as _check_round, check_run, load_policy
+
+__all__ = [
+    "NodeLedger",
+    "resolve_node_ledger",
+    "open_ledger",
+    "load_node_policy",
+    "round_event",
+    "preflight",
+    "check_round",
+    "record_round",
+    "record_refusal",
+    "update_hash",
+    "opacus_round_epsilon",
+    "NODE_CONFIG_KEYS",
+]
+
+NODE_CONFIG_KEYS = ("ledger-path", "node-key", "budget-policy")
+
+
+@dataclass(frozen=True)
+class NodeLedger:
+    """Where a partner node's ledger, signing key and budget policy live."""
+
+    partner: str
+    ledger_path: Path
+    key_path: Path
+    policy_path: Path | None
+    key_explicit: bool = False  # given in the node config: must exist (a typo must not mint a new identity)
+
+    @property
+    def public_key_path(self) -> Path:
+        return Path(str(self.key_path) + ".pub")
+
+
+def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any]) -> NodeLedger:
+    """Node config keys win over the run config (see the module docstring)."""
+    pid = int(node_config.get("partition-id", 0))
+    partner = f"partner-{pid}"
+    if node_config.get("ledger-path"):
+        ledger_path = Path(str(node_config["ledger-path"]))
+    else:
+        ledger_path = Path(cfg.privacy.ledger_dir) / f"{partner}.sqlite"
+    explicit = bool(node_config.get("node-key"))
+    key_path = Path(str(node_config["node-key"])) if explicit else ledger_path.with_suffix(".key")
+    policy = str(node_config.get("budget-policy") or cfg.privacy.policy or "")
+    return NodeLedger(partner, ledger_path, key_path, Path(policy) if policy else None, explicit)
+
+
+def _ensure_key(node: NodeLedger) -> None:
+    if node.key_path.exists():
+        return
+    if node.key_explicit:
+        raise ConfigError(
+            f"node config node-key={str(node.key_path)!r} does not exist; create it with `fedprop certs node-key` "
+            "or leave node-key unset to generate one next to the ledger"
+        )
+    node.key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        generate_node_key(node.key_path)
+    except PrivacyError:
+        if not node.key_path.exists():  # lost a creation race: the other process's key is used
+            raise
+
+
+def open_ledger(node: NodeLedger) -> Ledger:
+    """Open (creating ledger and, at the default location, the node key) for appending; chain checked."""
+    node.ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _ensure_key(node)
+    return Ledger.open(node.ledger_path, signing_key=node.key_path)
+
+
+def load_node_policy(node: NodeLedger) -> BudgetPolicy | None:
+    return None if node.policy_path is None else load_policy(node.policy_path)
+
+
+def round_event(*, sampling_rate: float, noise_multiplier: float, steps: int) -> PoissonSampledGaussian:
+    """One DP-SGD round at this partner, as the mechanism record the ledger stores."""
+    return PoissonSampledGaussian(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
+
+
+def _spent(ledger: Ledger, node: NodeLedger, policy: BudgetPolicy) -> list:
+    return ledger.events(partner=node.partner, layer="customer", period=policy.period)
+
+
+def record_refusal(
+    node: NodeLedger, *, run_id: str, round: int | None, reason: str, extra: Mapping[str, Any] | None = None
+) -> LedgerEntry:
+    with open_ledger(node) as ledger:
+        return ledger.append(
+            kind="refusal", partner=node.partner, run_id=run_id, round=round,
+            extra={"scope": "run" if round is None else "round", "reason": reason, **(extra or {})},
+        )
+
+
+def preflight(
+    node: NodeLedger,
+    *,
+    run_id: str,
+    sampling_rate: float,
+    noise_multiplier: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    clipping_norm: float,
+    config_hash: str,
+    extra: Mapping[str, Any] | None = None,
+) -> BudgetCheck | None:
+    """Check the whole run's planned spend against the policy and the ledger; record run_start or refusal.
+
+    Returns the policy check (None without a policy). Raises BudgetExceededError / PolicyViolationError
+    (after recording a ``refusal`` entry) when the run is refused."""
+    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps_per_round)
+    policy = load_node_policy(node)
+    plan = {
+        "planned_rounds": rounds, "sampling_rate": sampling_rate, "noise_multiplier": noise_multiplier,
+        "steps_per_round": steps_per_round, "delta": delta, "clipping_norm": clipping_norm,
+        "config_hash": config_hash, **(extra or {}),
+    }
+    with open_ledger(node) as ledger:
+        check = None
+        if policy is not None:
+            try:
+                check = check_run(
+                    policy, spent_events=_spent(ledger, node, policy), planned_events=[event] * rounds,
+                    planned_rounds=rounds,
+                )
+            except PrivacyError as exc:
+                ledger.append(
+                    kind="refusal", partner=node.partner, run_id=run_id, round=None,
+                    extra={"scope": "run", "reason": str(exc), **plan},
+                )
+                raise
+            plan.update({
+                "policy": str(node.policy_path), "policy_spent_epsilon": check.spent_epsilon,
+                "policy_planned_epsilon": check.planned_epsilon, "policy_total_epsilon": check.total_epsilon,
+                "policy_max_epsilon": check.max_epsilon, "policy_accountant": check.accountant,
+            })
+        ledger.append(kind="run_start", partner=node.partner, run_id=run_id, round=None, extra=plan)
+    return check
+
+
+def check_round(
+    node: NodeLedger,
+    *,
+    run_id: str,
+    round: int,
+    sampling_rate: float,
+    noise_multiplier: float,
+    steps: int,
+) -> BudgetCheck | None:
+    """Before training round ``round``: refuse (recorded) if its mechanism would exceed the remaining budget."""
+    policy = load_node_policy(node)
+    if policy is None:
+        return None
+    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
+    with open_ledger(node) as ledger:
+        try:
+            return _check_round(policy, spent_events=_spent(ledger, node, policy), round_event=event, round_number=round)
+        except PrivacyError as exc:
+            ledger.append(
+                kind="refusal", partner=node.partner, run_id=run_id, round=round,
+                extra={"scope": "round", "reason": str(exc), "mechanism": event.describe()},
+            )
+            raise
+
+
+def record_round(
+    node: NodeLedger,
+    *,
+    run_id: str,
+    round: int,
+    sampling_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    clipping_norm: float,
+    config_hash: str,
+    update_hash: str,
+    extra: Mapping[str, Any] | None = None,
+) -> LedgerEntry:
+    """Append the round's ``dpsgd_round`` entry; durable (committed, fsynced) when this returns.
+
+    ``reported_epsilon`` is the Opacus RDP accountant's epsilon of this round's mechanism alone (the
+    ledger's ``rdp`` accountant recomputes it on verify); the run's cumulative Opacus figure goes in
+    ``extra`` for information -- the report recomputes every cumulative figure from the mechanisms."""
+    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
+    with open_ledger(node) as ledger:
+        return ledger.append(
+            kind="dpsgd_round", partner=node.partner, run_id=run_id, round=round, delta=delta,
+            mechanism=event, clipping_norm=clipping_norm, config_hash=config_hash, update_hash=update_hash,
+            privacy_unit="customer",
+            reported_epsilon=opacus_round_epsilon(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
+                                                  steps=steps, delta=delta),
+            reported_accountant="rdp", extra=dict(extra or {}),
+        )
+
+
+def opacus_round_epsilon(*, sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(float(noise_multiplier), float(sampling_rate), int(steps))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def update_hash(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a model update as released: for each tensor, in the mapping's order, its name, dtype,
+    shape and C-order bytes (torch tensors are read on CPU). Recomputable by the server from the
+    received ``ArrayRecord`` (``arrays.to_torch_state_dict()`` or ``to_numpy_ndarrays`` with keys)."""
+    h = hashlib.sha256(b"fedprop-update-v1\x00")
+    for name, value in state.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        arr = np.ascontiguousarray(np.asarray(value))
+        h.update(name.encode() + b"\x00" + str(arr.dtype).encode() + b"\x00" + repr(arr.shape).encode() + b"\x00")
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def ledger_files(node: NodeLedger) -> dict[str, str]:
+    """Paths compliance needs (ledger + public key) as strings, e.g. for a summary."""
+    return {"ledger": os.fspath(node.ledger_path), "public_key": os.fspath(node.public_key_path)}
