@@ -115,6 +115,13 @@ class CentralDPConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    # The server's Ed25519 model-signing key lives here (server.key 0600, server.pub), created on first use
+    # and kept ACROSS runs (relative paths: to the CWD); each run dir gets a copy of the public key.
+    key_dir: str = "runs/keys"
+
+
+@dataclass
 class FedpropConfig:
     partners: int = 5
     rounds: int = 10
@@ -126,6 +133,7 @@ class FedpropConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     secagg: SecureAggConfig = field(default_factory=SecureAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     num_cpus_per_client: float = 1.0
@@ -193,6 +201,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
             f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"
             " need 1 <= min_customers <= max_customers"
         )
+    if not isinstance(cfg.release.key_dir, str) or not cfg.release.key_dir.strip():
+        p.append(f"release.key_dir={cfg.release.key_dir!r} must be a directory path (the server's signing key)")
     sa, cd = cfg.secagg, cfg.central_dp
     if sa.enabled:
         if not 0.5 < sa.threshold_fraction <= 1:
