@@ -43,7 +43,9 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     from simulations.partners import resolve_for_data
     from simulations.summary import build_summary, render_summary
 
-    cfg = resolve_for_data(cfg)
+    from simulations.privacy_reports import prepare_ledgers, render_privacy_section, write_privacy_reports
+
+    cfg = prepare_ledgers(resolve_for_data(cfg))  # absolute ledger dir + policy, policy checked up front
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_flower(cfg.verbose)
@@ -86,8 +88,9 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
             "partners": {str(p.partition_id): {"n_train": p.n_train, "n_test": p.n_test} for p in parts},
         }
     summary = build_summary(cfg, results, wall_time_s=time.perf_counter() - t0, federation_time_s=t_fed)
+    summary["privacy_reports"] = write_privacy_reports(cfg, run_dir)  # <run_dir>/privacy/partner-<i>.*
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-    text = render_summary(summary)
+    text = render_summary(summary) + render_privacy_section(summary["privacy_reports"])
     atomic_write_text(run_dir / "summary.md", text)
     print(text, flush=True)
     return summary

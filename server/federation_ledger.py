@@ -1,0 +1,77 @@
+"""The server's federation ledger: a record of every aggregate it releases with partner-level DP noise.
+
+Same format as a partner's ledger (``federation.privacy.ledger``: append-only, hash-chained, Ed25519-signed
+SQLite), entries of kind ``server_dp_round`` with privacy unit ``partner``. Plain functions, no Flower: the
+partner-level DP wrapper calls ``record_server_release`` once per round, AFTER noising and BEFORE the new
+global model is broadcast or checkpointed, so no noised aggregate is released without a record.
+
+Mechanism recorded: Flower's server-side fixed clipping adds N(0, (noise_multiplier * clipping_norm)^2) to
+the SUM of clipped partner updates (then divides by ``num_sampled``), so relative to the sum's L2
+sensitivity (``clipping_norm``, one partner added or removed) it is a Gaussian with ``noise_multiplier``.
+Flower samples a fixed number of partners, not a Poisson sample, so by default no amplification by
+sampling is claimed (``Gaussian``). Pass ``sampling_rate`` only if partners really are Poisson-sampled
+with that probability; the entry then records a ``PoissonSampledGaussian`` with one step.
+
+``fedprop budget report <partner ledger> --server-ledger <this> --server-public-key <this .pub>`` combines
+both layers in a partner's report (customer-level from the partner's ledger, partner-level from here).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from federation.errors import PrivacyError
+from federation.privacy.events import Gaussian, PoissonSampledGaussian
+from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
+
+__all__ = ["FEDERATION_PARTNER", "open_federation_ledger", "record_server_release", "server_release_event"]
+
+#: ``partner`` field of server entries (the report keeps them apart from any partner's customer layer).
+FEDERATION_PARTNER = "federation"
+
+
+def open_federation_ledger(path: str | Path, *, key_path: str | Path | None = None) -> Ledger:
+    """Open (creating) the federation ledger; the server key defaults to ``<path>.key`` next to it and is
+    generated on first use (0600, public key at ``<key>.pub``). Close it with ``.close()`` or ``with``."""
+    path = Path(path)
+    key = Path(key_path) if key_path is not None else path.with_suffix(".key")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not key.exists():
+        if key_path is not None:
+            raise PrivacyError(f"server ledger key {key} does not exist (give an existing key or none to generate one)")
+        generate_node_key(key)
+    return Ledger.open(path, signing_key=key)
+
+
+def server_release_event(*, noise_multiplier: float, sampling_rate: float | None = None):
+    if sampling_rate is None:
+        return Gaussian(noise_multiplier=noise_multiplier, count=1)
+    return PoissonSampledGaussian(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=1)
+
+
+def record_server_release(
+    ledger: Ledger,
+    *,
+    run_id: str,
+    round: int,
+    noise_multiplier: float,
+    clipping_norm: float,
+    num_sampled: int,
+    delta: float,
+    update_hash: str,
+    sampling_rate: float | None = None,
+    num_partners: int | None = None,
+    config_hash: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> LedgerEntry:
+    """Append one ``server_dp_round`` entry (durable when this returns). ``update_hash`` is the SHA-256 of
+    the released (noised) aggregate, e.g. ``clients.ledger_hooks.update_hash(state_dict)``'s algorithm."""
+    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
+        raise PrivacyError(f"num_sampled must be an integer >= 1, got {num_sampled!r}")
+    info = {"num_sampled": num_sampled, **({"num_partners": num_partners} if num_partners is not None else {})}
+    return ledger.append(
+        kind="server_dp_round", partner=FEDERATION_PARTNER, run_id=str(run_id), round=int(round), delta=delta,
+        mechanism=server_release_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate),
+        clipping_norm=clipping_norm, config_hash=config_hash, update_hash=update_hash, privacy_unit="partner",
+        extra={**info, **dict(extra or {})},
+    )
