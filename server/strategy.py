@@ -51,6 +51,14 @@ def aggregate_eval_metrics(heads: tuple[str, ...]) -> Callable[[list[RecordDict]
     return aggr
 
 
+def pooled_summaries(flats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per head, every metric (incl. gains/lift and reliability curve) of the partners' combined histograms."""
+    suffix = f"{HIST}bins"
+    heads = sorted({k[: -len(suffix)] for f in flats for k in f if k.endswith(suffix)})
+    return {h: M.summarize(M.combine([M.from_flat(f, prefix=f"{h}{HIST}") for f in flats if f"{h}{suffix}" in f]))
+            for h in heads}
+
+
 def build_strategy(cfg: FedpropConfig, *, heads: tuple[str, ...], num_partners: int) -> Strategy:
     common = dict(
         fraction_train=cfg.strategy.fraction_train,
@@ -92,6 +100,7 @@ class RecordingStrategy(Strategy):
         self.on_round = on_round
         self.rounds: list[dict[str, Any]] = []
         self._current: dict[str, Any] = {}
+        self.pooled: dict[str, dict[str, Any]] = {}  # head -> full summary (gains, reliability) of the last evaluation
 
     def summary(self) -> None:
         self.inner.summary()
@@ -122,6 +131,7 @@ class RecordingStrategy(Strategy):
             pid = str(int(m.get("partition-id", -1)))
             scalars = {k: v for k, v in m.items() if HIST not in k}
             self._current["partners"].setdefault(pid, {})["evaluate"] = scalars
+        self.pooled = pooled_summaries([dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()])
         agg = self.inner.aggregate_evaluate(server_round, replies)
         self._current["evaluate"] = dict(agg) if agg is not None else {}
         self.rounds.append(self._current)

@@ -38,7 +38,7 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     from clients.node import load_partner
     from server.outputs import load_model
     from server.server_app import make_server_app
-    from simulations.baselines import pooled_metrics, run_baselines
+    from simulations.baselines import head_metrics, pooled_metrics, run_baselines
     from simulations.partners import load_partner as partner_loader
     from simulations.partners import resolve_for_data
     from simulations.summary import build_summary, render_summary
@@ -83,6 +83,7 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
         results[tag] = {
             "heads": list(heads),
             "federated_pooled": pooled_metrics(model, parts),
+            "federated_per_partner": {str(p.partition_id): head_metrics(model, p) for p in parts},
             "baselines": base,
             "rounds": rounds.get(tag, []),
             "partners": {str(p.partition_id): {"n_train": p.n_train, "n_test": p.n_test} for p in parts},

@@ -1,4 +1,11 @@
-"""The run summary: per task, federated-DP vs centralized vs local-only, and each partner's epsilon."""
+"""The run summary: per task, federated-DP vs centralized vs local-only, the federation's value to each
+partner, and each partner's epsilon.
+
+Federation value, per partner and head, all on that partner's own held-out customers (the same split the
+federation evaluated): the partner's local-only non-private model, the final federated-DP global model and
+the centralized non-private model trained on everyone's pooled training data (the upper bound). The gain
+from federating is ``federated_dp - local_only`` (AUC points and top-decile lift).
+"""
 from __future__ import annotations
 
 import math
@@ -6,13 +13,44 @@ from typing import Any
 
 from federation.config import FedpropConfig, to_dict
 
+CURVE_KEYS = ("gains", "reliability")
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+
+def _mean(xs: list[float | None]) -> float:
+    ys = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(ys) / len(ys) if ys else float("nan")
+
+
+def _get(m: dict[str, Any] | None, head: str, key: str) -> float | None:
+    if not m or head not in m:
+        return None
+    v = m[head].get(key)
+    return None if v is None else float(v)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or math.isnan(a) or math.isnan(b) else a - b
+
+
+def _curves(m: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {k: m[k] for k in CURVE_KEYS if k in m} if m else None
+
+
+def partner_value(head: str, pid: str, *, federated: dict | None, local: dict | None, central: dict | None,
+                  n_test: int) -> dict[str, Any]:
+    """One partner's row of the federation-value table for ``head`` (None where a model is missing)."""
+    row: dict[str, Any] = {"n_test": n_test}
+    for name, m in (("local_only", local), ("federated_dp", federated), ("centralized", central)):
+        row[f"{name}_auc"] = _get(m, head, "auc_roc")
+        row[f"{name}_top_decile_lift"] = _get(m, head, "top_decile_lift")
+    row["gain_auc"] = _diff(row["federated_dp_auc"], row["local_only_auc"])
+    row["gain_top_decile_lift"] = _diff(row["federated_dp_top_decile_lift"], row["local_only_top_decile_lift"])
+    row["gap_to_centralized_auc"] = _diff(row["centralized_auc"], row["federated_dp_auc"])
+    return row
 
 
 def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: float, federation_time_s: float) -> dict[str, Any]:
+    """``results[tag]``: heads, federated_pooled, federated_per_partner (optional), baselines, rounds, partners."""
     tasks: dict[str, Any] = {}
     partners: dict[str, Any] = {}
     for tag, r in results.items():
@@ -24,26 +62,42 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
             p["epsilon"][tag] = eps[-1] if eps else None
             p["refused_rounds"] = p.get("refused_rounds", 0) + sum(
                 1 for rr in r["rounds"] for ref in rr["refusals"] if f"partner {pid}:" in (ref.get("reason") or ""))
+        base = r.get("baselines")
+        fed_pp = r.get("federated_per_partner") or {}
         for head in r["heads"]:
-            base = r["baselines"]
+            pooled = r["federated_pooled"][head]
             row: dict[str, Any] = {
-                "federated_dp_auc": r["federated_pooled"][head]["auc_roc"],
-                "federated_dp_top_decile_lift": r["federated_pooled"][head]["top_decile_lift"],
+                "federation": tag,
+                "federated_dp_auc": pooled["auc_roc"],
+                "federated_dp_top_decile_lift": pooled["top_decile_lift"],
                 "federated_eval_auc_from_histograms": last["evaluate"].get(f"{head}.auc_roc"),
-                "base_rate": r["federated_pooled"][head]["base_rate"],
+                "base_rate": pooled["base_rate"],
                 "per_partner": {},
+                "curves": {"federated_dp": _curves(pooled)},
             }
             if base:
-                row["centralized_auc"] = base["centralized"]["pooled"][head]["auc_roc"]
-                row["centralized_top_decile_lift"] = base["centralized"]["pooled"][head]["top_decile_lift"]
-                local = {pid: m[head]["auc_roc"] for pid, m in base["local_only"]["per_partner"].items()}
-                row["local_only_auc_mean"] = _mean(list(local.values()))
-                for pid in r["partners"]:
-                    row["per_partner"][pid] = {
-                        "federated_dp_auc": (last["partners"].get(pid, {}).get("evaluate", {}) or {}).get(f"{head}.auc"),
-                        "local_only_auc": local.get(pid),
-                        "centralized_auc": base["centralized"]["per_partner"][pid][head]["auc_roc"],
-                    }
+                cpool = base["centralized"]["pooled"][head]
+                row["centralized_auc"] = cpool["auc_roc"]
+                row["centralized_top_decile_lift"] = cpool["top_decile_lift"]
+                row["curves"]["centralized"] = _curves(cpool)
+                local = base["local_only"]["per_partner"]
+                row["local_only_auc_mean"] = _mean([_get(local.get(pid), head, "auc_roc") for pid in r["partners"]])
+                row["local_only_top_decile_lift_mean"] = _mean(
+                    [_get(local.get(pid), head, "top_decile_lift") for pid in r["partners"]])
+            for pid, info in r["partners"].items():
+                federated = fed_pp.get(pid)
+                if federated is None:  # fall back on the partner's own evaluation reply of the last round
+                    ev = (last["partners"].get(pid, {}).get("evaluate") or {})
+                    federated = {head: {"auc_roc": ev.get(f"{head}.auc"),
+                                        "top_decile_lift": ev.get(f"{head}.top-decile-lift")}}
+                row["per_partner"][pid] = partner_value(
+                    head, pid, federated=federated,
+                    local=base["local_only"]["per_partner"].get(pid) if base else None,
+                    central=base["centralized"]["per_partner"].get(pid) if base else None,
+                    n_test=info["n_test"])
+            gains = [v["gain_auc"] for v in row["per_partner"].values()]
+            row["partners_gaining_auc"] = sum(1 for g in gains if g is not None and g > 0)
+            row["mean_gain_auc"] = _mean(gains)
             tasks[head] = row
     return {
         "config": to_dict(cfg),
@@ -61,8 +115,25 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
     }
 
 
-def _f(x: Any, nd: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+def _f(x: Any, nd: int = 3, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
+
+
+def render_value_table(s: dict[str, Any]) -> list[str]:
+    """Markdown lines: per task and partner, local-only / fed-DP / centralized AUC and top-decile lift."""
+    lines = ["| task | partner | test customers | local-only AUC | fed-DP AUC | centralized AUC | gain AUC "
+             "| local-only lift@10% | fed-DP lift@10% | centralized lift@10% | gain lift |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task, r in s["tasks"].items():
+        for pid, v in sorted(r.get("per_partner", {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(
+                f"| {task} | {pid} | {v['n_test']} | {_f(v['local_only_auc'])} | {_f(v['federated_dp_auc'])} | "
+                f"{_f(v['centralized_auc'])} | {_f(v['gain_auc'], signed=True)} | "
+                f"{_f(v['local_only_top_decile_lift'], 2)} | {_f(v['federated_dp_top_decile_lift'], 2)} | "
+                f"{_f(v['centralized_top_decile_lift'], 2)} | {_f(v['gain_top_decile_lift'], 2, signed=True)} |")
+    return lines
 
 
 def render_summary(s: dict[str, Any]) -> str:
@@ -72,6 +143,12 @@ def render_summary(s: dict[str, Any]) -> str:
     for task, r in s["tasks"].items():
         lines.append(f"| {task} | {_f(r['federated_dp_auc'])} | {_f(r.get('centralized_auc'))} | "
                      f"{_f(r.get('local_only_auc_mean'))} | {_f(r['federated_dp_top_decile_lift'], 2)} | {_f(r['base_rate'])} |")
+    lines += ["", "### Federation value per partner (each partner's own held-out customers)", ""]
+    lines += render_value_table(s)
+    for task, r in s["tasks"].items():
+        if r.get("per_partner"):
+            lines.append(f"\n{task}: {r.get('partners_gaining_auc', 0)} of {len(r['per_partner'])} partners gain AUC "
+                         f"by federating (mean gain {_f(r.get('mean_gain_auc'), signed=True)}).")
     pv = s["privacy"]
     lines += ["", f"Privacy: {'DP-SGD, target epsilon ' + _f(pv['target_epsilon'], 2) + ', delta ' + format(pv['delta'], 'g') if pv['enabled'] else 'OFF (non-private run)'}; "
               f"unit: {pv['unit']}; accountant: {pv['accountant']}.", "",
