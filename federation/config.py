@@ -47,8 +47,8 @@ class PrivacyConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128  # expected Poisson batch size: sampling rate q = batch_size / n_train
-    local_epochs: float = 1.0  # expected passes over local data per round: steps = ceil(epochs / q)
-    lr: float = 0.5
+    local_epochs: float = 2.0  # expected passes over local data per round: steps = ceil(epochs / q)
+    lr: float = 2.0  # tuned on the synthetic default (lr 0.5-4, epochs 1-3, batch 128-512, C 0.5-1)
     momentum: float = 0.0
     engine: str = "auto"  # auto: fast fused DP-SGD when the model supports it, else Opacus
     test_fraction: float = 0.2
