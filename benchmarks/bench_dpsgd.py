@@ -10,6 +10,8 @@ a warm-up; each repetition is one call of the training loop (like one federated 
 interleaved. Ratios are against non-private autograd training on the *same* Poisson index batches
 (`train_steps_nonprivate`); "nonprivate shuffle" (fixed-size slices of a random permutation, the usual
 non-private loop) is shown for reference. All DP methods use the same mechanism (q, sigma=1, C=1).
+On a shared or small machine, `--threads 1` avoids OpenMP threads stalling on each other when another
+process takes a core (2-thread figures on a loaded 2-core box are dominated by that, not by the method).
 """
 from __future__ import annotations
 
@@ -140,7 +142,11 @@ def bench(model_name, batch, X, y, device, *, reps, window, methods):
         for name, (fn, model, g, steps, rates) in runs.items():
             rows, dt = timed(fn, model, X, y, q, steps, g, device)
             rates.append(rows / dt)
-    return {name: (statistics.median(r[4]), max(r[4])) for name, r in runs.items()}
+    ref = runs["nonprivate"][4] if "nonprivate" in runs else None
+    # Ratios are paired: each repetition of a method against the reference's repetition run right
+    # before it, then the median of those ratios, so load drift on a shared machine cancels.
+    return {name: (statistics.median(r[4]), statistics.median(a / b for a, b in zip(r[4], ref)) if ref else None)
+            for name, r in runs.items()}
 
 
 def profile_fast(X, y, device, batch, steps):
@@ -170,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--quick", action="store_true", help="3 reps of ~0.3 s per method instead of 7 of ~1 s")
+    ap.add_argument("--quick", action="store_true", help="5 reps of ~0.2 s per method instead of 11 of ~0.5 s")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for the fast path")
     args = ap.parse_args(argv)
 
@@ -178,8 +184,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batches or ([1024, 8192, 65536] if device.type == "cuda" else [1024, 8192])
-    reps = args.reps or (3 if args.quick else 7)
-    window = 0.3 if args.quick else 1.0
+    reps = args.reps or (5 if args.quick else 11)
+    window = 0.2 if args.quick else 0.5
     g = torch.Generator().manual_seed(42)
     X = torch.randn(args.rows, args.features, generator=g)
     w = torch.randn(args.features, 1, generator=g)
@@ -188,15 +194,14 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}; {dev_name}; data {args.rows} x {args.features}; sigma={SIGMA} C={C}; "
           f"reps={reps} (median), ~{window}s each")
-    print("rows/s: median of reps (best rep in brackets); ratios vs nonprivate at the same batch size")
-    print(f"{'model':7} {'batch':>6}  {'method':19} {'rows/s median':>13} {'(best)':>12} {'ratio':>6} {'(best)':>7}")
+    print("rows/s: median of reps; ratio: median over reps of (rows/s / nonprivate rows/s in the same rep)")
+    print(f"{'model':7} {'batch':>6}  {'method':19} {'rows/s':>12} {'vs nonprivate':>14}")
     for model_name in args.models:
         for batch in batches:
             res = bench(model_name, batch, X, y, device, reps=reps, window=window, methods=args.methods)
-            ref, ref_best = res.get("nonprivate", (None, None))
-            for name, (rate, best) in res.items():
-                ratio = f"{rate / ref:5.2f}x ({best / ref_best:4.2f}x)" if ref else ""
-                print(f"{model_name:7} {batch:>6}  {name:19} {rate:13,.0f} ({best:10,.0f}) {ratio}", flush=True)
+            for name, (rate, ratio) in res.items():
+                shown = f"{ratio:13.2f}x" if ratio is not None else ""
+                print(f"{model_name:7} {batch:>6}  {name:19} {rate:12,.0f} {shown:>14}", flush=True)
     if args.profile:
         profile_fast(X, y, device, batches[0], 300)
 
