@@ -223,6 +223,8 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                 notes[f"values of {f.column!r} outside the declared vocabulary (encoded as __other__)"] += int(
                     (~t.isin(list(f.vocabulary)).fillna(False)).sum())
                 out[f.column] = t
+        if c.label.column not in raw:  # labels=False: scoring, no label read
+            return out.loc[keep]
         lab = _label_text(raw[c.label.column])
         pos, neg = lab.isin(list(c.label.positive)).fillna(False), lab.isin(list(c.label.negative)).fillna(False)
         nonbin = ~(pos | neg).to_numpy(dtype=bool)
@@ -240,10 +242,13 @@ def read_validated(
     delta: float | None = None,
     now: pd.Timestamp | str | None = None,
     min_customers: int | None = None,
+    labels: bool = True,
 ) -> Validated:
     """Read and validate one input; return the typed frame or raise one DataValidationError.
 
     ``path`` overrides the contract's first file. ``delta`` (the run's DP delta) adds the 1/n check.
+    ``labels=False`` (scoring current customers): a table's label column is not read and the label checks
+    (table: both classes present; event log: data in the label horizon, positives) are skipped.
     """
     c = contract
     now = pd.Timestamp.now() if now is None else pd.Timestamp(now)
@@ -258,7 +263,7 @@ def read_validated(
                              encoding=src_spec.encoding, chunksize=src_spec.chunksize, query=src_spec.query)
     P = _Problems(source)
     available = source.columns()
-    required = c.required_columns()
+    required = [x for x in c.required_columns() if labels or c.kind != "table" or x != c.label.column]
     missing = column_problems(available, required)
     if missing:  # nothing else can be checked reliably without the columns
         raise DataValidationError(missing, source=source.describe)
@@ -276,7 +281,7 @@ def read_validated(
         dup = frame.duplicated().to_numpy()
         notes["exact duplicate rows dropped (the contract declares deduplicate: true)"] += int(dup.sum())
         frame = frame.loc[~dup].reset_index(drop=True)
-    n = _whole_table_checks(frame, c, P, source, delta=delta, min_customers=min_customers, report=report)
+    n = _whole_table_checks(frame, c, P, source, delta=delta, min_customers=min_customers, report=report, labels=labels)
     problems = P.messages()
     if problems:
         raise DataValidationError(problems, source=source.describe)
@@ -291,7 +296,7 @@ class _Counter(dict):
 
 
 def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, source: Source, *,
-                        delta: float | None, min_customers: int | None, report: Report) -> int:
+                        delta: float | None, min_customers: int | None, report: Report, labels: bool = True) -> int:
     if not len(frame):
         P.add("the input has no usable rows; check the file and the contract's filters")
         return 0
@@ -308,7 +313,7 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
             n = int(frame["__cid"].nunique())
         else:
             n = len(frame)
-        y = frame["__label"].to_numpy()
+        y = frame["__label"].to_numpy() if labels else frame.index.to_numpy()[:0]
         if len(y) and y.sum() == 0:
             P.add(f"column {c.label.column!r}: the label has no positive rows (positive values "
                   f"{list(c.label.positive)}); a model cannot learn {c.label.task} without positives: check "
@@ -318,7 +323,7 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
         if len(y):
             report.positives[c.label.task] = float(y.mean())
     else:
-        n = _event_checks(frame, c, P, report)
+        n = _event_checks(frame, c, P, report, labels=labels)
     need = c.min_customers if min_customers is None else min_customers
     if n < need:
         P.add(f"only {n} customer(s), fewer than the contract's min_customers={need}: {PRIVACY_WHY}. "
@@ -329,7 +334,7 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
     return n
 
 
-def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Report) -> int:
+def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Report, labels: bool = True) -> int:
     e = c.events
     cutoff = pd.Timestamp(e.cutoff)
     ts = frame["__ts"]
@@ -337,6 +342,8 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
     before = (ts < cutoff) & (ts >= cutoff - pd.Timedelta(days=e.lookback_days)) & et.isin(list(e.activity))
     pop = pd.Index(frame.loc[before.fillna(False), "__cid"].unique())
     n = len(pop)
+    if not labels:
+        return n
     horizon = (ts >= cutoff) & (ts < cutoff + pd.Timedelta(days=e.horizon_days))
     if not bool(horizon.any()):
         last = ts.max()
