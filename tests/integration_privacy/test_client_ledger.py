@@ -1,0 +1,156 @@
+"""The partner ledger wired into the ClientApp, driven in-process: the issue's scenario without Ray.
+
+Policy: at most epsilon 1.0 per (rolling 30-day) period. A run calibrated to privacy.epsilon=1 fits; a second
+run in the same period is refused before it trains; a round that would exceed the remaining budget (spend
+recorded by another federation mid-run) stops that partner while the other continues; a failed ledger
+write withholds the update.
+"""
+from __future__ import annotations
+
+import pytest
+
+import clients.node as N
+from clients import ledger_hooks as LH
+from clients.client_app import ERR_BUDGET, ERR_LEDGER, make_client_app
+from federation.config import from_dict
+from federation.errors import ConfigError
+from federation.privacy.events import PoissonSampledGaussian
+from federation.privacy.ledger import Ledger, verify
+from federation.privacy.policy import load_policy
+from federation.privacy.report import build_report
+from simulations.partners import load_partner
+
+from .conftest import context, initial_arrays, make_cfg, train_msg
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _entries(cfg, pid):
+    node = LH.resolve_node_ledger(cfg, {"partition-id": pid})
+    verify(node.ledger_path, node.public_key_path)  # every test leaves verifiable ledgers
+    with Ledger.open(node.ledger_path, signing_key=None) as led:
+        return led.entries()
+
+
+def test_run_fits_then_second_run_in_period_refused_before_training(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path)
+    app = make_client_app(config=cfg, loader=load_partner)
+    ctxs = [context(pid, run_id=101) for pid in (0, 1)]
+    arrays = initial_arrays(cfg)
+    for rnd in (1, 2):
+        for ctx in ctxs:
+            reply = app(train_msg(arrays, rnd), ctx)
+            assert not reply.has_error(), reply.error.reason
+            # the hash in the reply is the hash of the arrays actually released, and the ledger holds it
+            sent = LH.update_hash(reply.content["arrays"].to_torch_state_dict())
+            assert reply.content["ledger"]["update-hash"] == sent
+    for pid in (0, 1):
+        entries = _entries(cfg, pid)
+        assert [e.kind for e in entries] == ["run_start", "dpsgd_round", "dpsgd_round"]
+        rounds = entries[1:]
+        assert [e.round for e in rounds] == [1, 2] and all(e.run_id == "101" for e in entries)
+        assert all(e.privacy_unit == "customer" and e.clipping_norm == 1.0 and e.delta == 1e-5 for e in rounds)
+        assert all(len(e.update_hash) == 64 and len(e.config_hash) == 64 for e in rounds)
+        assert all(e.reported_accountant == "rdp" and e.reported_epsilon > 0 for e in rounds)
+        report = build_report(entries, policy=load_policy(cfg.privacy.policy), partner=f"partner-{pid}")
+        assert 0.9 < report["current_period_epsilon"]["rdp"] <= 1.0  # calibrated run spends <= its target
+        assert report["compliance"]["compliant"]
+
+    # run 2, same period, same ledgers: refused at the first train message, before any training
+    def no_training(*a, **k):
+        raise AssertionError("a refused run must not train")
+
+    monkeypatch.setattr(N, "train_round", no_training)
+    ctxs2 = [context(pid, run_id=202) for pid in (0, 1)]
+    for rnd in (1, 2):
+        for pid, ctx in enumerate(ctxs2):
+            reply = app(train_msg(arrays, rnd), ctx)
+            assert reply.has_error() and reply.error.code == ERR_BUDGET
+            reason = reply.error.reason
+            assert reason.startswith(f"partner {pid}: run refused before training: run refused: it would spend")
+            assert "against a limit of 1 at delta=1e-05" in reason and "already spent 0.9" in reason
+    for pid in (0, 1):
+        entries = _entries(cfg, pid)
+        assert [e.kind for e in entries][3:] == ["refusal"]  # one refusal for the run, nothing released
+        assert entries[3].run_id == "202" and entries[3].extra["scope"] == "run"
+        report = build_report(entries, policy=load_policy(cfg.privacy.policy), partner=f"partner-{pid}")
+        assert report["counts"]["refusals"] == 1 and report["compliance"]["compliant"]
+        assert [r["run_id"] for r in report["runs"]] == ["101", "202"] and report["runs"][1]["releases"] == 0
+
+
+def test_round_over_remaining_budget_stops_that_partner_others_continue(tmp_path):
+    cfg = make_cfg(tmp_path, rounds=3)
+    app = make_client_app(config=cfg, loader=load_partner)
+    ctxs = [context(pid, run_id=303) for pid in (0, 1)]
+    arrays = initial_arrays(cfg)
+    for ctx in ctxs:
+        assert not app(train_msg(arrays, 1), ctx).has_error()
+    # Partner 1 joins another federation concurrently; that run records two rounds' worth of the same
+    # mechanism in the same period: 1 + 2 rounds still fit the budget (the run was calibrated for 3), a 4th not.
+    node = LH.resolve_node_ledger(cfg, {"partition-id": 1})
+    with LH.open_ledger(node) as led:
+        plan = led.entries()[0].extra
+        led.append(kind="dpsgd_round", partner="partner-1", run_id="other-federation", round=1, delta=1e-5,
+                   mechanism=PoissonSampledGaussian(sampling_rate=plan["sampling_rate"],
+                                                    noise_multiplier=plan["noise_multiplier"],
+                                                    steps=2 * plan["steps_per_round"]),
+                   clipping_norm=1.0, update_hash="0" * 64)
+    r0, r1 = (app(train_msg(arrays, 2), ctx) for ctx in ctxs)
+    assert not r0.has_error()
+    assert r1.has_error() and r1.error.code == ERR_BUDGET
+    assert r1.error.reason.startswith("partner 1: round 2 refused: it would spend epsilon")
+    assert "against a limit of 1 at delta=1e-05; remaining budget" in r1.error.reason
+    r0 = app(train_msg(arrays, 3), ctxs[0])
+    assert not r0.has_error()  # the other partner finishes its run
+    kinds = [(e.kind, e.round) for e in _entries(cfg, 1)]
+    assert kinds == [("run_start", None), ("dpsgd_round", 1), ("dpsgd_round", 1), ("refusal", 2)]
+    assert [(e.kind, e.round) for e in _entries(cfg, 0)] == [
+        ("run_start", None), ("dpsgd_round", 1), ("dpsgd_round", 2), ("dpsgd_round", 3)]
+    report = build_report(_entries(cfg, 1), policy=load_policy(cfg.privacy.policy), partner="partner-1")
+    assert report["compliance"]["compliant"] and report["compliance"]["peak_period_epsilon"] <= 1.0
+
+
+def test_failed_ledger_write_withholds_the_update(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, policy=False)
+    app = make_client_app(config=cfg, loader=load_partner)
+    real = Ledger.append
+
+    def failing(self, **kw):
+        if kw["kind"] == "dpsgd_round":
+            raise OSError("disk full")
+        return real(self, **kw)
+
+    monkeypatch.setattr(Ledger, "append", failing)
+    reply = app(train_msg(initial_arrays(cfg), 1), context(0, run_id=404))
+    assert reply.has_error() and reply.error.code == ERR_LEDGER
+    assert "update withheld" in reply.error.reason and "disk full" in reply.error.reason
+    assert not reply.has_content()  # no arrays leave the node
+    assert [e.kind for e in _entries(cfg, 0)] == ["run_start"]
+
+
+def test_no_policy_records_but_does_not_enforce(tmp_path):
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=1)
+    app = make_client_app(config=cfg, loader=load_partner)
+    for run in (1, 2):  # 2 x 3 is far above any 1.0 budget, but no policy: recorded, not refused
+        assert not app(train_msg(initial_arrays(cfg), 1), context(0, run_id=run)).has_error()
+    assert [e.kind for e in _entries(cfg, 0)] == ["run_start", "dpsgd_round"] * 2
+
+
+def test_node_config_keys_win_and_explicit_key_must_exist(tmp_path):
+    cfg = make_cfg(tmp_path, policy=False)
+    nc = {"partition-id": 3, "ledger-path": str(tmp_path / "node" / "l.sqlite"),
+          "node-key": str(tmp_path / "node" / "missing.key"), "budget-policy": str(tmp_path / "p.yaml")}
+    node = LH.resolve_node_ledger(cfg, nc)
+    assert node.partner == "partner-3" and node.ledger_path == tmp_path / "node" / "l.sqlite"
+    assert node.policy_path == tmp_path / "p.yaml"
+    with pytest.raises(ConfigError, match="node-key"):
+        LH.open_ledger(node)
+    default = LH.resolve_node_ledger(cfg, {"partition-id": 0})
+    LH.open_ledger(default).close()
+    assert default.key_path.stat().st_mode & 0o777 == 0o600 and default.public_key_path.exists()
+
+
+def test_config_keys_validated():
+    with pytest.raises(ConfigError) as err:
+        from_dict({"privacy": {"ledger_dir": " ", "policy": "policy.json"}})
+    assert "privacy.ledger_dir" in str(err.value) and "privacy.policy" in str(err.value)
