@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from clients import ledger_hooks as LH
 from clients import node as N
 from clients.privacy_state import PrivacyState
+from clients.secure_update import register_secure_update
 from federation.config import FedpropConfig, config_hash, from_run_config
 from federation.errors import BudgetExceededError, PrivacyError
 from federation.models import federations
@@ -123,6 +124,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         metrics = N.evaluate(cfg, data, msg.content["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
+    register_secure_update(app, train=train, config=config)  # secagg rounds run this same train handler
     return app
 
 

@@ -1,0 +1,207 @@
+"""FedAvg / FedProx rounds in which the server sees only the SUM of the partners' updates (SecAgg / SecAgg+
+over the Message API, ``federation.secagg.flower.secure_sum``), optionally with partner-level DP from noise
+shares the partners add themselves (``federation.secure_fedavg``; docs/secure-aggregation.md).
+
+Each round: sample partners; one ``secure_sum`` (four message rounds; the global model and round config ride
+on the masked-input message, where each partner runs its ordinary train handler); new global =
+global + sum(w_i delta_i) / sum(w_i); record the release in the federation ledger (central DP only); then the
+usual ``evaluate`` messages, pooled from histograms exactly as in the plain strategy
+(``server.strategy.aggregate_eval_metrics``). A partner that refuses (privacy budget) or fails is a dropout;
+with fewer than the threshold t of survivors the round is aborted (no aggregate exists) and the model is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from federation.config import FedpropConfig, config_hash
+from federation.errors import FedpropError
+from federation.privacy.accountants import get_accountant
+from federation.privacy.events import Gaussian
+from federation.secagg.flower import RECORD_KEY, secure_sum
+from federation.secagg.primitives import Entropy, InsufficientSurvivorsError
+from federation.secure_fedavg import aggregate_step, plan_round
+from server.strategy import HIST, aggregate_eval_metrics
+
+__all__ = ["ACTION", "LEDGER_FILE", "run_secure_fedavg"]
+
+log = logging.getLogger(__name__)
+
+ACTION = "secagg"  # clients/secure_update.py registers query.secagg
+LEDGER_FILE = "federation_ledger.sqlite"
+
+
+class _ErrorTap:
+    """A Grid proxy that remembers error replies (refusals, failures) per SecAgg stage; delegates the rest."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.errors: list[dict[str, Any]] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stage = str(messages[0].content[RECORD_KEY]["stage"]) if messages else ""
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                self.errors.append({"node": r.metadata.src_node_id, "stage": stage, "code": r.error.code,
+                                    "reason": r.error.reason})
+        return replies
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedpropError(f"only {len(nodes)} of {minimum} partner nodes connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _sample(nodes: Sequence[int], fraction: float, rng: random.Random, minimum: int) -> list[int]:
+    k = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes) - 1e-9)))
+    return sorted(rng.sample(list(nodes), k))
+
+
+def _flatten(arrays: ArrayRecord) -> np.ndarray:
+    return np.concatenate([np.asarray(arrays[k].numpy(), dtype=np.float64).ravel() for k in arrays.keys()])
+
+
+def _apply(arrays: ArrayRecord, step: np.ndarray) -> ArrayRecord:
+    out, i = {}, 0
+    for k in arrays.keys():
+        a = arrays[k].numpy()
+        out[k] = torch.from_numpy((a.astype(np.float64) + step[i:i + a.size].reshape(a.shape)).astype(a.dtype))
+        i += a.size
+    if i != step.size:
+        raise FedpropError(f"aggregate has {step.size} values, the model {i}")
+    return ArrayRecord(out)
+
+
+def _record_release(run_dir: Path, cfg: FedpropConfig, *, run_id: str, server_round: int, survivors: int,
+                    threshold: int, update_hash: str) -> None:
+    """One ``server_dp_round`` entry per released noisy aggregate, committed before the model is used."""
+    extra = {"scheme": "distributed-gaussian-secagg", "threshold": threshold, "survivors": survivors,
+             "noise_std_per_share": cfg.central_dp.noise_multiplier * cfg.central_dp.clipping_norm / math.sqrt(threshold),
+             "trust": "at least `threshold` summed partners added their noise share"}
+    try:
+        from server.federation_ledger import open_federation_ledger, record_server_release
+    except ImportError:  # pragma: no cover - the federation ledger module is optional
+        open_federation_ledger = record_server_release = None
+    if open_federation_ledger is not None:
+        with open_federation_ledger(run_dir / LEDGER_FILE) as ledger:
+            record_server_release(
+                ledger, run_id=run_id, round=server_round, noise_multiplier=cfg.central_dp.noise_multiplier,
+                clipping_norm=cfg.central_dp.clipping_norm, num_sampled=survivors, delta=cfg.central_dp.delta,
+                update_hash=update_hash, config_hash=config_hash(cfg), extra=extra,
+            )
+        return
+    from federation.privacy.ledger import Ledger, generate_node_key
+
+    key = run_dir / "federation_ledger.key"
+    if not key.exists():
+        generate_node_key(key)
+    with Ledger.open(run_dir / LEDGER_FILE, signing_key=key) as ledger:
+        ledger.append(kind="server_dp_round", partner="federation", run_id=run_id, round=server_round,
+                      delta=cfg.central_dp.delta, mechanism=Gaussian(noise_multiplier=cfg.central_dp.noise_multiplier),
+                      clipping_norm=cfg.central_dp.clipping_norm, config_hash=config_hash(cfg),
+                      update_hash=update_hash, privacy_unit="partner", extra=extra)
+
+
+def run_secure_fedavg(
+    grid: Grid,
+    cfg: FedpropConfig,
+    *,
+    heads: tuple[str, ...],
+    initial: ArrayRecord,
+    run_dir: Path,
+    run_id: str,
+    on_round: Callable[[dict[str, Any]], None],
+    checkpoint: Callable[[int, ArrayRecord], None],
+    entropy: Entropy = os.urandom,
+) -> tuple[ArrayRecord, list[dict[str, Any]]]:
+    """Run ``cfg.rounds`` secure rounds; return the final global model and the partners' last evaluation
+    metric records (aggregates and histograms, as in the plain strategy)."""
+    arrays = initial
+    num_params = int(_flatten(initial).size)
+    rng = random.Random(cfg.seed)
+    aggregate_eval = aggregate_eval_metrics(heads)
+    config_base = {"heads": ",".join(heads)}
+    if cfg.strategy.name == "fedprox":
+        config_base["proximal-mu"] = float(cfg.strategy.proximal_mu)
+    released = 0
+    last_eval: list[dict[str, Any]] = []
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        nodes = _wait_for_nodes(grid, cfg.partners, cfg.secagg.timeout)
+        train_nodes = _sample(nodes, cfg.strategy.fraction_train, rng, minimum=2)
+        plan = plan_round(cfg, num_params=num_params, participants=len(train_nodes))
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd, **config_base})})
+        tap = _ErrorTap(grid)
+        info: dict[str, Any] = {"participants": len(train_nodes), "threshold": plan.threshold,
+                                "degree": plan.degree or 0, "modulus_bits": cfg.secagg.modulus_bits}
+        survivors: tuple[int, ...] = ()
+        try:
+            result = secure_sum(
+                tap, node_ids=train_nodes, vector_length=plan.vector_length, threshold=plan.threshold,  # type: ignore[arg-type]
+                quantization=plan.quantization, degree=plan.degree, timeout=cfg.secagg.timeout,
+                extra_content=content, action=ACTION, entropy=entropy,
+            )
+        except InsufficientSurvivorsError as exc:
+            info["aborted"] = str(exc)
+            log.warning("round %d: secure aggregation aborted (%s); the global model is unchanged", rnd, exc)
+        else:
+            survivors = result.survivors
+            step, weight = aggregate_step(result.total, value_range_=plan.quantization.clip)
+            info.update(survivors=len(survivors), dropped=len(result.dropped), weight_sum=weight,
+                        error_bound=result.error_bound / weight)
+            if cfg.central_dp.enabled:
+                _record_release(run_dir, cfg, run_id=run_id, server_round=rnd, survivors=len(survivors),
+                                threshold=plan.threshold,
+                                update_hash=hashlib.sha256(step.astype("<f8").tobytes()).hexdigest())
+                released += 1
+                info["partner_epsilon"] = get_accountant("rdp").epsilon(
+                    [Gaussian(noise_multiplier=cfg.central_dp.noise_multiplier, count=released)],
+                    delta=cfg.central_dp.delta)
+            arrays = _apply(arrays, step)
+        info["secure_sum_s"] = time.perf_counter() - t0
+        checkpoint(rnd, arrays)
+
+        eval_nodes = _sample(nodes, cfg.strategy.fraction_evaluate, rng, minimum=0)
+        eval_cfg = ConfigRecord({"server-round": rnd, **config_base})
+        msgs = [Message(RecordDict({"arrays": arrays, "config": eval_cfg}), dst_node_id=n, message_type="evaluate")
+                for n in eval_nodes]
+        replies = [r for r in grid.send_and_receive(msgs, timeout=cfg.secagg.timeout) if not r.has_error()]
+        rec: dict[str, Any] = {"round": rnd, "partners": {}, "refusals": tap.errors, "secagg": info}
+        node_pid: dict[int, str] = {}
+        flats = []
+        for r in sorted(replies, key=lambda m: int(next(iter(m.content.metric_records.values())).get("partition-id", -1))):
+            m = dict(next(iter(r.content.metric_records.values())))
+            pid = str(int(m.get("partition-id", -1)))
+            node_pid[r.metadata.src_node_id] = pid
+            rec["partners"].setdefault(pid, {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
+            flats.append(r.content)
+        for u in survivors:  # the server knows WHO was summed, never what each sent
+            rec["partners"].setdefault(node_pid.get(u, f"node-{u}"), {})["train"] = {"in-secure-sum": 1}
+        rec["evaluate"] = dict(aggregate_eval(flats, "num-examples")) if flats else {}
+        last_eval = [dict(next(iter(c.metric_records.values()))) for c in flats]
+        info["round_s"] = time.perf_counter() - t0
+        on_round(rec)
+    return arrays, last_eval

@@ -1,0 +1,167 @@
+"""Secure FedAvg in fedprop's real training loop: arithmetic, distributed partner-level DP noise, and whole
+federations driven in-process (fast) through the real ClientApp (DP-SGD train handler, privacy state,
+refusals, ledgers) and the server loop of server/secure_fedavg.py."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import clients.secure_update as SU
+from clients.client_app import STATE_KEY, make_client_app
+from clients.privacy_state import PrivacyState
+from federation.config import FedpropConfig
+from federation.privacy.ledger import verify
+from federation.secure_fedavg import aggregate_step, partner_vector, plan_round, threshold_for
+from server.outputs import RunOutputs, load_model
+from server.secure_fedavg import LEDGER_FILE
+from server.server_app import run_federation
+from simulations.partners import load_partner
+
+from .conftest import InProcessGrid, tiny_config
+
+HEADS = ("churn", "propensity")
+TAG = "churn+propensity"
+
+
+# ------------------------------------------------------------------------------------ arithmetic (pure)
+def test_weighted_vectors_sum_to_plain_fedavg(tmp_path):
+    cfg = tiny_config(tmp_path)
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(0, 0.3, 50) for _ in range(4)]
+    ns = [120, 3000, 480, 77]
+    plan = plan_round(cfg, num_params=50, participants=4)
+    vecs = [partner_vector(cfg, delta=d, num_examples=n, threshold=plan.threshold,
+                           value_range_=plan.quantization.clip, rng=rng) for d, n in zip(deltas, ns)]
+    step, weight = aggregate_step(np.sum(vecs, axis=0), value_range_=plan.quantization.clip)
+    expected = np.sum([n * d for n, d in zip(ns, deltas)], axis=0) / sum(ns)
+    assert np.allclose(step, expected, atol=1e-12) and math.isclose(weight, sum(ns) / cfg.secagg.weight_cap)
+    assert all(v[-1] <= plan.quantization.clip and np.abs(v).max() <= plan.quantization.clip for v in vecs)
+
+
+def test_threshold_never_a_minority(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert [threshold_for(cfg, n) for n in (2, 3, 4, 5, 10)] == [2, 2, 3, 3, 6]
+    assert all(threshold_for(cfg, n) > n / 2 for n in range(2, 50))
+
+
+@pytest.mark.parametrize("survivors", [3, 5])
+def test_distributed_noise_gives_the_aggregate_at_least_sigma_c(tmp_path, survivors):
+    """Each of the summed partners adds N(0, (sigma C)^2 / t): with t survivors the sum's noise std is
+    exactly sigma * C; with more it is sigma * C * sqrt(k / t) (over-noising, never under)."""
+    cfg = tiny_config(tmp_path, central_dp={"enabled": True, "noise_multiplier": 0.8, "clipping_norm": 0.5})
+    t = 3
+    rng = np.random.default_rng(1)
+    d = 40_000
+    huge = np.full(d, 1.0)  # L2 norm 200, clipped to C = 0.5
+    vecs = [partner_vector(cfg, delta=huge, num_examples=10, threshold=t, value_range_=1.0, rng=rng)
+            for _ in range(survivors)]
+    total = np.sum(vecs, axis=0)
+    noise = total[:-1] - survivors * huge * (0.5 / np.linalg.norm(huge))
+    target = 0.8 * 0.5 * math.sqrt(survivors / t)
+    # sample std of 40k normals: relative standard error ~ 1/sqrt(2 * 40k) = 0.35 %; allow 5 of them
+    assert abs(noise.std() / target - 1) < 0.018
+    assert abs(noise.mean()) < 5 * target / math.sqrt(d)
+    assert total[-1] == survivors * 1.0  # equal weights with central DP: the weight sum is the public count
+
+
+# ---------------------------------------------------------------------------- in-process federations
+def _federate(cfg: FedpropConfig, tmp_path, grid_kwargs=None, prepare=None):
+    app = make_client_app(config=cfg, loader=load_partner)
+    grid = InProcessGrid(app, cfg.partners, **(grid_kwargs or {}))
+    if prepare:
+        prepare(grid)
+    out = RunOutputs(tmp_path / "run")
+    out.write_config(cfg)
+    run_federation(grid, cfg, heads=HEADS, out=out, run_id="test-run")
+    rounds = json.loads((tmp_path / "run" / "federated_rounds.json").read_text())[TAG]
+    return grid, out, rounds
+
+
+def _flat(sd: dict[str, torch.Tensor]) -> np.ndarray:
+    return np.concatenate([v.detach().numpy().astype(np.float64).ravel() for v in sd.values()])
+
+
+def test_secure_rounds_equal_plain_fedavg_of_the_same_deltas(tmp_path, monkeypatch):
+    seen: list[tuple[np.ndarray, int]] = []
+    real = SU.partner_vector
+
+    def spy(cfg, *, delta, num_examples, **kw):
+        seen.append((np.array(delta), int(num_examples)))
+        return real(cfg, delta=delta, num_examples=num_examples, **kw)
+
+    monkeypatch.setattr(SU, "partner_vector", spy)
+    cfg = tiny_config(tmp_path)
+    grid, out, rounds = _federate(cfg, tmp_path)
+    assert [r["secagg"]["survivors"] for r in rounds] == [3, 3] and len(seen) == 6
+    prev = None
+    for rnd in (1, 2):
+        sd, _ = load_model(out.dir / "checkpoints" / f"{TAG}_round{rnd:03d}.pt")
+        batch = seen[3 * (rnd - 1): 3 * rnd]
+        fedavg = sum(n * d for d, n in batch) / sum(n for _, n in batch)  # plain FedAvg by num-examples
+        assert all(np.abs(d).max() < cfg.secagg.clip for d, _ in batch)  # the clip did not bind
+        if prev is not None:
+            assert np.abs(_flat(sd) - (prev + fedavg)).max() < 1e-6  # float32 model; quantization ~1e-10
+        prev = _flat(sd)
+    assert rounds[-1]["evaluate"]["churn.auc_roc"] > 0.6
+    assert (out.dir / f"model_{TAG}.pt").exists()
+    # The server process never receives an update in the clear: only the masked vectors (and metrics).
+    for (d, _n) in seen:
+        assert d.astype("<f8").tobytes()[:64] not in b"".join(
+            bytes(v) for r in grid.received if not r.has_error() for rec in r.content.config_records.values()
+            for v in rec.values() if isinstance(v, bytes))
+
+
+def test_a_refusing_partner_is_a_dropout_and_the_round_completes(tmp_path):
+    cfg = tiny_config(tmp_path)
+
+    def exhaust_partner_1(grid):
+        # partner 1 already spent its whole run budget: its train handler refuses before touching data
+        ctx = grid.contexts[1001]
+        spent = PrivacyState.plan(target_epsilon=4.0, delta=1e-5, sample_rate=0.3, steps_per_round=4, rounds=2,
+                                  max_grad_norm=1.0)
+        for _ in range(2):
+            spent = spent.after_round()
+        from flwr.app import ConfigRecord
+        ctx.state[f"{STATE_KEY}.churn,propensity"] = ConfigRecord({"json": spent.to_json()})
+
+    _, _, rounds = _federate(cfg, tmp_path, prepare=exhaust_partner_1)
+    for r in rounds:
+        assert r["secagg"]["survivors"] == 2 and r["secagg"]["dropped"] == 1
+        assert set(r["partners"]) == {"0", "1", "2"} and "train" not in r["partners"]["1"]
+        [refusal] = r["refusals"]
+        assert refusal["stage"] == "masked_input" and "refusing to train" in refusal["reason"]
+    assert rounds[-1]["evaluate"]["churn.auc_roc"] > 0.6
+
+
+def test_vanished_partner_and_too_few_survivors(tmp_path):
+    off = {"enabled": False, "ledger_dir": str(tmp_path / "ledgers")}  # protocol behaviour: no DP-SGD needed
+    cfg = tiny_config(tmp_path, partners=4, rounds=1, privacy=off)
+    _, _, rounds = _federate(cfg, tmp_path, grid_kwargs={"vanish": {3: "unmask"}})
+    assert rounds[0]["secagg"]["survivors"] == 4  # it sent its masked input, then vanished: still summed
+    cfg = tiny_config(tmp_path / "b", partners=3, rounds=1, privacy=off)
+    _, out, rounds = _federate(cfg, tmp_path / "b", grid_kwargs={"vanish": {0: "masked_input", 1: "masked_input"}})
+    assert "aborted" in rounds[0]["secagg"] and "survivors" not in rounds[0]["secagg"]
+    assert (out.dir / f"model_{TAG}.pt").exists()  # the run carries on with the unchanged model
+
+
+def test_central_dp_rounds_are_recorded_in_the_federation_ledger(tmp_path):
+    cfg = tiny_config(tmp_path, central_dp={"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5},
+                      privacy={"enabled": False})  # partner-level DP alone (customer-level DP-SGD tested above)
+    _, out, rounds = _federate(cfg, tmp_path)
+    eps = [r["secagg"]["partner_epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1]
+    ledger = out.dir / LEDGER_FILE
+    key_pub = next(p for p in out.dir.iterdir() if p.name.endswith(".pub") and "ledger" in p.name)
+    assert verify(ledger, key_pub).entries == 2  # hash chain and Ed25519 signatures check out
+    from federation.privacy.ledger import Ledger
+
+    with Ledger.open(ledger, signing_key=None) as opened:
+        entries = opened.entries()
+    assert [e.kind for e in entries] == ["server_dp_round", "server_dp_round"]
+    assert [e.round for e in entries] == [1, 2] and all(e.privacy_unit == "partner" for e in entries)
+    assert entries[0].mechanism["noise_multiplier"] == 1.0 and entries[0].clipping_norm == 0.5
+    assert entries[0].extra["threshold"] == 2 and entries[0].extra["survivors"] == 3
