@@ -12,6 +12,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "federation.privacy.cli",  # fedprop budget plan|report|verify
     "server.provision",  # fedprop certs init|node-key|check
     "server.deploy_cli",  # fedprop server start|register-node|submit, fedprop client start
+    "simulations.synth_cli",  # fedprop data synth (after clients.data_cli: adds to its `data` group)
+    "simulations.report",  # fedprop report RUN_DIR|SWEEP_DIR
+    "clients.score",  # fedprop score (a partner scores its customers with a signed global model)
 )
 
 

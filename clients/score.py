@@ -1,0 +1,280 @@
+"""`fedprop score`: a partner scores its own current customers with the federation's global model, on its node.
+
+    fedprop score --model model_churn+propensity.pt --data customers.csv --contract contracts/x.yaml \
+                  --out scores.parquet [--public-key federation.pub] [--thresholds churn=0.4,propensity=0.6]
+
+1. The model's Ed25519 signature (``MODEL.sig``) must verify against the federation's public key (default:
+   ``federation.pub`` next to the model) before a byte of it is deserialised; a tampered or re-signed model is
+   refused with a message naming the file.
+2. The data must satisfy the data contract (``federation.validation``: every problem reported at once, no
+   label needed), and the contract must encode the features the model was trained on (feature names; and the
+   contract hash of the model card next to the model, when there is one).
+3. Scores stay on the node: per customer the churn probability and/or propensity score, the decile of each
+   (1 = the 10% highest scores), and a segment from the thresholds: ``high churn risk``, ``high purchase
+   propensity``, ``both`` or ``neither``. Output CSV or Parquet by extension, written atomically.
+
+Event logs are scored at the contract's cutoff (features use events strictly before it); ``--cutoff`` sets
+another one (``--cutoff today`` for the current date). Exit codes: 0 scored, 1 refused (signature, data),
+2 unusable inputs (contract, key, thresholds).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from federation.errors import ConfigError, DataValidationError, FedpropError
+
+SEGMENTS = ("both", "high churn risk", "high purchase propensity", "neither")
+DEFAULT_SCORING_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "scoring.yaml"
+DEFAULT_THRESHOLDS = {"churn": 0.5, "propensity": 0.5}
+
+
+class ScoringRefused(FedpropError):
+    """The model or the data was refused; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    model: Any
+    heads: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    manifest: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def load_thresholds(config: str | Path | None, overrides: str | None) -> dict[str, float]:
+    """Thresholds per head: defaults < scoring config YAML (``thresholds:``) < ``churn=0.4,propensity=0.6``."""
+    import yaml
+
+    out = dict(DEFAULT_THRESHOLDS)
+    path = Path(config) if config else (DEFAULT_SCORING_CONFIG if DEFAULT_SCORING_CONFIG.is_file() else None)
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"scoring config {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+        th = data.get("thresholds", {}) if isinstance(data, dict) else None
+        if not isinstance(th, dict):
+            raise ConfigError(f"scoring config {path}: 'thresholds' must map head -> probability")
+        out.update(th)
+    if overrides:
+        for item in overrides.split(","):
+            head, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--thresholds {overrides!r}: write head=value pairs, e.g. churn=0.4,propensity=0.6")
+            out[head.strip()] = value.strip()
+    problems, clean = [], {}
+    for head, v in out.items():
+        if head not in DEFAULT_THRESHOLDS:
+            problems.append(f"threshold for unknown head {head!r} (heads: churn, propensity)")
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            problems.append(f"threshold {head}={v!r} is not a number")
+            continue
+        if not 0.0 < f < 1.0:
+            problems.append(f"threshold {head}={f} must be a probability strictly between 0 and 1")
+        clean[head] = f
+    if problems:
+        raise ConfigError("invalid scoring thresholds:\n" + "\n".join(f"  - {p}" for p in problems))
+    return clean
+
+
+def load_signed_model(model_path: str | Path, public_key: str | Path) -> ScoredModel:
+    """Verify the signature, then deserialise exactly the verified bytes (no check-then-use race)."""
+    import torch
+
+    from federation.config import ModelConfig
+    from federation.models import build_model
+    from federation.signing import public_key_fingerprint, read_verified_bytes
+
+    data = read_verified_bytes(model_path, public_key)  # SignatureError / SigningKeyError name the file
+    manifest = {"sha256": hashlib.sha256(data).hexdigest(), "key_fingerprint": public_key_fingerprint(public_key)}
+    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    meta = blob["meta"]
+    m = meta["model"]
+    cfg = ModelConfig(kind=m["kind"], hidden=list(m.get("hidden", [])), heads=m.get("heads", "two_head"))
+    model = build_model(cfg, n_features=len(meta["feature_names"]), n_outputs=len(meta["heads"]))
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return ScoredModel(model, tuple(meta["heads"]), tuple(meta["feature_names"]), manifest)
+
+
+def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[str]:
+    """Problems if the contract does not encode what the model was trained on."""
+    problems = []
+    names = tuple(contract.feature_names())
+    if names != sm.feature_names:
+        missing = [f for f in sm.feature_names if f not in names]
+        extra = [f for f in names if f not in sm.feature_names]
+        problems.append(
+            f"contract {contract.name!r} encodes {len(names)} features but the model expects {len(sm.feature_names)}"
+            + (f"; missing {missing[:8]}" if missing else "") + (f"; unexpected {extra[:8]}" if extra else "")
+            + ("; same names in another order" if not missing and not extra else ""))
+    for head in sm.heads:
+        card_path = model_path.with_name(f"model_card_{head}.json")
+        if not card_path.is_file():
+            continue
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            problems.append(f"model card {card_path} is unreadable")
+            continue
+        if card.get("model", {}).get("file") != model_path.name:
+            continue
+        want = card.get("data_contract", {}).get("hash")
+        if want and want != contract.contract_hash():
+            problems.append(
+                f"contract {contract.name!r} has hash {contract.contract_hash()[:12]}, but the model card {card_path.name} "
+                f"says the model was trained under {card['data_contract'].get('name', '?')!r} hash {want[:12]}: bounds "
+                "or vocabularies differ, so features would be encoded differently; use the federation's contract")
+        break
+    return problems
+
+
+def score_frame(sm: ScoredModel, X: np.ndarray, customer_ids: np.ndarray, thresholds: dict[str, float]) -> pd.DataFrame:
+    """Per customer: score per head, decile per head (1 = top 10%), segment."""
+    import torch
+
+    from federation.models import predict_proba
+
+    P = predict_proba(sm.model, torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+    out = pd.DataFrame({"customer_id": np.asarray(customer_ids).astype(str)})
+    flags = {}
+    for j, head in enumerate(sm.heads):
+        col = "churn_probability" if head == "churn" else "propensity_score"
+        p = P[:, j].astype(np.float64)
+        out[col] = p
+        out[f"{head}_decile"] = deciles(p)
+        flags[head] = p >= thresholds[head]
+    churn = flags.get("churn", np.zeros(len(out), bool))
+    prop = flags.get("propensity", np.zeros(len(out), bool))
+    seg = np.where(churn & prop, SEGMENTS[0], np.where(churn, SEGMENTS[1], np.where(prop, SEGMENTS[2], SEGMENTS[3])))
+    out["segment"] = pd.Categorical(seg, categories=list(SEGMENTS))
+    return out
+
+
+def deciles(p: np.ndarray) -> np.ndarray:
+    """Decile 1 holds the highest 10% of scores, 10 the lowest (ties broken by position, stable)."""
+    n = len(p)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-p, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return (rank * 10 // n + 1).astype(np.int64)
+
+
+def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
+    from federation.atomicio import atomic_write_bytes
+
+    out = Path(out)
+    name = out.name.lower()
+    buf = io.BytesIO()
+    if name.endswith((".parquet", ".pq")):
+        frame.to_parquet(buf, index=False)
+    elif name.endswith(".csv"):
+        frame.to_csv(buf, index=False, float_format="%.6f")
+    else:
+        raise ConfigError(f"--out {out}: use a .csv or .parquet file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(out, buf.getvalue(), mode=0o600)  # customer-level scores: owner only
+
+
+# --------------------------------------------------------------------------------------- the command
+def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str | Path,
+          public_key: str | Path | None = None, thresholds: dict[str, float] | None = None,
+          cutoff: str | None = None) -> dict[str, Any]:
+    """Verify, validate, score, write; return a small summary. Raises FedpropError subclasses on refusal."""
+    from federation.contract import build_features, load_contract
+    from federation.validation import read_validated
+
+    model = Path(model)
+    if str(out) and Path(out).name.lower().rsplit(".", 1)[-1] not in ("csv", "parquet", "pq"):
+        raise ConfigError(f"--out {out}: use a .csv or .parquet file name")
+    th = thresholds or dict(DEFAULT_THRESHOLDS)
+    key = Path(public_key) if public_key else model.with_name("federation.pub")
+    sm = load_signed_model(model, key)
+    c = load_contract(contract)
+    if cutoff:
+        if c.kind != "events":
+            raise ConfigError(f"--cutoff applies to event logs; contract {c.name!r} is a customer table")
+        when = pd.Timestamp.now().normalize() if cutoff == "today" else pd.Timestamp(cutoff)
+        hash_contract = c
+        c = c.with_events(cutoff=str(when.date()))
+    else:
+        hash_contract = c
+    problems = check_contract_matches(model, sm, hash_contract)
+    if problems:
+        raise ScoringRefused(f"refusing to score {data} with {model}:\n" + "\n".join(f"  - {p}" for p in problems))
+    v = read_validated(c, str(data), labels=False, min_customers=1)
+    frame = v.frame
+    if c.kind == "table" and "__label" not in frame:
+        frame = frame.assign(__label=np.zeros(len(frame), np.float32))  # labels are not used for scoring
+    fs = build_features(frame, c)
+    if tuple(fs.feature_names) != sm.feature_names:
+        raise ScoringRefused(f"features built from {data} do not match the model's ({len(fs.feature_names)} vs "
+                             f"{len(sm.feature_names)}); the contract and the model disagree")
+    scores = score_frame(sm, fs.X, fs.customer_ids, th)
+    path = write_scores(scores, out)
+    counts = scores["segment"].value_counts().reindex(list(SEGMENTS), fill_value=0)
+    return {"out": str(path), "customers": len(scores), "heads": list(sm.heads), "thresholds": th,
+            "segments": {k: int(n) for k, n in counts.items()}, "model_sha256": sm.manifest["sha256"],
+            "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
+            "validation": v.report.summary()}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("score", help="score your customers with the signed global model, on this node")
+    p.add_argument("--model", required=True, help="model_<heads>.pt (its .sig must sit next to it)")
+    p.add_argument("--data", required=True, help="your customer data (CSV/Parquet/...) as the contract describes")
+    p.add_argument("--contract", required=True, help="the federation's data contract YAML")
+    p.add_argument("--out", required=True, help="scores file: .csv or .parquet (written atomically, mode 0600)")
+    p.add_argument("--public-key", default=None, help="federation public key (default: federation.pub next to the model)")
+    p.add_argument("--thresholds", default=None, help="segment thresholds, e.g. churn=0.4,propensity=0.6 "
+                   "(default: conf/scoring.yaml)")
+    p.add_argument("--scoring-config", default=None, help="YAML with thresholds: {churn: P, propensity: P}")
+    p.add_argument("--cutoff", default=None, help="event logs: score at this date (YYYY-MM-DD or 'today'); "
+                   "default: the contract's cutoff")
+    p.set_defaults(func=_cmd)
+    return p
+
+
+def _cmd(args) -> int:
+    from federation.signing import SignatureError
+
+    try:
+        th = load_thresholds(args.scoring_config, args.thresholds)
+        result = score(model=args.model, data=args.data, contract=args.contract, out=args.out,
+                       public_key=args.public_key, thresholds=th, cutoff=args.cutoff)
+    except (SignatureError, ScoringRefused) as exc:
+        print(f"fedprop score: REFUSED: {exc}", file=sys.stderr)
+        return 1
+    except DataValidationError as exc:
+        print(f"fedprop score: REFUSED: {args.data} does not satisfy the contract {args.contract}:\n{exc}\n"
+              "Nothing was scored or written.", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"fedprop score: {exc}", file=sys.stderr)
+        return 2
+    except FedpropError as exc:  # e.g. SigningKeyError: missing/invalid public key
+        print(f"fedprop score: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable input: one clear line, no traceback
+        print(f"fedprop score: cannot use {args.data}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    seg = ", ".join(f"{k}: {n}" for k, n in result["segments"].items())
+    print(f"scored {result['customers']} customers ({', '.join(result['heads'])}) -> {result['out']}\n"
+          f"  segments: {seg}\n  thresholds: {result['thresholds']}; model sha256 {result['model_sha256'][:12]}, "
+          f"key {result['key_fingerprint'][:19]}" + (f"; cutoff {result['cutoff']}" if result["cutoff"] else ""))
+    return 0
