@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 import clients.secure_update as SU
 from clients.client_app import STATE_KEY, make_client_app
@@ -116,25 +117,21 @@ def test_secure_rounds_equal_plain_fedavg_of_the_same_deltas(tmp_path, monkeypat
 
 
 def test_a_refusing_partner_is_a_dropout_and_the_round_completes(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, rounds=1)
 
     def exhaust_partner_1(grid):
-        # partner 1 already spent its whole run budget: its train handler refuses before touching data
-        ctx = grid.contexts[1001]
-        spent = PrivacyState.plan(target_epsilon=4.0, delta=1e-5, sample_rate=0.3, steps_per_round=4, rounds=2,
-                                  max_grad_norm=1.0)
-        for _ in range(2):
-            spent = spent.after_round()
-        from flwr.app import ConfigRecord
-        ctx.state[f"{STATE_KEY}.churn,propensity"] = ConfigRecord({"json": spent.to_json()})
+        # partner 1 already spent far more than its run budget: its train handler refuses before touching data
+        spent = PrivacyState(target_epsilon=4.0, delta=1e-5, noise_multiplier=0.5, sample_rate=0.3,
+                             steps_per_round=4, planned_rounds=2, max_grad_norm=1.0, history=[(0.5, 0.3, 400)])
+        grid.contexts[1001].state[f"{STATE_KEY}.churn,propensity"] = ConfigRecord({"json": spent.to_json()})
 
     _, _, rounds = _federate(cfg, tmp_path, prepare=exhaust_partner_1)
-    for r in rounds:
-        assert r["secagg"]["survivors"] == 2 and r["secagg"]["dropped"] == 1
-        assert set(r["partners"]) == {"0", "1", "2"} and "train" not in r["partners"]["1"]
-        [refusal] = r["refusals"]
-        assert refusal["stage"] == "masked_input" and "refusing to train" in refusal["reason"]
-    assert rounds[-1]["evaluate"]["churn.auc_roc"] > 0.6
+    [r] = rounds
+    assert r["secagg"]["survivors"] == 2 and r["secagg"]["dropped"] == 1
+    assert set(r["partners"]) == {"0", "1", "2"} and "train" not in r["partners"]["1"]
+    [refusal] = r["refusals"]
+    assert refusal["stage"] == "masked_input" and "refusing to train" in refusal["reason"]
+    assert r["evaluate"]["churn.auc_roc"] > 0.6
 
 
 def test_vanished_partner_and_too_few_survivors(tmp_path):
