@@ -4,6 +4,7 @@
     python benchmarks/bench_dpsgd.py --quick         # short run (fewer reps, shorter timing windows)
     python benchmarks/bench_dpsgd.py --device cuda   # GPU, adds batch 65536
     python benchmarks/bench_dpsgd.py --profile       # + torch.profiler table of the fast path
+    python benchmarks/bench_dpsgd.py --threads 1 --clock cpu   # shared/loaded machine: CPU time, 1 thread
 
 Rows/s = rows actually processed (realised Poisson batch sizes) / wall time, median of repetitions after
 a warm-up; each repetition is one call of the training loop (like one federated round), methods
@@ -117,12 +118,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, model, X, y, q, steps, g, device):
     sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     rows = fn(model, X, y, q, steps, g)
     sync(device)
-    return rows, time.perf_counter() - t0
+    return rows, CLOCK() - t0
 
 
 def bench(model_name, batch, X, y, device, *, reps, window, methods):
@@ -176,11 +180,18 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (CPU only; with --threads 1 it is insensitive to other load)")
     ap.add_argument("--quick", action="store_true", help="5 reps of ~0.2 s per method instead of 11 of ~0.5 s")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for the fast path")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            ap.error("--clock cpu measures CPU devices only")
+        global CLOCK
+        CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batches or ([1024, 8192, 65536] if device.type == "cuda" else [1024, 8192])
@@ -193,7 +204,7 @@ def main(argv=None):
     X, y = X.to(device), y.to(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}; {dev_name}; data {args.rows} x {args.features}; sigma={SIGMA} C={C}; "
-          f"reps={reps} (median), ~{window}s each")
+          f"reps={reps} (median), ~{window}s each; clock={args.clock}")
     print("rows/s: median of reps; ratio: median over reps of (rows/s / nonprivate rows/s in the same rep)")
     print(f"{'model':7} {'batch':>6}  {'method':19} {'rows/s':>12} {'vs nonprivate':>14}")
     for model_name in args.models:
