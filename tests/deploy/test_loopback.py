@@ -1,18 +1,31 @@
 """A real Flower 1.41 deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication, three SuperNodes.
 
 Proves: registered nodes come online over TLS; an unregistered key is refused; a node that does not trust the
-federation CA cannot connect (about 30 s together); a 2-round run completes over this deployment (marked slow). Every process started here is
+federation CA cannot connect (about 30 s together); a 2-round run of a tiny app and a 2-round run of fedprop's
+own app with secure aggregation complete over this deployment (both marked slow). Every process started here is
 stopped here (ManagedProcess.stop in finally blocks), also when an assertion fails.
+
+The partner side follows docs/partner-guide.md literally: each partner creates its key with
+`fedprop certs node-key`, sends only the .pub, and starts its node with `fedprop client start` and the node
+config keys of the guide (synthetic demo data: partition-id/num-partitions instead of data-path/contract).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from federation import pki
+from federation.config import from_dict, to_run_config
 from server import deploy
+
+REPO = Path(__file__).resolve().parents[2]
+FEDPROP = str(Path(sys.executable).parent / "fedprop")
 
 HOST = "127.0.0.1"
 PARTNERS = ["partner-0", "partner-1", "partner-2"]
@@ -80,7 +93,11 @@ def federation(tmp_path_factory):
     certs = root / "certs"
     pki.create_ca(certs, name="fedprop test CA", days=2)
     pki.create_server_cert(certs, ca_dir=certs, hosts=[HOST, "localhost"], days=2)
-    keys = {p: pki.create_node_keypair(root / "keys" / p, partner=p) for p in [*PARTNERS, "spare"]}
+    keys = {}
+    for p in [*PARTNERS, "spare"]:  # partner guide step 2: each partner makes its own key
+        subprocess.run([FEDPROP, "certs", "node-key", str(root / "keys" / p), "--partner", p], check=True,
+                       capture_output=True)
+        keys[p] = (root / "keys" / p / f"{p}.key", root / "keys" / p / f"{p}.pub")
     port = deploy.free_port(HOST)
     address = f"{HOST}:{port}"
     procs: list[deploy.ManagedProcess] = []
@@ -90,11 +107,15 @@ def federation(tmp_path_factory):
         conn = deploy.write_cli_connection(root / "cli-home", address=address, root_certificates=certs / "ca.crt")
         node_ids = {p: deploy.register_node(keys[p][1], conn) for p in [*PARTNERS, "spare"]}
         nodes = []
-        for i, p in enumerate(PARTNERS):
-            nodes.append(deploy.start_supernode(
-                superlink=address, ca_cert=certs / "ca.crt", private_key=keys[p][0], port=deploy.free_port(HOST),
-                node_config={"partition-id": i, "num-partitions": len(PARTNERS)}, run_dir=root / "nodes", name=p,
-            ))
+        for i, p in enumerate(PARTNERS):  # partner guide step 4, verbatim: `fedprop client start ...`
+            node_dir = root / "nodes" / p
+            node_config = deploy.format_node_config({
+                "partition-id": i, "num-partitions": len(PARTNERS), "ledger-path": str(node_dir / "ledger.sqlite")})
+            cmd = [FEDPROP, "client", "start", "--certs", str(certs), "--superlink", address, "--key", str(keys[p][0]),
+                   "--port", str(deploy.free_port(HOST)), "--state-dir", str(node_dir), "--node-config", node_config]
+            node_dir.mkdir(parents=True)
+            nodes.append(deploy.ManagedProcess(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+                                               log_path=node_dir / "supernode.log", cwd=node_dir))
             procs.append(nodes[-1])
         for node in nodes:  # Flower logs the node id once the SuperLink has activated the node
             node.wait_for_log("SuperNode ID:", timeout=60)
@@ -173,3 +194,30 @@ def test_two_round_run_completes(federation, tmp_path):
     assert result.completed, f"run ended {result.status}:\n{logs[-3000:]}"
     assert "DEPLOY-SMOKE-RESULT [4.0, 4.0, 4.0, 4.0]" in logs, logs[-3000:]
     print(f"2-round deployment run: {seconds:.1f} s wall (submit to finished)")
+
+
+@pytest.mark.slow  # ~2-4 min on 2 cores: 5 message rounds per secure round, a new ClientApp process per message
+def test_fedprop_app_with_secure_aggregation_completes(federation, tmp_path):
+    """fedprop's own ServerApp/ClientApp (pyproject components), submitted with `flwr run` of this repository:
+    2 rounds of secure FedAvg with DP-SGD at each partner, synthetic demo data generated at each node."""
+    cfg = from_dict({
+        "partners": 3, "rounds": 2, "model": {"kind": "logreg", "hidden": []},
+        "data": {"min_customers": 400, "max_customers": 900}, "baselines": {"enabled": False},
+        "privacy": {"epsilon": 4.0, "ledger_dir": str(tmp_path / "unused-ledgers")},
+        "release": {"key_dir": str(tmp_path / "keys")}, "secagg": {"enabled": True, "timeout": 300.0},
+    })
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    result = deploy.submit_run(REPO, federation.conn, {**to_run_config(cfg), "fedprop-run-dir": str(run_dir)},
+                               timeout=540)
+    seconds = time.monotonic() - t0
+    logs = deploy.run_logs(result.run_id, federation.conn)
+    assert result.completed, f"run ended {result.status}:\n{logs[-4000:]}"
+    assert (run_dir / "FEDERATION_DONE").exists() and (run_dir / "model_churn+propensity.pt").exists()
+    rounds = json.loads((run_dir / "federated_rounds.json").read_text())["churn+propensity"]
+    assert [r["secagg"]["survivors"] for r in rounds] == [3, 3]
+    assert rounds[-1]["evaluate"]["churn.auc_roc"] > 0.6
+    for p in PARTNERS:  # each partner's ledger (node config ledger-path) recorded its two DP-SGD rounds
+        assert (federation.root / "nodes" / p / "ledger.sqlite").exists()
+    print(f"fedprop secagg deployment run: {seconds:.1f} s wall (submit to finished); per round "
+          f"{[round(r['wall_s'], 1) for r in rounds]} s, secure sum {[round(r['secagg']['secure_sum_s'], 1) for r in rounds]} s")
