@@ -121,6 +121,9 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, data = setup(msg, context)
+        refused = f"{LEDGER_STATE_KEY}.{msg.content['config'].get('heads', '')}"
+        if refused in context.state:  # a run refused by the budget policy releases nothing, metrics included
+            return Message(Error(code=ERR_BUDGET, reason=str(context.state[refused]["run-refused"])), reply_to=msg)
         metrics = N.evaluate(cfg, data, msg.content["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
