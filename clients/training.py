@@ -54,6 +54,11 @@ def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(dim=1)
 
 
+def _expected_batch(n: int, sample_rate: float) -> int:
+    """The public divisor of the noisy gradient sum: int(n*q), as Opacus's make_private and the fast path."""
+    return max(1, int(n * sample_rate))
+
+
 def _proximal_step(model: nn.Module, global_params: list[torch.Tensor] | None, *, lr: float, mu: float) -> None:
     """FedProx's proximal pull towards the global model, applied as data-independent post-processing
     after each DP step (it touches no customer data, so it costs no privacy)."""
@@ -90,12 +95,12 @@ def train_dp_opacus(
         torch.optim.SGD(gsm.parameters(), lr=lr, momentum=momentum),
         noise_multiplier=params.noise_multiplier,
         max_grad_norm=params.max_grad_norm,
-        expected_batch_size=max(1, round(params.sample_rate * n)),
+        expected_batch_size=_expected_batch(n, params.sample_rate),
         loss_reduction="sum",
         generator=generator,
     )
     # Opacus with reduction "sum" divides by expected batch size only for "mean"; do it explicitly.
-    scale = 1.0 / max(1, round(params.sample_rate * n))
+    scale = 1.0 / _expected_batch(n, params.sample_rate)
     losses = []
     gsm.train()
     for _ in range(params.steps):
