@@ -196,7 +196,7 @@ def test_two_round_run_completes(federation, tmp_path):
     print(f"2-round deployment run: {seconds:.1f} s wall (submit to finished)")
 
 
-@pytest.mark.slow  # ~2-4 min on 2 cores: 5 message rounds per secure round, a new ClientApp process per message
+@pytest.mark.slow  # ~5 min on 2 cores: 5 message rounds per secure round, a new ClientApp process per message
 def test_fedprop_app_with_secure_aggregation_completes(federation, tmp_path):
     """fedprop's own ServerApp/ClientApp (pyproject components), submitted with `flwr run` of this repository:
     2 rounds of secure FedAvg with DP-SGD at each partner, synthetic demo data generated at each node."""
