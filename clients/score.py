@@ -270,8 +270,9 @@ def _cmd(args) -> int:
     except FedpropError as exc:  # e.g. SigningKeyError: missing/invalid public key
         print(f"fedprop score: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:  # unreadable input: one clear line, no traceback
-        print(f"fedprop score: cannot use {args.data}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # unreadable input or unwritable output: one clear line, no traceback
+        print(f"fedprop score: failed scoring {args.data} into {args.out}: {type(exc).__name__}: {exc}; "
+              "nothing was written", file=sys.stderr)
         return 1
     seg = ", ".join(f"{k}: {n}" for k, n in result["segments"].items())
     print(f"scored {result['customers']} customers ({', '.join(result['heads'])}) -> {result['out']}\n"
