@@ -81,7 +81,7 @@ def write_privacy_reports(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
 def render_privacy_section(index: dict[str, Any]) -> str:
     if not index.get("dir"):
         return ""
-    lines = ["### Privacy budget reports", "",
+    lines = ["", "### Privacy budget reports", "",
              f"Verified ledgers in {index['ledger_dir']} (cumulative across runs); reports in {index['dir']} "
              f"(partner-<i>.md / .json / .html). Policy: {index['policy'] or 'none (spend recorded, not enforced)'}.",
              "", "| partner | rounds released (this run) | refusals (this run) | epsilon in period | remaining | policy |",
