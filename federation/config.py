@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -40,7 +41,8 @@ class PrivacyConfig:
     # Per-partner privacy ledgers (clients/ledger_hooks.py). Simulation: <ledger_dir>/partner-<i>.sqlite, kept
     # ACROSS runs so a partner's budget is cumulative per policy period (relative paths: to the CWD).
     # Deployment nodes use their node config (ledger-path, node-key, budget-policy) instead.
-    ledger_dir: str = "runs/ledgers"
+    # The default can be moved with the FEDPROP_LEDGER_DIR environment variable (tests use a temp dir).
+    ledger_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_LEDGER_DIR", "runs/ledgers"))
     policy: str = ""  # budget policy YAML (federation/privacy/policy.py); "" = record only, no policy enforced
 
 

@@ -1,0 +1,5 @@
+"""Session-wide test settings: partner ledgers go to a temporary directory, never into ./runs."""
+import os
+import tempfile
+
+os.environ.setdefault("FEDPROP_LEDGER_DIR", tempfile.mkdtemp(prefix="fedprop-test-ledgers-"))
