@@ -58,15 +58,17 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     app = ClientApp()
     load = loader or _default_loader
 
-    def setup(msg: Message, context: Context):
+    def setup(msg: Message, context: Context, times: N.PhaseTimes):
         cfg = config or from_run_config(context.run_config)
         heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
-        data = N.load_partner(cfg, node_config=dict(context.node_config), loader=load, heads_key=str(heads))
+        with times.phase("data-prep"):  # a cache hit after the first message of this partner in this process
+            data = N.load_partner(cfg, node_config=dict(context.node_config), loader=load, heads_key=str(heads))
         return cfg, data
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, data = setup(msg, context)
+        times = N.PhaseTimes()
+        cfg, data = setup(msg, context, times)
         privacy = None
         if cfg.privacy.enabled:
             heads_tag = str(msg.content['config'].get('heads', ''))
@@ -81,38 +83,48 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             else:  # first train message of this run at this node: preflight before any training
                 privacy = N.initial_privacy_state(cfg, data)
                 try:
-                    _ledger_preflight(cfg, node, privacy, run_id, heads_tag)
+                    with times.phase("ledger"):
+                        _ledger_preflight(cfg, node, privacy, run_id, heads_tag)
                 except PrivacyError as exc:
                     reason = f"partner {data.partition_id}: run refused before training: {exc}"
                     context.state[lkey] = ConfigRecord({"run-refused": reason})
                     return Message(Error(code=ERR_BUDGET, reason=reason), reply_to=msg)
             try:
-                _ledger_check_round(node, privacy, run_id, server_round)
+                with times.phase("ledger"):
+                    _ledger_check_round(node, privacy, run_id, server_round)
             except PrivacyError as exc:
                 context.state[key] = ConfigRecord({"json": privacy.after_refusal().to_json()})
                 return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: {exc}"), reply_to=msg)
-        state_dict = msg.content["arrays"].to_torch_state_dict()
-        new_sd, metrics, privacy = N.train_round(
-            cfg, data, state_dict, privacy,
-            server_round=int(msg.content["config"]["server-round"]),
-            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        )
-        content = RecordDict({"arrays": ArrayRecord(new_sd), "metrics": MetricRecord(metrics)})
+        with times.phase("deserialize"):
+            state_dict = msg.content["arrays"].to_torch_state_dict()
+        with times.phase("train"):
+            new_sd, metrics, privacy = N.train_round(
+                cfg, data, state_dict, privacy,
+                server_round=int(msg.content["config"]["server-round"]),
+                proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            )
+        with times.phase("serialize"):
+            arrays = ArrayRecord(new_sd)
+        entry = None
         if privacy is not None:
             context.state[key] = ConfigRecord({"json": privacy.to_json()})
             # The ledger entry is committed BEFORE the update is handed to Flower; no entry, no update.
             try:
-                entry = LH.record_round(
-                    node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
-                    noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round, delta=privacy.delta,
-                    clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
-                    update_hash=LH.update_hash(new_sd),
-                    extra={"heads": heads_tag, "run_epsilon_opacus_rdp": privacy.epsilon(),
-                           "target_epsilon": privacy.target_epsilon},
-                )
+                with times.phase("ledger"):
+                    entry = LH.record_round(
+                        node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
+                        noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round, delta=privacy.delta,
+                        clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
+                        update_hash=LH.update_hash(new_sd),
+                        extra={"heads": heads_tag, "run_epsilon_opacus_rdp": privacy.epsilon(),
+                               "target_epsilon": privacy.target_epsilon},
+                    )
             except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
                 reason = f"partner {data.partition_id}: ledger entry for round {server_round} not written ({exc}); update withheld"
                 return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
+        metrics.update(times.metrics())  # aggregate timings of this message (no data)
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        if entry is not None:
             content["ledger"] = ConfigRecord(
                 {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash}
             )
@@ -120,12 +132,19 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, data = setup(msg, context)
+        times = N.PhaseTimes()
+        cfg, data = setup(msg, context, times)
         refused = f"{LEDGER_STATE_KEY}.{msg.content['config'].get('heads', '')}"
         if refused in context.state:  # a run refused by the budget policy releases nothing, metrics included
             return Message(Error(code=ERR_BUDGET, reason=str(context.state[refused]["run-refused"])), reply_to=msg)
-        metrics = N.evaluate(cfg, data, msg.content["arrays"].to_torch_state_dict())
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        with times.phase("deserialize"):
+            state_dict = msg.content["arrays"].to_torch_state_dict()
+        with times.phase("evaluate"):
+            metrics = N.evaluate(cfg, data, state_dict)
+        with times.phase("serialize"):
+            record = MetricRecord(metrics)
+        record.update(times.metrics())  # aggregate timings of this message (no data)
+        return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
     register_secure_update(app, train=train, config=config)  # secagg rounds run this same train handler
     return app

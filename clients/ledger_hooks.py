@@ -34,6 +34,7 @@ A key at the default location is generated on first use (mode 0600, never overwr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ def record_round(
         )
 
 
+@functools.lru_cache(maxsize=256)  # the same mechanism every round: compute its epsilon once per process
 def opacus_round_epsilon(*, sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
     from opacus.accountants import RDPAccountant
 

@@ -4,8 +4,10 @@ Data is prepared once per node process and cached; every round reuses the tensor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,13 +57,39 @@ def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: floa
     )
 
 
+@dataclass
+class PhaseTimes:
+    """Seconds one message spends in each phase of fedprop's own client code, reported with the reply as
+    aggregate metrics: ``time.<phase>-s`` (wall clock) and ``time.<phase>-cpu-s`` (CPU time of this process,
+    the robust figure on a shared machine). Phases: data-prep, deserialize, train, ledger, serialize, evaluate."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w0
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"time.{k}-s": float(v) for k, v in self.wall.items()}
+        out.update({f"time.{k}-cpu-s": float(v) for k, v in self.cpu.items()})
+        return out
+
+
 _CACHE: dict[tuple, PartnerData] = {}
+LOADS: dict[tuple, int] = {}  # cache key -> number of times this process prepared that partner's data
 
 
 def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader, heads_key: str) -> PartnerData:
     """Prepare this partner's tensors once per process (cached by config hash and node config)."""
     key = (config_hash(cfg), tuple(sorted(node_config.items())), heads_key)
     if key not in _CACHE:
+        LOADS[key] = LOADS.get(key, 0) + 1
         fs = loader(cfg, dict(node_config))
         heads = tuple(heads_key.split(","))
         missing = [h for h in heads if h not in fs.y]

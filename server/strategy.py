@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -100,16 +101,31 @@ class RecordingStrategy(Strategy):
         self.on_round = on_round
         self.rounds: list[dict[str, Any]] = []
         self._current: dict[str, Any] = {}
+        self._mark = time.perf_counter()  # when the last configure_* returned (Flower then sends and waits)
         self.pooled: dict[str, dict[str, Any]] = {}  # head -> full summary (gains, reliability) of the last evaluation
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._current = {"round": server_round, "partners": {}, "refusals": []}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._current = {"round": server_round, "partners": {}, "refusals": [], "server": {}}
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        self._mark = time.perf_counter()
+        return messages
+
+    def _timed(self, name: str, t0: float) -> None:
+        """Server-side seconds of this round (wall clock): ``*-wait-s`` is Flower's send-and-receive (clients
+        compute + engine overhead), the others are this server's own work."""
+        self._current.setdefault("server", {})[name] = time.perf_counter() - t0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        t0 = time.perf_counter()
+        self._timed("train-wait-s", self._mark)
+        result = self._aggregate_train(server_round, replies)
+        self._timed("aggregate-train-s", t0)
+        return result
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
@@ -120,9 +136,13 @@ class RecordingStrategy(Strategy):
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        self._mark = time.perf_counter()
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        t0 = time.perf_counter()
+        self._timed("evaluate-wait-s", self._mark)
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
@@ -134,6 +154,7 @@ class RecordingStrategy(Strategy):
         self.pooled = pooled_summaries([dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()])
         agg = self.inner.aggregate_evaluate(server_round, replies)
         self._current["evaluate"] = dict(agg) if agg is not None else {}
+        self._timed("aggregate-evaluate-s", t0)
         self.rounds.append(self._current)
         if self.on_round:
             self.on_round(self._current)
