@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from clients.privacy_state import PrivacyState
-from clients.training import DPSGDParams, per_sample_loss, sampling_plan, train_dp, train_nonprivate
+from clients.training import DPSGDParams, mean_loss, sampling_plan, train_dp, train_nonprivate
 from federation.config import FedpropConfig, config_hash
 from federation.features import FeatureSet
 from federation.models import build_model, predict_proba
@@ -158,7 +158,7 @@ def train_round(
         _, steps = sampling_plan(n_train=data.n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
         train_nonprivate(model, data.X_train, data.Y_train, epochs=max(1, round(cfg.train.local_epochs)),
                          lr=cfg.baselines.lr, batch_size=cfg.train.batch_size, generator=gen)
-        metrics["train-loss"] = float(per_sample_loss(model(data.X_train), data.Y_train).mean())
+        metrics["train-loss"] = mean_loss(model, data.X_train, data.Y_train)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, privacy
 
 
