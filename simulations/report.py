@@ -327,6 +327,9 @@ def fig_privacy_utility(head: str, points: list[dict[str, Any]]) -> str | None:
             label = "centralized non-private" if name == "centralized" else "local-only mean (non-private)"
             ax.axhline(level, color=COLORS[name], linestyle=style, label=f"{label} ({level:.3f})")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(list(xs), [f"{x:g}" for x in xs])
     ax.set_xlabel("target epsilon per partner (delta fixed, unit: customer)")
     ax.set_ylabel("pooled test AUC-ROC")
@@ -500,12 +503,12 @@ def _html_run(rep: dict[str, Any], *, level: int = 2, link_base: str = "") -> st
 def render_html(rep: dict[str, Any]) -> str:
     if rep["kind"] == "sweep":
         title = f"fedprop sweep report: {Path(rep['dir']).name}"
-        rows = [[p["run"], _f(p["target_epsilon"], 2), _f(p["achieved_epsilon_max"]), _f(p["federated_dp_auc"]),
+        rows = [[head, p["run"], _f(p["target_epsilon"], 2), _f(p["achieved_epsilon_max"]), _f(p["federated_dp_auc"]),
                  _f(p["federated_dp_top_decile_lift"], 2), _f(p["centralized_auc"]), _f(p["local_only_auc_mean"])]
                 for head, pts in rep["points"].items() for p in pts]
         body = [f"<h1>{html.escape(title)}</h1>", f"<p class=\"note\">{html.escape(rep['dir'])}: {len(rep['runs'])} runs</p>",
                 "<h2>Privacy-utility</h2>", _html_figures(rep["figures"]),
-                _html_table(["run", "target epsilon", "achieved max epsilon", "fed-DP AUC", "fed-DP lift@10%",
+                _html_table(["task", "run", "target epsilon", "achieved max epsilon", "fed-DP AUC", "fed-DP lift@10%",
                              "centralized AUC", "local-only AUC (mean)"], rows)]
         for r in rep["runs"]:
             name = Path(r["dir"]).name
