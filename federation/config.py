@@ -120,7 +120,8 @@ class CentralDPConfig:
 class ReleaseConfig:
     # The server's Ed25519 model-signing key lives here (server.key 0600, server.pub), created on first use
     # and kept ACROSS runs (relative paths: to the CWD); each run dir gets a copy of the public key.
-    key_dir: str = "runs/keys"
+    # The default can be moved with the FEDPROP_KEY_DIR environment variable (tests use a temp dir).
+    key_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_KEY_DIR", "runs/keys"))
 
 
 @dataclass
