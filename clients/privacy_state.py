@@ -32,13 +32,26 @@ def _merge_history(history: list[tuple[float, float, int]]) -> tuple[tuple[float
 
 @functools.lru_cache(maxsize=1024)
 def _merged_rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Exactly Opacus ``RDPAccountant.get_epsilon`` (default orders): the RDP vector of each (sigma, q) is
+    computed once per process and multiplied by its steps, as Opacus ``compute_rdp`` does (``rdp * steps``)."""
     from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
 
     if not history:
         return 0.0
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    rdp = sum(_rdp_one_step(s, q) * k for s, q, k in history)
+    eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    vec = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    vec.setflags(write=False)  # shared by every caller of the cache
+    return vec
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
