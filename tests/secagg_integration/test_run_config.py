@@ -11,7 +11,10 @@ from server.deploy import format_node_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_pyproject_declares_every_run_config_key_with_its_default():
+def test_pyproject_declares_every_run_config_key_with_its_default(monkeypatch):
+    # tests/conftest.py moves the ledger/key default dirs to temp dirs; compare against the shipped defaults
+    monkeypatch.delenv("FEDPROP_LEDGER_DIR", raising=False)
+    monkeypatch.delenv("FEDPROP_KEY_DIR", raising=False)
     declared = flatten_dict(get_project_config(ROOT)["tool"]["flwr"]["app"]["config"])
     expected = to_run_config(FedpropConfig())
     assert {k: declared.get(k) for k in expected} == expected
