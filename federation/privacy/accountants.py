@@ -18,11 +18,13 @@ Registered accountants:
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import warnings
 from typing import Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
+import dp_accounting
 from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from scipy import special
@@ -65,6 +67,10 @@ def compose_events(events: Iterable[object]) -> list:
     return list(merged.values())
 
 
+_EPSILON_CACHE: dict[tuple, float] = {}
+_EPSILON_CACHE_MAX = 65_536
+
+
 class Accountant(abc.ABC):
     """Composes mechanism records and converts them to (epsilon, delta)-DP. Stateless."""
 
@@ -95,12 +101,23 @@ class Accountant(abc.ABC):
                 )
 
     def epsilon(self, events: Sequence[object], *, delta: float) -> float:
-        """Epsilon of the composition of ``events`` at ``delta`` (0.0 for no events; inf if unbounded)."""
+        """Epsilon of the composition of ``events`` at ``delta`` (0.0 for no events; inf if unbounded).
+
+        Accountants are stateless and records immutable, so results are memoised per (accountant, merged
+        events, delta): verifying a ledger of many identical rounds costs one computation per mechanism.
+        """
         delta = validate_delta(delta)
         self.check(events)
         if not events:
             return 0.0
-        return float(self._epsilon(compose_events(events), delta))
+        merged = compose_events(events)
+        key = (type(self), delta, tuple(sorted(((e.composition_key(), e.count) for e in merged), key=repr)))
+        cached = _EPSILON_CACHE.get(key)
+        if cached is None:
+            if len(_EPSILON_CACHE) >= _EPSILON_CACHE_MAX:
+                _EPSILON_CACHE.clear()
+            cached = _EPSILON_CACHE[key] = float(self._epsilon(merged, delta))
+        return cached
 
     @abc.abstractmethod
     def _epsilon(self, events: list, delta: float) -> float:
@@ -214,11 +231,18 @@ def _laplace_rdp(b: float, alpha: float) -> float:
     return eps + math.log1p((alpha - 1) * math.expm1(eps * (1 - 2 * alpha)) / (2 * alpha - 1)) / (alpha - 1)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sgm_rdp_vector(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """One step's RDP at each order (cached: a ledger repeats the same (q, sigma) round after round)."""
+    out = np.array([_sgm_rdp(q, sigma, a) for a in orders], dtype=float)
+    out.setflags(write=False)
+    return out
+
+
 def rdp_curve(event: object, orders: Sequence[float] = OPACUS_DEFAULT_ORDERS) -> np.ndarray:
     """RDP of one (self-composed) mechanism record at each order."""
     if isinstance(event, PoissonSampledGaussian):
-        per_step = [_sgm_rdp(event.sampling_rate, event.noise_multiplier, a) for a in orders]
-        return np.array(per_step, dtype=float) * event.steps
+        return _sgm_rdp_vector(event.sampling_rate, event.noise_multiplier, tuple(orders)) * event.steps
     if isinstance(event, Gaussian):
         return np.array([_sgm_rdp(1.0, event.noise_multiplier, a) for a in orders]) * event.count
     if isinstance(event, Laplace):
@@ -279,10 +303,33 @@ class _DpAccountingAccountant(Accountant):
         return super().supports(event) and type(self)._factory().supports(event.to_dp_accounting())  # type: ignore[attr-defined]
 
     def _epsilon(self, events: list, delta: float) -> float:
+        if all(isinstance(e, PoissonSampledGaussian) for e in events):
+            fast = self._epsilon_sampled_gaussians(events, delta)
+            if fast is not None:
+                return fast
         acc = type(self)._factory()
         for e in events:
             acc.compose(e.to_dp_accounting())
         return float(acc.get_epsilon(delta))
+
+    def _epsilon_sampled_gaussians(self, events: list, delta: float) -> float | None:
+        """Same computation as the dp_accounting accountant, with its per-(q, sigma) work cached; None = no
+        fast path. A ledger holds the same (q, sigma) round after round, and reports compose every prefix."""
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _dp_rdp_unit(q: float, sigma: float) -> np.ndarray:
+    """dp_accounting's one-step RDP vector of the Poisson-subsampled Gaussian at its default orders
+    (exactly what RdpAccountant computes when composing this event; it then multiplies by the count)."""
+    from dp_accounting.rdp import rdp_privacy_accountant as rpa
+
+    acc = DpRdpAccountant._factory()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+    out = np.array(acc._rdp, dtype=float)  # noqa: SLF001 - read-only use of the accumulated RDP vector
+    assert len(out) == len(rpa.DEFAULT_RDP_ORDERS)
+    out.setflags(write=False)
+    return out
 
 
 @register_accountant
@@ -293,6 +340,25 @@ class DpRdpAccountant(_DpAccountingAccountant):
         lambda: dp_rdp.RdpAccountant(
             neighboring_relation=dp_rdp.rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE
         )
+    )
+
+    def _epsilon_sampled_gaussians(self, events: list, delta: float) -> float | None:
+        from dp_accounting.rdp import rdp_privacy_accountant as rpa
+
+        rdp = sum(_dp_rdp_unit(e.sampling_rate, e.noise_multiplier) * e.count for e in events)
+        return float(rpa.compute_epsilon(np.array(rpa.DEFAULT_RDP_ORDERS), rdp, delta)[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _dp_pld_unit(q: float, sigma: float):
+    """dp_accounting's PLD of one Poisson-subsampled Gaussian step (as PLDAccountant builds it)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=sigma,
+        value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
+        sampling_prob=q,
+        neighboring_relation=dp_pld.pld_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE,
     )
 
 
@@ -309,6 +375,13 @@ class DpPldAccountant(_DpAccountingAccountant):
             value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
         )
     )
+
+    def _epsilon_sampled_gaussians(self, events: list, delta: float) -> float | None:
+        pld = None
+        for e in events:
+            part = _dp_pld_unit(e.sampling_rate, e.noise_multiplier).self_compose(e.count)
+            pld = part if pld is None else pld.compose(part)
+        return float(pld.get_epsilon_for_delta(delta))
 
 
 # --------------------------------------------------------------------------------------------------

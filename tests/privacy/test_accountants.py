@@ -259,3 +259,19 @@ def test_calibration_validates_inputs(kwargs, message):
 def test_calibration_is_keyword_only():
     with pytest.raises(TypeError):
         calibrate_noise_multiplier(1.0, 1e-5, 0.01, 100)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["dp_rdp", "dp_pld"])
+def test_cached_sampled_gaussian_path_equals_the_dp_accounting_accountant(name):
+    """The per-(q, sigma) cached path gives what composing into dp_accounting's accountant gives."""
+    from federation.privacy.accountants import _REGISTRY
+    from federation.privacy.events import PoissonSampledGaussian
+
+    events = [PoissonSampledGaussian(sampling_rate=0.03, noise_multiplier=1.3, steps=70),
+              PoissonSampledGaussian(sampling_rate=0.05, noise_multiplier=0.9, steps=40)]
+    cls = _REGISTRY[name]
+    fast = cls()._epsilon_sampled_gaussians(events, 1e-5)
+    acc = cls._factory()
+    for e in events:
+        acc.compose(e.to_dp_accounting())
+    assert fast == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
