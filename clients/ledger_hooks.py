@@ -23,7 +23,7 @@ server as ``num-examples`` by every participating node).
 
 Where things live:
 
-* Simulation: ``<privacy.ledger_dir>/partner-<partition-id>.sqlite`` (kept across runs, so the budget is
+* Simulation: ``<privacy.ledger_dir>/<data.name>/partner-<partition-id>.sqlite`` (kept across runs, so the budget is
   cumulative per policy period), key ``partner-<i>.key`` (+ ``.key.pub``) next to it, policy
   ``privacy.policy``.
 * Deployment node config (``flower-supernode --node-config``): ``ledger-path`` (the ledger file),
@@ -89,7 +89,8 @@ def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any]) -> N
     if node_config.get("ledger-path"):
         ledger_path = Path(str(node_config["ledger-path"]))
     else:
-        ledger_path = Path(cfg.privacy.ledger_dir) / f"{partner}.sqlite"
+        # One ledger per (dataset, partner): partner-0 of telco_churn is not partner-0 of bank_marketing.
+        ledger_path = Path(cfg.privacy.ledger_dir) / cfg.data.name / f"{partner}.sqlite"
     explicit = bool(node_config.get("node-key"))
     key_path = Path(str(node_config["node-key"])) if explicit else ledger_path.with_suffix(".key")
     policy = str(node_config.get("budget-policy") or cfg.privacy.policy or "")

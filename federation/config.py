@@ -38,7 +38,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    # Per-partner privacy ledgers (clients/ledger_hooks.py). Simulation: <ledger_dir>/partner-<i>.sqlite, kept
+    # Per-partner privacy ledgers (clients/ledger_hooks.py). Simulation: <ledger_dir>/<data.name>/partner-<i>.sqlite, kept
     # ACROSS runs so a partner's budget is cumulative per policy period (relative paths: to the CWD).
     # Deployment nodes use their node config (ledger-path, node-key, budget-policy) instead.
     # The default can be moved with the FEDPROP_LEDGER_DIR environment variable (tests use a temp dir).

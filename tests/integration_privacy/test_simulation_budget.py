@@ -40,7 +40,7 @@ def test_simulation_partner_with_earlier_spend_refused_others_continue(tmp_path)
     md = (tmp_path / "run" / "summary.md").read_text()
     assert "### Privacy budget reports" in md and str(tmp_path / "run" / "privacy") in md
 
-    led = tmp_path / "ledgers"
+    led = tmp_path / "ledgers" / "synthetic"
     cli = [sys.executable, "-m", "simulations.cli", "budget"]
     for pid, n in ((0, 3), (1, 2)):  # p0: run_start + 2 rounds; p1: the earlier round + the refusal
         ok = subprocess.run(cli + ["verify", str(led / f"partner-{pid}.sqlite"), "--public-key",
