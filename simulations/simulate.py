@@ -94,6 +94,10 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     text = render_summary(summary) + render_privacy_section(summary["privacy_reports"])
     atomic_write_text(run_dir / "summary.md", text)
     print(text, flush=True)
+    from simulations.report import write_report
+
+    paths = write_report(run_dir)  # report.html (figures embedded), report.md, report.json
+    print(f"fedprop: report: {paths['report.html']} (and report.md, report.json)", flush=True)
     return summary
 
 
