@@ -84,7 +84,7 @@ def part_a(args) -> None:
         print(f"round {r}: {rows:,.0f} rows (expected) in {cpu:.1f} s CPU / {wall:.1f} s wall -> {rows / cpu:,.0f} rows/s (CPU), "
               f"epsilon {metrics['epsilon']:.3f}; peak RSS {_maxrss_mb():.0f} MB")
     c0 = time.process_time()
-    ev = N.evaluate(cfg, data, sd)
+    ev, _ = N.evaluate(cfg, data, sd)
     print(f"evaluate on {data.n_test:,} customers: churn AUC {ev['churn.auc']:.3f} ({time.process_time() - c0:.1f} s CPU); "
           f"peak RSS {_maxrss_mb():.0f} MB, load average {os.getloadavg()[0]:.2f}")
 

@@ -140,7 +140,18 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         with times.phase("deserialize"):
             state_dict = msg.content["arrays"].to_torch_state_dict()
         with times.phase("evaluate"):
-            metrics = N.evaluate(cfg, data, state_dict)
+            metrics, mechanisms = N.evaluate(cfg, data, state_dict)
+        if mechanisms:  # a DP evaluation release: recorded (and budget-checked) before it leaves the node
+            try:
+                with times.phase("ledger"):
+                    LH.record_evaluation(
+                        LH.resolve_node_ledger(cfg, dict(context.node_config)), run_id=str(context.run_id),
+                        round=int(msg.content["config"].get("server-round", 0)), mechanisms=mechanisms,
+                        delta=cfg.privacy.delta, config_hash=config_hash(cfg),
+                    )
+            except Exception as exc:  # noqa: BLE001 -- no ledger entry, no release
+                return Message(Error(code=ERR_BUDGET if isinstance(exc, PrivacyError) else ERR_LEDGER,
+                                     reason=f"partner {data.partition_id}: evaluation withheld: {exc}"), reply_to=msg)
         with times.phase("serialize"):
             record = MetricRecord(metrics)
         record.update(times.metrics())  # aggregate timings of this message (no data)

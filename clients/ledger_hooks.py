@@ -272,3 +272,32 @@ def update_hash(state: Mapping[str, Any]) -> str:
 def ledger_files(node: NodeLedger) -> dict[str, str]:
     """Paths compliance needs (ledger + public key) as strings, e.g. for a summary."""
     return {"ledger": os.fspath(node.ledger_path), "public_key": os.fspath(node.public_key_path)}
+
+
+def record_evaluation(
+    node: NodeLedger, *, run_id: str, round: int, mechanisms: list[Mapping[str, Any]], delta: float, config_hash: str
+) -> None:
+    """Check the policy, then append one ``evaluation_release`` per noisy histogram BEFORE it is sent.
+
+    Raises PrivacyError (after recording a refusal) when the release would exceed the remaining budget."""
+    from federation.privacy.events import event_from_dict
+
+    events = [event_from_dict(dict(m["ledger_event"])) for m in mechanisms]
+    policy = load_node_policy(node)
+    with open_ledger(node) as ledger:
+        if policy is not None:
+            spent = _spent(ledger, node, policy)
+            for ev in events:
+                try:
+                    _check_round(policy, spent_events=spent, round_event=ev, round_number=round)
+                except PrivacyError as exc:
+                    ledger.append(kind="refusal", partner=node.partner, run_id=run_id, round=round,
+                                  extra={"scope": "evaluation", "reason": str(exc), "mechanism": ev.describe()})
+                    raise
+                spent = spent + [ev]
+        for ev, m in zip(events, mechanisms):
+            ledger.append(
+                kind="evaluation_release", partner=node.partner, run_id=run_id, round=round, delta=delta,
+                mechanism=ev, config_hash=config_hash, privacy_unit="customer",
+                extra={k: v for k, v in m.items() if k != "ledger_event" and isinstance(v, (int, float, str))},
+            )

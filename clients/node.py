@@ -162,8 +162,13 @@ def train_round(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, privacy
 
 
-def evaluate(cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Metrics of the global model on this partner's held-out customers (aggregates only)."""
+def evaluate(
+    cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of the global model on this partner's held-out customers (aggregates only), and the DP
+    mechanisms of this release (empty unless ``evaluation.dp_epsilon`` > 0: then one per head)."""
+    import secrets
+
     from clients.evaluation import evaluation_metrics
 
     model = build_model(cfg.model, n_features=data.X_test.shape[1], n_outputs=len(data.heads))
@@ -171,6 +176,15 @@ def evaluate(cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.
     P = predict_proba(model, data.X_test).numpy()
     Y = data.Y_test.numpy()
     out: dict[str, Any] = {"num-examples": data.n_test, "partition-id": data.partition_id}
+    mechanisms: list[dict[str, Any]] = []
+    rng = np.random.default_rng(secrets.randbits(128)) if cfg.evaluation.dp_epsilon > 0 else None
     for j, head in enumerate(data.heads):
-        out.update(evaluation_metrics(Y[:, j], P[:, j], prefix=f"{head}."))
-    return out
+        m, mech = evaluation_metrics(Y[:, j], P[:, j], prefix=f"{head}.", bins=cfg.evaluation.bins,
+                                     dp_epsilon=cfg.evaluation.dp_epsilon, rng=rng)
+        out.update(m)
+        if mech is not None:
+            mechanisms.append(mech)
+    if mechanisms:  # the exact test-set size is private too: weight by the noisy histogram's count
+        first = data.heads[0]
+        out["num-examples"] = max(1, int(sum(out[f"{first}.hist.pos"]) + sum(out[f"{first}.hist.neg"])))
+    return out, mechanisms

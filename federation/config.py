@@ -117,6 +117,15 @@ class CentralDPConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # Evaluation is a release too: partners send per-class score histograms of their held-out customers.
+    # dp_epsilon > 0 releases them with Laplace noise (federation/metrics.py:noisy), recorded in the partner's
+    # ledger as an evaluation_release every round; this spend comes ON TOP of privacy.epsilon (training).
+    dp_epsilon: float = 0.0
+    bins: int = 1000  # histogram resolution on [0, 1]; with DP noise use 50-100 (fewer, fuller bins)
+
+
+@dataclass
 class ReleaseConfig:
     # The server's Ed25519 model-signing key lives here (server.key 0600, server.pub), created on first use
     # and kept ACROSS runs (relative paths: to the CWD); each run dir gets a copy of the public key.
@@ -139,6 +148,7 @@ class FedpropConfig:
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     secagg: SecureAggConfig = field(default_factory=SecureAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     num_cpus_per_client: float = 1.0
     verbose: bool = False
 
@@ -186,6 +196,12 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     if not 0 < t.test_fraction < 1:
         p.append(f"train.test_fraction={t.test_fraction} must be in (0, 1)")
     p += _allowed("train.engine", t.engine, ENGINES)
+    if not cfg.evaluation.dp_epsilon >= 0:
+        p.append(f"evaluation.dp_epsilon={cfg.evaluation.dp_epsilon} must be >= 0 (0 = histograms without DP noise)")
+    if cfg.evaluation.bins < 10 or cfg.evaluation.bins % 10:
+        p.append(f"evaluation.bins={cfg.evaluation.bins} must be a multiple of 10 (reliability curve bins), >= 10")
+    if cfg.evaluation.dp_epsilon > 0 and not cfg.privacy.enabled:
+        p.append("evaluation.dp_epsilon > 0 needs privacy.enabled=true (the release is recorded in the partner ledger)")
     p += _allowed("strategy.name", cfg.strategy.name, STRATEGIES)
     if not 0 < cfg.strategy.fraction_train <= 1:
         p.append(f"strategy.fraction_train={cfg.strategy.fraction_train} must be in (0, 1]")

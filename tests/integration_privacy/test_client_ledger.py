@@ -154,3 +154,31 @@ def test_config_keys_validated():
     with pytest.raises(ConfigError) as err:
         from_dict({"privacy": {"ledger_dir": " ", "policy": "policy.json"}})
     assert "privacy.ledger_dir" in str(err.value) and "privacy.policy" in str(err.value)
+
+
+def test_dp_evaluation_release_is_noisy_and_recorded_before_it_leaves(tmp_path, monkeypatch):
+    """evaluation.dp_epsilon > 0: histograms carry Laplace noise and each head's release is in the ledger."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from clients.client_app import make_client_app
+    from federation.config import from_dict
+    from federation.featurespec import feature_names
+    from federation.models import build_model
+    from federation.privacy.ledger import Ledger
+    from simulations.partners import load_partner
+
+    cfg = from_dict({"partners": 2, "rounds": 1, "privacy": {"epsilon": 2.0, "ledger_dir": str(tmp_path / "led")},
+                     "evaluation": {"dp_epsilon": 1.0, "bins": 50}, "data": {"min_customers": 300, "max_customers": 600}})
+    app = make_client_app(config=cfg, loader=load_partner)
+    ctx = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    model = build_model(cfg.model, n_features=len(feature_names(cfg.data)), n_outputs=2)
+    msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "config": ConfigRecord({"server-round": 1, "heads": "churn,propensity"})}),
+                  dst_node_id=1, message_type="evaluate")
+    reply = app(msg, ctx)
+    assert not reply.has_error(), reply.error.reason
+    m = reply.content["metrics"]
+    assert len(m["churn.hist.pos"]) == 50
+    ledger = Ledger.open(tmp_path / "led" / "synthetic" / "partner-0.sqlite", signing_key=None)
+    releases = [e for e in ledger.entries() if e.kind == "evaluation_release"]
+    assert len(releases) == 2 and all(e.event.kind == "laplace" for e in releases)

@@ -55,7 +55,7 @@ def make_run(run_dir: Path, key_dir: Path, *, epsilon: float = 3.0, partners: in
             P = np.stack([_scores(rng, Y[:, j], strength * (0.7 + 0.3 * r / rounds)) for j in range(2)], axis=1)
             ev = {"num-examples": len(Y), "partition-id": int(pid)}
             for j, h in enumerate(HEADS):
-                ev.update(evaluation_metrics(Y[:, j], P[:, j], prefix=f"{h}."))
+                ev.update(evaluation_metrics(Y[:, j], P[:, j], prefix=f"{h}.")[0])
             flats.append(ev)
             rec["partners"][pid] = {
                 "train": {"num-examples": 4 * len(Y), "partition-id": int(pid), "epsilon": epsilon * np.sqrt(r / rounds),
