@@ -99,7 +99,11 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
             row["partners_gaining_auc"] = sum(1 for g in gains if g is not None and g > 0)
             row["mean_gain_auc"] = _mean(gains)
             tasks[head] = row
+    rounds_with_training = {
+        tag: sum(1 for rr in r["rounds"] if any("train" in p for p in rr["partners"].values())) for tag, r in results.items()
+    }
     return {
+        "rounds_with_training": rounds_with_training,
         "config": to_dict(cfg),
         "tasks": tasks,
         "partners": partners,
@@ -143,6 +147,10 @@ def render_summary(s: dict[str, Any]) -> str:
     for task, r in s["tasks"].items():
         lines.append(f"| {task} | {_f(r['federated_dp_auc'])} | {_f(r.get('centralized_auc'))} | "
                      f"{_f(r.get('local_only_auc_mean'))} | {_f(r['federated_dp_top_decile_lift'], 2)} | {_f(r['base_rate'])} |")
+    untrained = [t for t, n in s.get("rounds_with_training", {}).items() if n == 0]
+    if untrained:
+        lines += ["", f"**WARNING: no partner trained in any round of {', '.join(untrained)}: the federated model is "
+                      "the untrained initial model. See the refusals/errors in federated_rounds.json.**"]
     lines += ["", "### Federation value per partner (each partner's own held-out customers)", ""]
     lines += render_value_table(s)
     for task, r in s["tasks"].items():
