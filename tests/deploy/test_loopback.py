@@ -2,7 +2,8 @@
 
 Proves: registered nodes come online over TLS; an unregistered key is refused; a node that does not trust the
 federation CA cannot connect (about 30 s together); a 2-round run of a tiny app and a 2-round run of fedprop's
-own app with secure aggregation complete over this deployment (both marked slow). Every process started here is
+own app with secure aggregation complete over this deployment (the tiny-app run is marked slow; fedprop's
+secure-aggregation run is part of the default suite). Every process started here is
 stopped here (ManagedProcess.stop in finally blocks), also when an assertion fails.
 
 The partner side follows docs/partner-guide.md literally: each partner creates its key with
@@ -196,7 +197,8 @@ def test_two_round_run_completes(federation, tmp_path):
     print(f"2-round deployment run: {seconds:.1f} s wall (submit to finished)")
 
 
-@pytest.mark.slow  # ~5 min on 2 cores: 5 message rounds per secure round, a new ClientApp process per message
+# In CI on purpose (issue 5): ~150 s on an idle 2-core machine (5 message rounds per secure round, a new
+# ClientApp process per message); the tiny-app run above stays slow-marked since this one covers it.
 def test_fedprop_app_with_secure_aggregation_completes(federation, tmp_path):
     """fedprop's own ServerApp/ClientApp (pyproject components), submitted with `flwr run` of this repository:
     2 rounds of secure FedAvg with DP-SGD at each partner, synthetic demo data generated at each node."""
