@@ -53,3 +53,33 @@ def resolve_for_data(cfg: FedpropConfig) -> FedpropConfig:
     elif cfg.task != "both" and cfg.task not in tasks:
         raise ConfigError(f"task={cfg.task!r} is not available for data={cfg.data.name}: it provides {', '.join(tasks)}")
     return dataclasses.replace(cfg, **changes)
+
+
+def cached_partner(cfg: FedpropConfig, node_config: dict, *, cache_dir: str) -> FeatureSet:
+    """``load_partner`` with a per-run disk cache, so each partner's features are built once per run even
+    when several Ray workers (and the driver's baselines) serve that partner. Simulation only: the driver
+    deletes the cache when the run ends (features of real partners must not linger)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from federation.config import config_hash
+
+    pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    path = Path(cache_dir) / f"{config_hash(cfg)[:16]}-partner{pid}-of{n}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            heads = [k[2:] for k in z.files if k.startswith("y_")]
+            return FeatureSet(customer_ids=z["ids"].astype(object), X=z["X"], y={h: z[f"y_{h}"] for h in heads},
+                              feature_names=tuple(str(x) for x in z["names"]),
+                              max_rows_per_customer=int(z["max_rows"]))
+    fs = load_partner(cfg, node_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, ids=np.asarray([str(c) for c in fs.customer_ids]), X=fs.X, names=np.asarray(fs.feature_names),
+                 max_rows=np.asarray(fs.max_rows_per_customer), **{f"y_{h}": v for h, v in fs.y.items()})
+    os.replace(tmp, path)  # atomic: a concurrent worker reads either nothing or the whole file
+    return fs

@@ -8,8 +8,10 @@ baselines and a summary (JSON + Markdown) that is also printed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import shutil
 import os
 import sys
 import time
@@ -39,7 +41,7 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     from server.outputs import load_model
     from server.server_app import make_server_app
     from simulations.baselines import head_metrics, pooled_metrics, run_baselines
-    from simulations.partners import load_partner as partner_loader
+    from simulations.partners import cached_partner
     from simulations.partners import resolve_for_data
     from simulations.summary import build_summary, render_summary
 
@@ -47,6 +49,25 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
 
     cfg = prepare_ledgers(resolve_for_data(cfg))  # absolute ledger dir + policy, policy checked up front
     run_dir = Path(run_dir)
+    cache_dir = run_dir / ".partner-cache"  # features built once per partner per run; deleted at the end
+    partner_loader = functools.partial(cached_partner, cache_dir=str(cache_dir))
+    try:
+        return _run(cfg, run_dir, partner_loader)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _run(cfg: FedpropConfig, run_dir: Path, partner_loader) -> dict[str, Any]:
+    import flwr.simulation
+
+    from clients.client_app import make_client_app
+    from clients.node import load_partner
+    from server.outputs import load_model
+    from server.server_app import make_server_app
+    from simulations.baselines import head_metrics, pooled_metrics, run_baselines
+    from simulations.privacy_reports import render_privacy_section, write_privacy_reports
+    from simulations.summary import build_summary, render_summary
+
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_flower(cfg.verbose)
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ def test_tiny_federation_end_to_end(tmp_path):
     for name in ("config.json", "federated_rounds.json", "federated_rounds.csv", "summary.json", "summary.md",
                  "model_churn+propensity.pt", "checkpoints/churn+propensity_round003.pt", "report.html", "report.md"):
         assert (tmp_path / name).exists(), name
+    assert not (tmp_path / ".partner-cache").exists()  # per-run feature cache is deleted with the run
     rounds = json.loads((tmp_path / "federated_rounds.json").read_text())["churn+propensity"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     for pid in ("0", "1", "2"):

@@ -73,3 +73,18 @@ def test_labels_have_signal_and_partners_differ():
         rates.append(fs.y["churn"].mean())
         assert 0.05 < fs.y["churn"].mean() < 0.6 and 0.2 < fs.y["propensity"].mean() < 0.9
     assert max(rates) - min(rates) > 0.005
+
+
+def test_partner_disk_cache_returns_identical_features(tmp_path, monkeypatch):
+    import simulations.partners as P
+    from federation.config import from_dict
+
+    cfg = from_dict({"partners": 2, "data": {"min_customers": 300, "max_customers": 500}})
+    node = {"partition-id": 1, "num-partitions": 2}
+    first = P.cached_partner(cfg, node, cache_dir=str(tmp_path))
+    monkeypatch.setattr(P, "load_partner", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    second = P.cached_partner(cfg, node, cache_dir=str(tmp_path))  # from disk, not rebuilt
+    np.testing.assert_array_equal(first.X, second.X)
+    assert list(first.customer_ids) == list(second.customer_ids) and first.feature_names == second.feature_names
+    for h in first.y:
+        np.testing.assert_array_equal(first.y[h], second.y[h])
