@@ -192,6 +192,11 @@ def test_two_round_run_completes(federation, tmp_path):
     result = deploy.submit_run(app, federation.conn, {"num-server-rounds": 2}, timeout=240)
     seconds = time.monotonic() - t0
     logs = deploy.run_logs(result.run_id, federation.conn)
+    for _ in range(10):  # the SuperLink may still be flushing the ServerApp's last log lines after "finished"
+        if "DEPLOY-SMOKE-RESULT" in logs:
+            break
+        time.sleep(1.0)
+        logs = deploy.run_logs(result.run_id, federation.conn)
     assert result.completed, f"run ended {result.status}:\n{logs[-3000:]}"
     assert "DEPLOY-SMOKE-RESULT [4.0, 4.0, 4.0, 4.0]" in logs, logs[-3000:]
     print(f"2-round deployment run: {seconds:.1f} s wall (submit to finished)")
