@@ -91,6 +91,16 @@ def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader
     if key not in _CACHE:
         LOADS[key] = LOADS.get(key, 0) + 1
         fs = loader(cfg, dict(node_config))
+        if getattr(fs, "max_rows_per_customer", 1) != 1:
+            from federation.errors import PrivacyError
+
+            # DP-SGD clips per row; with k rows per customer the customer-level guarantee needs group privacy
+            # (k-fold) or per-customer clipping, neither of which fedprop's accounting applies yet.
+            raise PrivacyError(
+                f"the data contract allows {fs.max_rows_per_customer} rows per customer, but fedprop's DP "
+                "accounting states a guarantee per customer only for one row per customer; set "
+                "max_rows_per_customer: 1 in the contract (one snapshot per customer)"
+            )
         heads = tuple(heads_key.split(","))
         missing = [h for h in heads if h not in fs.y]
         if missing:

@@ -72,3 +72,19 @@ def test_nonprivate_baseline_learns():
     m = build_model(ModelConfig(kind="mlp", hidden=[16]), n_features=X.shape[1], n_outputs=1)
     train_nonprivate(m, X, Y, epochs=5, lr=0.01, generator=torch.Generator().manual_seed(0))
     assert roc_auc_score(Y[:, 0].numpy(), predict_proba(m, X)[:, 0].numpy()) > 0.8
+
+
+def test_several_rows_per_customer_is_refused_not_silently_accounted_per_row():
+    import dataclasses
+
+    from clients.node import load_partner
+    from federation.config import from_dict
+    from simulations.partners import load_partner as synthetic
+
+    cfg = from_dict({"partners": 2, "data": {"min_customers": 300, "max_customers": 400}, "seed": 5})
+
+    def loader(c, node):
+        return dataclasses.replace(synthetic(c, node), max_rows_per_customer=3)
+
+    with pytest.raises(PrivacyError, match="rows per customer"):
+        load_partner(cfg, node_config={"partition-id": 0, "num-partitions": 2}, loader=loader, heads_key="churn")
