@@ -19,11 +19,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from federation.errors import FedpropError
 from federation.pki import CA_CERT
 from server import deploy
+from server.provision import EXIT_ERROR, _guarded  # noqa: F401 -- one FedpropError -> exit-code wrapper for both CLIs (EXIT_ERROR re-exported)
 
-EXIT_ERROR = 2
 _NODE_CONFIG_ITEM = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
 
 
@@ -100,17 +99,6 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     if not args.print_command:
         state.mkdir(parents=True, exist_ok=True)
     return _exec(cmd, deploy.flower_env(state / "flwr-home"), print_only=args.print_command)
-
-
-def _guarded(command):
-    def run_command(args: argparse.Namespace) -> int:
-        try:
-            return int(command(args))
-        except FedpropError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_ERROR
-
-    return run_command
 
 
 def _superlink_args(p: argparse.ArgumentParser) -> None:

@@ -126,14 +126,9 @@ class PoissonSampledGaussian(_EventBase):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gaussian(_EventBase):
-    """A Gaussian mechanism without sampling amplification, self-composed ``count`` times.
+class _NoiseTimesCount(_EventBase):
+    """A noise mechanism with one parameter, self-composed ``count`` times (Gaussian, Laplace)."""
 
-    Used for the server's partner-level DP (noise on the clipped sum of partner updates, with no claim
-    of amplification by partner sampling), and for any sampled release where amplification is not claimed.
-    """
-
-    kind: ClassVar[str] = "gaussian"
     _count_field: ClassVar[str] = "count"
 
     noise_multiplier: float
@@ -143,6 +138,18 @@ class Gaussian(_EventBase):
         name = type(self).__name__
         object.__setattr__(self, "noise_multiplier", _check_noise(name, self.noise_multiplier))
         _check_count(name, "count", self.count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gaussian(_NoiseTimesCount):
+    """A Gaussian mechanism without sampling amplification, self-composed ``count`` times.
+
+    Used for the server's partner-level DP (noise on the clipped sum of partner updates, with no claim
+    of amplification by partner sampling), and for any sampled release where amplification is not claimed.
+    """
+
+    kind: ClassVar[str] = "gaussian"
+
 
     def to_dp_accounting(self) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(
@@ -154,22 +161,14 @@ class Gaussian(_EventBase):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Laplace(_EventBase):
+class Laplace(_NoiseTimesCount):
     """A Laplace mechanism (noise scale / L1 sensitivity = ``noise_multiplier``), composed ``count`` times.
 
     E.g. a noisy count of customers released with an evaluation report.
     """
 
     kind: ClassVar[str] = "laplace"
-    _count_field: ClassVar[str] = "count"
 
-    noise_multiplier: float
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        object.__setattr__(self, "noise_multiplier", _check_noise(name, self.noise_multiplier))
-        _check_count(name, "count", self.count)
 
     def to_dp_accounting(self) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(
