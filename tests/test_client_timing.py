@@ -5,7 +5,6 @@ by benchmarks/bench_simulation.py.
 """
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients import node as N
 from clients.client_app import make_client_app
@@ -19,10 +18,8 @@ HEADS = "churn,propensity"
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+def _task_identity(flower_task_identity):
+    """Flower's run identity for messages built in-process (tests/conftest.py)."""
 
 
 def _msg(kind, arrays, rnd):

@@ -1,7 +1,6 @@
 """The ClientApp driven in-process (no Ray): cumulative epsilon in context.state, refusal, evaluation."""
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import ERR_BUDGET, make_client_app
 from federation.config import from_dict
@@ -14,11 +13,8 @@ CFG = from_dict({"partners": 2, "rounds": 2, "privacy": {"epsilon": 2.0},
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # Outside a real ServerApp process Flower has no run identity for new messages; give it one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+def _task_identity(flower_task_identity):
+    """Flower's run identity for messages built in-process (tests/conftest.py)."""
 
 
 def _msg(kind, arrays, rnd):

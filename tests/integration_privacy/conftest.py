@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import from_dict
 from federation.featurespec import feature_names
@@ -47,8 +46,5 @@ def context(pid, *, run_id, partners=2):
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
-    # Outside a real ServerApp process Flower has no run identity for new messages; give it one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+def task_identity(flower_task_identity):
+    """Flower's run identity for messages built in-process (tests/conftest.py)."""

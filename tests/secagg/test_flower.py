@@ -9,7 +9,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.secagg.flower import RECORD_KEY, STATE_KEY, handle_secagg, register_secagg, secure_sum
 from federation.secagg.primitives import InsufficientSurvivorsError, QuantizationSpec, SecAggError
@@ -55,11 +54,8 @@ class InProcessGrid:
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Outside a real ServerApp process Flower has no run identity for new messages; give it one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+def _task_identity(flower_task_identity):
+    """Flower's run identity for messages built in-process (tests/conftest.py)."""
 
 
 def make_app(seen: list[int] | None = None) -> ClientApp:

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import FedpropConfig, from_dict
 
@@ -56,8 +55,5 @@ class InProcessGrid:
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Outside a real ServerApp process Flower has no run identity for new messages; give it one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+def _task_identity(flower_task_identity):
+    """Flower's run identity for messages built in-process (tests/conftest.py)."""
