@@ -15,6 +15,7 @@ from clients.privacy_state import PrivacyState
 from clients.secure_update import register_secure_update
 from federation.config import FedpropConfig, config_hash, from_run_config
 from federation.errors import BudgetExceededError, PrivacyError
+from federation.privacy.events import DiscreteGaussian
 from federation.models import federations
 
 STATE_KEY = "fedprop.privacy"
@@ -36,7 +37,12 @@ def _ledger_preflight(cfg: FedpropConfig, node: LH.NodeLedger, privacy: PrivacyS
         node, run_id=run_id, sampling_rate=privacy.sample_rate, noise_multiplier=privacy.noise_multiplier,
         steps_per_round=privacy.steps_per_round, rounds=privacy.planned_rounds, delta=privacy.delta,
         clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
-        extra={"heads": heads, "target_epsilon": privacy.target_epsilon},
+        extra={"heads": heads, "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise,
+               "accountant": privacy.accountant, "evaluation_sigma": privacy.eval_sigma,
+               "evaluation_releases": privacy.eval_planned, "evaluation_share": privacy.eval_share,
+               **({"reproducible_noise_no_guarantee": True} if cfg.privacy.noise == "reproducible" else {})},
+        planned_extra=[DiscreteGaussian(noise_multiplier=privacy.eval_sigma, count=privacy.eval_planned)]
+        if privacy.eval_planned else [],
     )
 
 
@@ -53,16 +59,30 @@ def _ledger_check_round(node: LH.NodeLedger, privacy: PrivacyState, run_id: str,
     )
 
 
-def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None) -> ClientApp:
-    """Simulation passes its typed config and a partner loader; deployment reads ``context.run_config``."""
+def node_split_key(cfg: FedpropConfig, node_config: dict) -> bytes:
+    """Deployment: the node's secret train/test split key, from node config ``split-key`` (a key file), else
+    derived from the node's ledger signing key (which never leaves the node either)."""
+    if node_config.get("split-key"):
+        return N.split_key_from_file(str(node_config["split-key"]))
+    node = LH.resolve_node_ledger(cfg, node_config)
+    LH.open_ledger(node).close()  # creates the default key if needed (refuses a missing explicit node-key)
+    return N.split_key_from_file(str(node.key_path))
+
+
+def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None,
+                    split_key: bytes | None = None) -> ClientApp:
+    """Simulation passes its typed config, a partner loader and the run's secret split key (never in the run
+    config); deployment reads ``context.run_config`` and takes the split key from the node's own key material."""
     app = ClientApp()
     load = loader or _default_loader
 
     def setup(msg: Message, context: Context, times: N.PhaseTimes):
         cfg = config or from_run_config(context.run_config)
         heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
+        node_config = dict(context.node_config)
         with times.phase("data-prep"):  # a cache hit after the first message of this partner in this process
-            data = N.load_partner(cfg, node_config=dict(context.node_config), loader=load, heads_key=str(heads))
+            key = split_key if split_key is not None else node_split_key(cfg, node_config)
+            data = N.load_partner(cfg, node_config=node_config, loader=load, heads_key=str(heads), split_key=key)
         return cfg, data
 
     @app.train()
@@ -116,13 +136,13 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                         noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round, delta=privacy.delta,
                         clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
                         update_hash=LH.update_hash(new_sd),
-                        extra={"heads": heads_tag, "run_epsilon_opacus_rdp": privacy.epsilon(),
-                               "target_epsilon": privacy.target_epsilon},
+                        extra={"heads": heads_tag, "run_epsilon": privacy.epsilon(), "accountant": privacy.accountant,
+                               "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise},
                     )
             except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
                 reason = f"partner {data.partition_id}: ledger entry for round {server_round} not written ({exc}); update withheld"
                 return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
-        metrics.update(times.metrics())  # aggregate timings of this message (no data)
+        metrics.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         if entry is not None:
             content["ledger"] = ConfigRecord(
@@ -134,27 +154,40 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     def evaluate(msg: Message, context: Context) -> Message:
         times = N.PhaseTimes()
         cfg, data = setup(msg, context, times)
-        refused = f"{LEDGER_STATE_KEY}.{msg.content['config'].get('heads', '')}"
+        heads_tag = str(msg.content['config'].get('heads', ''))
+        refused = f"{LEDGER_STATE_KEY}.{heads_tag}"
         if refused in context.state:  # a run refused by the budget policy releases nothing, metrics included
             return Message(Error(code=ERR_BUDGET, reason=str(context.state[refused]["run-refused"])), reply_to=msg)
+        privacy = None
+        key = f"{STATE_KEY}.{heads_tag}"
+        if cfg.privacy.enabled:
+            if key not in context.state:
+                return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: evaluation refused: this "
+                                     "node has not planned this run's privacy budget (no training round yet)"), reply_to=msg)
+            privacy = PrivacyState.from_json(context.state[key]["json"])
+            try:
+                privacy.check_next_evaluation(len(data.heads))
+            except PrivacyError as exc:
+                return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: {exc}"), reply_to=msg)
         with times.phase("deserialize"):
             state_dict = msg.content["arrays"].to_torch_state_dict()
         with times.phase("evaluate"):
-            metrics, mechanisms = N.evaluate(cfg, data, state_dict)
-        if mechanisms:  # a DP evaluation release: recorded (and budget-checked) before it leaves the node
+            metrics, mechanisms = N.evaluate(cfg, data, state_dict, privacy)
+        if privacy is not None:  # a DP evaluation release: recorded (and budget-checked) before it leaves the node
             try:
                 with times.phase("ledger"):
                     LH.record_evaluation(
                         LH.resolve_node_ledger(cfg, dict(context.node_config)), run_id=str(context.run_id),
                         round=int(msg.content["config"].get("server-round", 0)), mechanisms=mechanisms,
-                        delta=cfg.privacy.delta, config_hash=config_hash(cfg),
+                        delta=privacy.delta, config_hash=config_hash(cfg),
                     )
             except Exception as exc:  # noqa: BLE001 -- no ledger entry, no release
                 return Message(Error(code=ERR_BUDGET if isinstance(exc, PrivacyError) else ERR_LEDGER,
                                      reason=f"partner {data.partition_id}: evaluation withheld: {exc}"), reply_to=msg)
+            context.state[key] = ConfigRecord({"json": privacy.after_evaluation(len(data.heads)).to_json()})
         with times.phase("serialize"):
             record = MetricRecord(metrics)
-        record.update(times.metrics())  # aggregate timings of this message (no data)
+        record.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
     register_secure_update(app, train=train, config=config)  # secagg rounds run this same train handler

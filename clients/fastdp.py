@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.noise import ChaChaNoise, source_device, uniform
 from federation.errors import FedpropError, PrivacyError
 
 __all__ = [
@@ -136,7 +137,7 @@ def poisson_batches(
     *,
     sample_rate: float,
     steps: int,
-    generator: torch.Generator | None,
+    generator: "torch.Generator | ChaChaNoise | None",
     device: torch.device | str | None = None,
     method: str = "geometric",
 ) -> Iterator[torch.Tensor]:
@@ -150,7 +151,7 @@ def poisson_batches(
     if method not in ("geometric", "mask"):
         raise FedpropError(f"method={method!r}: must be 'geometric' or 'mask'")
     if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = source_device(generator)
     device = torch.device(device)
     q = float(sample_rate)
     if q == 1.0:
@@ -160,7 +161,7 @@ def poisson_batches(
         return
     if method == "mask":
         for _ in range(steps):
-            mask = torch.rand(n, generator=generator, device=device) < q
+            mask = uniform(generator, n, device=device, dtype=torch.float32) < q
             yield mask.nonzero().view(-1)
         return
     if n == 0:
@@ -178,7 +179,7 @@ def poisson_batches(
         while last < total - 1:
             mean = (total - 1 - last) * q
             m = int(mean + 8.0 * math.sqrt(mean) + 64)
-            u = torch.rand(m, generator=generator, device=device, dtype=torch.float64)
+            u = uniform(generator, m, device=device, dtype=torch.float64)
             # P(gap >= j) = P(log(1-U) <= j log(1-q)) = (1-q)^j: failures before the next success.
             gaps = torch.floor_divide(torch.log1p(-u), log1mq).long()
             pos = torch.cumsum(gaps + 1, 0) + last
@@ -317,7 +318,7 @@ class FastDPSGD:
         noise_multiplier: float,
         max_grad_norm: float,
         expected_batch_size: int,
-        generator: torch.Generator | None,
+        generator: "torch.Generator | ChaChaNoise | None",
         secure_mode: bool = False,
     ) -> None:
         _validate(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
@@ -329,7 +330,9 @@ class FastDPSGD:
                 "model not supported by the fast DP-SGD path (use Opacus):\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
-        if secure_mode:
+        if isinstance(generator, ChaChaNoise):
+            secure_mode = True
+        elif secure_mode:
             if generator is None:
                 raise PrivacyError("secure_mode=True needs an explicit cryptographically secure generator")
         else:
@@ -509,7 +512,9 @@ class FastDPSGD:
         std = self.noise_multiplier * self.max_grad_norm
         flat, noise = self._flat, self._noise
         if std > 0:
-            if self.secure_mode:  # Opacus's _generate_noise(secure_mode=True)
+            if isinstance(self.generator, ChaChaNoise):  # CSPRNG stream, four-Gaussian sum (clients/noise.py)
+                flat.add_(self.generator.gaussian(flat.shape, std, dtype=flat.dtype, device=flat.device))
+            elif self.secure_mode:  # Opacus's _generate_noise(secure_mode=True)
                 torch.normal(0.0, std, size=(1, 1), generator=self.generator, device=flat.device,
                              dtype=flat.dtype)
                 acc = torch.zeros_like(flat)
@@ -550,13 +555,15 @@ def train_steps(
     max_grad_norm: float,
     sample_rate: float,
     steps: int,
-    generator: torch.Generator | None,
+    generator: "torch.Generator | ChaChaNoise | None",
     secure_mode: bool = False,
+    expected_batch: int | None = None,
 ) -> TrainStats:
     """``steps`` DP-SGD steps on Poisson batches of ``(X, y)``; same mechanism as Opacus (see module doc).
 
     Accounting: one "Poisson-sampled Gaussian (q=sample_rate, sigma=noise_multiplier)" composed
-    ``steps`` times. ``generator`` drives both the sampling and the noise.
+    ``steps`` times. ``generator`` drives both the sampling and the noise. ``expected_batch`` is the public
+    divisor of the noisy sum (default ``int(n * q)``, which treats the row count as public).
     """
     _validate(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
               steps=steps)
@@ -565,7 +572,8 @@ def train_steps(
         raise FedpropError(f"X has {n} rows but y has {y.shape[0]}: features and labels must align")
     dp = FastDPSGD(
         model, loss_fn=loss_fn, optimizer=optimizer, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size(n, sample_rate=sample_rate),
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch if expected_batch is not None else expected_batch_size(n, sample_rate=sample_rate),
         generator=generator, secure_mode=secure_mode,
     )
     first = dp._chain[0] if dp._chain is not None else None
@@ -588,7 +596,7 @@ def train_steps_nonprivate(
     optimizer: torch.optim.Optimizer,
     sample_rate: float,
     steps: int,
-    generator: torch.Generator | None,
+    generator: "torch.Generator | ChaChaNoise | None",
 ) -> TrainStats:
     """Plain autograd training on the same Poisson index batches (the non-private reference).
 

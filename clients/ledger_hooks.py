@@ -155,8 +155,11 @@ def preflight(
     clipping_norm: float,
     config_hash: str,
     extra: Mapping[str, Any] | None = None,
+    planned_extra: list | None = None,
 ) -> BudgetCheck | None:
     """Check the whole run's planned spend against the policy and the ledger; record run_start or refusal.
+
+    ``planned_extra``: further mechanisms the run will release (e.g. its evaluation releases), checked too.
 
     Returns the policy check (None without a policy). Raises BudgetExceededError / PolicyViolationError
     (after recording a ``refusal`` entry) when the run is refused."""
@@ -172,7 +175,7 @@ def preflight(
         if policy is not None:
             try:
                 check = check_run(
-                    policy, spent_events=_spent(ledger, node, policy), planned_events=[event] * rounds,
+                    policy, spent_events=_spent(ledger, node, policy), planned_events=[event] * rounds + list(planned_extra or []),
                     planned_rounds=rounds,
                 )
             except PrivacyError as exc:

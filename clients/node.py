@@ -4,6 +4,7 @@ Data is prepared once per node process and cached; every round reuses the tensor
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 
 from clients.privacy_state import PrivacyState
 from clients.training import DPSGDParams, mean_loss, sampling_plan, train_dp, train_nonprivate
-from federation.config import FedpropConfig, config_hash
+from federation.config import FedpropConfig, config_hash, evaluation_rounds
 from federation.features import FeatureSet
 from federation.models import build_model, predict_proba
 
@@ -31,6 +32,7 @@ class PartnerData:
     X_test: torch.Tensor
     Y_test: torch.Tensor
     feature_names: tuple[str, ...]
+    public_n_train: int = 0  # declared public (public_size or node config public-size); drives q and weights
 
     @property
     def n_train(self) -> int:
@@ -41,19 +43,57 @@ class PartnerData:
         return len(self.X_test)
 
 
-def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: float, seed: int, partition_id: int) -> PartnerData:
-    """Deterministic per-partner train/test split of customers (one row per customer)."""
-    n = len(fs)
-    rng = np.random.default_rng([seed, partition_id, 99])
-    perm = rng.permutation(n)
-    n_test = max(1, int(round(test_fraction * n))) if n > 1 else 0
-    test, train = perm[:n_test], perm[n_test:]
+def public_size(n: int) -> int:
+    """The training-set size treated as PUBLIC: ``n`` rounded down to two significant digits (4,823 -> 4,800).
+
+    The sampling rate q = batch_size / public_size, the steps per round, the divisor of the noisy gradient
+    sum and the FedAvg weight all derive from it, so none of them reveals the exact private count; the bucket
+    itself is revealed (declared public in the privacy statement, like the partner's participation). A node
+    can declare its own value with the node config key ``public-size``."""
+    if n < 1:
+        return 0
+    step = 10 ** max(0, len(str(int(n))) - 2)
+    return max(1, (int(n) // step) * step)
+
+
+def split_key_from_file(path: str) -> bytes:
+    """A node's secret split key: the first 32 bytes of SHA-256 over a key file that never leaves the node."""
+    from pathlib import Path
+
+    from federation.errors import ConfigError
+
+    f = Path(path)
+    if not f.is_file():
+        raise ConfigError(f"node config split-key={path!r}: no such file; create one with 32 random bytes "
+                          "(e.g. `head -c 32 /dev/urandom > split.key; chmod 600 split.key`)")
+    return hashlib.sha256(b"fedprop/split/v1\0" + f.read_bytes()).digest()
+
+
+def test_membership(customer_ids: np.ndarray, *, key: bytes, test_fraction: float) -> np.ndarray:
+    """True for held-out customers: keyed BLAKE2b of the customer id (a key that never leaves the node) mapped
+    to [0, 1) and compared with ``test_fraction``. Each customer's side depends on its own id only, so adding
+    or removing one customer moves nobody else between train and test."""
+    if len(key) < 16:
+        raise ValueError("split key must have at least 16 bytes")
+    out = np.empty(len(customer_ids), dtype=bool)
+    for i, cid in enumerate(customer_ids):
+        h = hashlib.blake2b(str(cid).encode("utf-8"), key=key[:64], digest_size=8, person=b"fedprop-split").digest()
+        out[i] = int.from_bytes(h, "big") < test_fraction * 2**64
+    return out
+
+
+def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: float, split_key: bytes,
+                  partition_id: int, public_n: int | None = None) -> PartnerData:
+    """Train/test split of customers (one row per customer) by a keyed hash of the customer id."""
+    test_mask = test_membership(fs.customer_ids, key=split_key, test_fraction=test_fraction)
+    test, train = np.flatnonzero(test_mask), np.flatnonzero(~test_mask)
     Y = np.stack([fs.y[h] for h in heads], axis=1).astype(np.float32)
     X = fs.X.astype(np.float32)
     t = torch.from_numpy
     return PartnerData(
         partition_id, heads, t(X[train]).contiguous(), t(Y[train]).contiguous(),
         t(X[test]).contiguous(), t(Y[test]).contiguous(), tuple(fs.feature_names),
+        public_n_train=int(public_n) if public_n else public_size(len(train)),
     )
 
 
@@ -81,13 +121,20 @@ class PhaseTimes:
         return out
 
 
+def public_timings(times: PhaseTimes) -> dict[str, float]:
+    """Per-phase seconds rounded to 10 ms: operational metadata the coordinator observes anyway (reply latency),
+    declared public in docs/release-inventory.md. The per-phase CPU times are not sent."""
+    return {f"time.{k}-s": round(float(v), 2) for k, v in times.wall.items()}
+
+
 _CACHE: dict[tuple, PartnerData] = {}
 LOADS: dict[tuple, int] = {}  # cache key -> number of times this process prepared that partner's data
 
 
-def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader, heads_key: str) -> PartnerData:
-    """Prepare this partner's tensors once per process (cached by config hash and node config)."""
-    key = (config_hash(cfg), tuple(sorted(node_config.items())), heads_key)
+def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader, heads_key: str,
+                 split_key: bytes) -> PartnerData:
+    """Prepare this partner's tensors once per process (cached by config hash, node config and split key)."""
+    key = (config_hash(cfg), tuple(sorted(node_config.items())), heads_key, hashlib.sha256(split_key).hexdigest())
     if key not in _CACHE:
         LOADS[key] = LOADS.get(key, 0) + 1
         fs = loader(cfg, dict(node_config))
@@ -106,26 +153,45 @@ def load_partner(cfg: FedpropConfig, *, node_config: dict, loader: PartnerLoader
         if missing:
             raise ValueError(f"task head(s) {missing} have no label in this partner's data (labels: {sorted(fs.y)}); "
                              "set task= to one of those")
+        declared = node_config.get("public-size")
         _CACHE[key] = split_partner(
-            fs, heads=heads, test_fraction=cfg.train.test_fraction, seed=cfg.seed,
-            partition_id=int(node_config.get("partition-id", 0)),
+            fs, heads=heads, test_fraction=cfg.train.test_fraction, split_key=split_key,
+            partition_id=int(node_config.get("partition-id", 0)), public_n=int(declared) if declared else None,
         )
     return _CACHE[key]
 
 
+def run_share(cfg: FedpropConfig) -> tuple[float, float]:
+    """(epsilon, delta) of ONE federation: with ``model.heads=separate`` and ``task=both`` the same customers feed
+    two federations, so each gets half of both (basic composition: the run stays within (epsilon, delta))."""
+    k = 2 if (cfg.task == "both" and cfg.model.heads == "separate") else 1
+    return cfg.privacy.epsilon / k, cfg.privacy.delta / k
+
+
 def initial_privacy_state(cfg: FedpropConfig, data: PartnerData) -> PrivacyState:
-    """Calibrate sigma for the whole run. With ``model.heads=separate`` and ``task=both`` the same customers
-    feed two federations, so each gets half the target (basic composition: the total stays <= target)."""
-    q, steps = sampling_plan(n_train=data.n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
-    federations = 2 if (cfg.task == "both" and cfg.model.heads == "separate") else 1
+    """Calibrate the DP-SGD noise and the evaluation noise of the whole run together (clients/privacy_state.py).
+    q and the steps come from the PUBLIC training-set size (``public_size``), never from the exact count."""
+    q, steps = sampling_plan(n_train=data.public_n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
+    eps, delta = run_share(cfg)
     return PrivacyState.plan(
-        target_epsilon=cfg.privacy.epsilon / federations,
-        delta=cfg.privacy.delta,
+        target_epsilon=eps,
+        delta=delta,
         sample_rate=q,
         steps_per_round=steps,
         rounds=cfg.rounds,
         max_grad_norm=cfg.privacy.max_grad_norm,
+        eval_releases=len(data.heads) * len(evaluation_rounds(cfg)),
+        eval_share=cfg.evaluation.epsilon_share,
+        accountant=cfg.privacy.accountant,
     )
+
+
+def noise_source(cfg: FedpropConfig, data: PartnerData, *, server_round: int, purpose: int):
+    """A fresh randomness source for one release (clients/noise.py); config-seeded only if reproducible."""
+    from clients.noise import make_noise_source
+
+    mode = cfg.privacy.noise if cfg.privacy.enabled else "fast"
+    return make_noise_source(mode, seed_material=(cfg.seed, data.partition_id, server_round, purpose))
 
 
 def train_round(
@@ -137,26 +203,29 @@ def train_round(
     server_round: int,
     proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], PrivacyState | None]:
-    """One local round. With DP on, the caller must have run ``privacy.check_next_round()``."""
+    """One local round. With DP on, the caller must have run ``privacy.check_next_round()``.
+
+    The metrics returned are what leaves the node with the update (docs/release-inventory.md): the public
+    weight, the partner id, and the privacy parameters (functions of public quantities). No loss, no count."""
     model = build_model(cfg.model, n_features=data.X_train.shape[1], n_outputs=len(data.heads))
     model.load_state_dict(state_dict)
-    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, data.partition_id, server_round]).integers(2**62)))
-    metrics: dict[str, Any] = {"num-examples": data.n_train, "partition-id": data.partition_id}
+    metrics: dict[str, Any] = {"num-examples": data.public_n_train, "partition-id": data.partition_id}
     if privacy is not None:
+        gen = noise_source(cfg, data, server_round=server_round, purpose=1)
         params = DPSGDParams(
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             sample_rate=privacy.sample_rate,
             steps=privacy.steps_per_round,
+            expected_batch_size=max(1, int(data.public_n_train * privacy.sample_rate)),
         )
-        loss = train_dp(
+        train_dp(
             model, data.X_train, data.Y_train, params=params, lr=cfg.train.lr, momentum=cfg.train.momentum,
             generator=gen, engine=cfg.train.engine, proximal_mu=proximal_mu,
         )
         privacy = privacy.after_round()
         metrics.update(
             {
-                "train-loss": loss,
                 "epsilon": privacy.epsilon(),
                 "delta": privacy.delta,
                 "noise-multiplier": privacy.noise_multiplier,
@@ -164,37 +233,44 @@ def train_round(
                 "steps": privacy.steps_per_round,
             }
         )
-    else:
-        _, steps = sampling_plan(n_train=data.n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
+    else:  # a non-private run (privacy.enabled=false) makes no claim: exact count and loss are sent
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, data.partition_id, server_round]).integers(2**62)))
         train_nonprivate(model, data.X_train, data.Y_train, epochs=max(1, round(cfg.train.local_epochs)),
                          lr=cfg.baselines.lr, batch_size=cfg.train.batch_size, generator=gen)
+        metrics["num-examples"] = data.n_train
         metrics["train-loss"] = mean_loss(model, data.X_train, data.Y_train)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, privacy
 
 
 def evaluate(
-    cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.Tensor]
+    cfg: FedpropConfig, data: PartnerData, state_dict: dict[str, torch.Tensor], privacy: PrivacyState | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics of the global model on this partner's held-out customers (aggregates only), and the DP
-    mechanisms of this release (empty unless ``evaluation.dp_epsilon`` > 0: then one per head)."""
-    import secrets
+    """This partner's evaluation release of the global model on its held-out customers, and its DP mechanisms.
 
-    from clients.evaluation import evaluation_metrics
+    With DP on: per head, noisy per-class counts in public bins (federation/metrics.py:release_histogram) with
+    the run's calibrated ``privacy.eval_sigma``; the mechanism list (one discrete Gaussian per head) is for the
+    ledger. With DP off (a non-private run): exact histograms. The caller checks the budget first."""
+    from federation import metrics as M
+    from federation.privacy.discrete import sample_discrete_gaussian
 
     model = build_model(cfg.model, n_features=data.X_test.shape[1], n_outputs=len(data.heads))
     model.load_state_dict(state_dict)
     P = predict_proba(model, data.X_test).numpy()
     Y = data.Y_test.numpy()
-    out: dict[str, Any] = {"num-examples": data.n_test, "partition-id": data.partition_id}
+    edges = M.logit_edges(cfg.evaluation.bins)
+    out: dict[str, Any] = {"partition-id": data.partition_id}
     mechanisms: list[dict[str, Any]] = []
-    rng = np.random.default_rng(secrets.randbits(128)) if cfg.evaluation.dp_epsilon > 0 else None
     for j, head in enumerate(data.heads):
-        m, mech = evaluation_metrics(Y[:, j], P[:, j], prefix=f"{head}.", bins=cfg.evaluation.bins,
-                                     dp_epsilon=cfg.evaluation.dp_epsilon, rng=rng)
-        out.update(m)
-        if mech is not None:
-            mechanisms.append(mech)
-    if mechanisms:  # the exact test-set size is private too: weight by the noisy histogram's count
-        first = data.heads[0]
-        out["num-examples"] = max(1, int(sum(out[f"{first}.hist.pos"]) + sum(out[f"{first}.hist.neg"])))
+        prefix = f"{head}.hist."
+        if privacy is not None:
+            out.update(M.release_histogram(Y[:, j], P[:, j], edges=edges, sigma=privacy.eval_sigma,
+                                           sampler=sample_discrete_gaussian, prefix=prefix))
+            mechanisms.append({"kind": "discrete_gaussian", "release": "evaluation_histogram", "head": head,
+                               "bins": len(edges) - 1, "sigma": privacy.eval_sigma, "unit": "customer",
+                               "adjacency": "add_remove", "sensitivity": 1,
+                               "ledger_event": {"kind": "discrete_gaussian", "noise_multiplier": privacy.eval_sigma,
+                                                "count": 1}})
+        else:
+            out.update(M.to_flat(M.histogram_from_scores(Y[:, j], P[:, j], bins=len(edges) - 1, edges=edges), prefix=prefix))
+    out["num-examples"] = 1  # Flower needs a weight key; histograms are summed, not weighted (public constant)
     return out, mechanisms

@@ -1,75 +1,98 @@
-"""A partner's cumulative DP-SGD accounting state for one run, kept in the node's ``context.state``.
+"""A partner's cumulative privacy state for one run (training AND evaluation), kept in ``context.state``.
 
-Before its first round the partner calibrates one noise multiplier for all the steps it will take in
-the whole run (rounds x steps per round) so that the final epsilon meets its target. After each round
-the Opacus RDP accountant's history (sigma, q, steps) is extended and persisted, so the epsilon reported
-after round r is the accountant's cumulative epsilon over rounds 1..r. A round that would push the
-cumulative epsilon above the target is refused before any data is touched.
+Before its first round the partner calibrates, for the whole run and together:
+
+* the evaluation releases: ``eval_planned`` discrete Gaussian releases (one per task head per evaluated
+  round) with noise ``eval_sigma`` chosen so that they alone would cost ``eval_share`` x the target epsilon;
+* the DP-SGD noise multiplier ``noise_multiplier`` for all rounds x steps, chosen so that the composition of
+  every training step AND every planned evaluation release meets the target (epsilon, delta).
+
+Epsilon is always computed by a registered accountant of ``federation.privacy.accountants`` over mechanism
+records (Poisson-subsampled Gaussian for training, discrete Gaussian for evaluation), the same records the
+ledger holds. A round or an evaluation that would push the cumulative epsilon (including the evaluation
+releases still reserved for later) above the target is refused before any data is touched.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from federation.errors import BudgetExceededError, PrivacyError
 
+_TOL = 0.01  # epsilon tolerance of the calibrations (the result is always <= target)
 
-def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    return _merged_rdp_epsilon(_merge_history(history), float(delta))
+
+def _events(history: tuple[tuple[float, float, int], ...], eval_sigma: float, eval_count: int) -> list:
+    from federation.privacy.events import DiscreteGaussian, PoissonSampledGaussian
+
+    ev: list = [PoissonSampledGaussian(sampling_rate=q, noise_multiplier=s, steps=k) for s, q, k in history if k > 0]
+    if eval_count > 0:
+        ev.append(DiscreteGaussian(noise_multiplier=eval_sigma, count=eval_count))
+    return ev
 
 
 def _merge_history(history: list[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
-    """Entries with the same (sigma, q) as one entry with their summed steps. The RDP of ``steps`` Poisson-
-    subsampled Gaussian steps is ``steps`` times that of one step (Opacus ``compute_rdp`` multiplies by
-    ``steps``), so the epsilon is the same; Opacus itself recomputes every history entry, which made the
-    per-round cost grow with the round number (O(rounds^2) over a run)."""
+    """Entries with the same (sigma, q) as one entry with their summed steps (same epsilon: RDP and PLD of
+    ``k`` self-composed steps depend only on k), so the per-round cost does not grow with the round number."""
     steps: dict[tuple[float, float], int] = {}
     for s, q, k in history:
         steps[(float(s), float(q))] = steps.get((float(s), float(q)), 0) + int(k)
     return tuple((s, q, k) for (s, q), k in steps.items())
 
 
-@functools.lru_cache(maxsize=1024)
-def _merged_rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Exactly Opacus ``RDPAccountant.get_epsilon`` (default orders): the RDP vector of each (sigma, q) is
-    computed once per process and multiplied by its steps, as Opacus ``compute_rdp`` does (``rdp * steps``)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], eval_sigma: float, eval_count: int, delta: float,
+             accountant: str) -> float:
+    from federation.privacy.accountants import get_accountant
 
-    if not history:
-        return 0.0
-    rdp = sum(_rdp_one_step(s, q) * k for s, q, k in history)
-    eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
+    events = _events(history, eval_sigma, eval_count)
+    return float(get_accountant(accountant).epsilon(events, delta=delta)) if events else 0.0
 
 
-@functools.lru_cache(maxsize=256)
-def _rdp_one_step(noise_multiplier: float, sample_rate: float):
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-
-    vec = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
-    vec.setflags(write=False)  # shared by every caller of the cache
-    return vec
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Training-only epsilon under fedprop's RDP accountant (= Opacus RDPAccountant, default orders)."""
+    return _epsilon(_merge_history(history), 1.0, 0, float(delta), "rdp")
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest sigma (to 0.01 epsilon tolerance) whose RDP epsilon after ``steps`` is <= target."""
-    from opacus.accountants.utils import get_noise_multiplier
+def _smallest_sigma(eps_at, target: float, what: str) -> float:
+    """Smallest sigma (bisection, as Opacus get_noise_multiplier) with eps_at(sigma) <= target, within _TOL."""
+    lo, hi, eps_hi = 0.0, 10.0, math.inf
+    while eps_hi > target:
+        hi *= 2
+        if hi > 1e6:
+            raise PrivacyError(f"{what}: target epsilon {target:.4g} is unreachable with a noise multiplier <= 1e6")
+        eps_hi = eps_at(hi)
+    while target - eps_hi > _TOL:
+        mid = (lo + hi) / 2
+        e = eps_at(mid)
+        if e <= target:
+            hi, eps_hi = mid, e
+        else:
+            lo = mid
+        if hi - lo < 1e-9 * hi:
+            break
+    return hi
 
-    if not target_epsilon > 0:
-        raise PrivacyError(f"target epsilon must be > 0, got {target_epsilon}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.01,
-        )
-    )
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    eval_sigma: float = 1.0, eval_count: int = 0, accountant: str = "rdp") -> float:
+    """Smallest DP-SGD sigma such that ``steps`` steps at ``sample_rate`` plus ``eval_count`` discrete Gaussian
+    releases at ``eval_sigma`` spend at most ``target_epsilon`` (and within 0.01 of it) at ``delta``."""
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise PrivacyError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
+    if eval_count and _epsilon((), eval_sigma, eval_count, float(delta), accountant) >= target_epsilon:
+        raise PrivacyError("the evaluation releases alone use the whole target epsilon; lower evaluation.epsilon_share")
+    return _smallest_sigma(
+        lambda s: _epsilon(((s, float(sample_rate), int(steps)),), eval_sigma, eval_count, float(delta), accountant),
+        target_epsilon, "DP-SGD calibration")
+
+
+def calibrate_evaluation(*, epsilon: float, delta: float, releases: int, accountant: str = "rdp") -> float:
+    """Discrete Gaussian sigma such that ``releases`` releases (sensitivity 1 each) cost at most ``epsilon``."""
+    return _smallest_sigma(lambda s: _epsilon((), s, releases, float(delta), accountant), epsilon,
+                           "evaluation calibration")
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,11 @@ class PrivacyState:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds_done: int = 0
     refused_rounds: int = 0
+    accountant: str = "rdp"
+    eval_sigma: float = 1.0  # discrete Gaussian noise of one evaluation release (one head); 1.0 unused if none
+    eval_planned: int = 0  # evaluation releases reserved for this run (heads x evaluated rounds)
+    eval_done: int = 0
+    eval_share: float = 0.0
 
     @classmethod
     def plan(
@@ -95,34 +123,71 @@ class PrivacyState:
         steps_per_round: int,
         rounds: int,
         max_grad_norm: float,
+        eval_releases: int = 0,
+        eval_share: float = 0.0,
+        accountant: str = "rdp",
     ) -> "PrivacyState":
-        sigma = calibrate_noise(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps_per_round * rounds
-        )
-        return cls(target_epsilon, delta, sigma, sample_rate, steps_per_round, rounds, max_grad_norm)
+        # Training first: alone it gets (1 - eval_share) x target. Then the evaluation gets the smallest discrete
+        # Gaussian noise whose releases, composed with every training step, keep the whole run within target.
+        eval_sigma = 1.0
+        share = eval_share if eval_releases > 0 else 0.0
+        if eval_releases > 0 and not 0 < eval_share < 1:
+            raise PrivacyError(f"evaluation.epsilon_share={eval_share} must be in (0, 1) when evaluation is on")
+        sigma = calibrate_noise(target_epsilon=(1 - share) * target_epsilon, delta=delta, sample_rate=sample_rate,
+                                steps=steps_per_round * rounds, accountant=accountant)
+        if eval_releases > 0:
+            train = ((sigma, float(sample_rate), int(steps_per_round * rounds)),)
+            eval_sigma = _smallest_sigma(
+                lambda s: _epsilon(train, s, eval_releases, float(delta), accountant), target_epsilon,
+                "evaluation calibration")
+        return cls(target_epsilon, delta, sigma, sample_rate, steps_per_round, rounds, max_grad_norm,
+                   accountant=accountant, eval_sigma=eval_sigma, eval_planned=eval_releases, eval_share=eval_share)
+
+    def _eps(self, history: list[tuple[float, float, int]], eval_count: int) -> float:
+        return _epsilon(_merge_history(history), self.eval_sigma, eval_count, float(self.delta), self.accountant)
 
     def epsilon(self) -> float:
-        return _rdp_epsilon(self.history, self.delta)
+        """Spent so far: training rounds done and evaluation releases made."""
+        return self._eps(self.history, self.eval_done)
+
+    def training_epsilon(self) -> float:
+        return self._eps(self.history, 0)
 
     def epsilon_after_next_round(self) -> float:
-        return _rdp_epsilon(self._next_history(), self.delta)
+        """Training so far + the next round + every evaluation release of the run (made or still reserved)."""
+        return self._eps(self._next_history(), max(self.eval_planned, self.eval_done))
 
     def _next_history(self) -> list[tuple[float, float, int]]:
         return list(self.history) + [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+
+    def _numbers(self) -> str:
+        return (f"delta={self.delta:g}, accountant {self.accountant}, sigma={self.noise_multiplier:.4f}, "
+                f"q={self.sample_rate:.5f}, steps={self.steps_per_round}, evaluation sigma={self.eval_sigma:.3f} "
+                f"x {self.eval_planned} releases")
 
     def check_next_round(self) -> None:
         """Raise BudgetExceededError, with the numbers, if the next round would exceed the target."""
         nxt = self.epsilon_after_next_round()
         if nxt > self.target_epsilon + 1e-9:
             raise BudgetExceededError(
-                f"privacy budget: round {self.rounds_done + 1} would raise epsilon from {self.epsilon():.4f} to "
-                f"{nxt:.4f} > target {self.target_epsilon:.4f} (delta={self.delta:g}, RDP accountant, "
-                f"sigma={self.noise_multiplier:.4f}, q={self.sample_rate:.5f}, steps={self.steps_per_round}); "
-                "refusing to train"
+                f"privacy budget: round {self.rounds_done + 1} would raise epsilon (training + reserved evaluation) "
+                f"to {nxt:.4f} > target {self.target_epsilon:.4f} ({self._numbers()}); refusing to train"
+            )
+
+    def check_next_evaluation(self, releases: int = 1) -> None:
+        """Refuse evaluation releases beyond the ones planned (and hence calibrated) for this run."""
+        if self.eval_done + releases > self.eval_planned:
+            raise BudgetExceededError(
+                f"privacy budget: evaluation releases {self.eval_done + 1}-{self.eval_done + releases} exceed the "
+                f"{self.eval_planned} planned and "
+                f"accounted for this run ({self._numbers()}); refusing to release"
             )
 
     def after_round(self) -> "PrivacyState":
         return replace(self, history=self._next_history(), rounds_done=self.rounds_done + 1)
+
+    def after_evaluation(self, releases: int = 1) -> "PrivacyState":
+        return replace(self, eval_done=self.eval_done + releases)
 
     def after_refusal(self) -> "PrivacyState":
         return replace(self, refused_rounds=self.refused_rounds + 1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clients.noise import ChaChaNoise, uniform
 from federation.errors import PrivacyError
 
 _SECURE_RNG_WARNING = (
@@ -29,6 +30,9 @@ class DPSGDParams:
     max_grad_norm: float
     sample_rate: float
     steps: int
+    # The public divisor of the noisy gradient sum (int(n_public * q) = the batch size). None = int(len(X) * q),
+    # which depends on the private count of training customers: only for callers that treat it as public.
+    expected_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -39,6 +43,11 @@ class DPSGDParams:
             raise PrivacyError(f"sample_rate={self.sample_rate} must be in (0, 1]")
         if self.steps < 1:
             raise PrivacyError(f"steps={self.steps} must be >= 1")
+        if self.expected_batch_size is not None and self.expected_batch_size < 1:
+            raise PrivacyError(f"expected_batch_size={self.expected_batch_size} must be >= 1")
+
+    def divisor(self, n: int) -> int:
+        return self.expected_batch_size if self.expected_batch_size is not None else _expected_batch(n, self.sample_rate)
 
 
 def sampling_plan(*, n_train: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
@@ -79,6 +88,22 @@ def _proximal_step(model: nn.Module, global_params: list[torch.Tensor] | None, *
             p.sub_(lr * mu * (p - g))
 
 
+def _use_noise_source(opt, source: ChaChaNoise) -> None:
+    """Replace DPOptimizer.add_noise (same computation: p.grad = summed clipped grad + N(0, (sigma C)^2)) with
+    noise from the CSPRNG source; Opacus's own generator is a torch (Mersenne Twister) generator."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise() -> None:
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in opt.params:
+            _check_processed_flag(p.summed_grad)
+            noise = source.gaussian(p.summed_grad.shape, std, dtype=p.summed_grad.dtype, device=p.summed_grad.device)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    opt.add_noise = add_noise
+
+
 def train_dp_opacus(
     model: nn.Module,
     X: torch.Tensor,
@@ -87,7 +112,7 @@ def train_dp_opacus(
     params: DPSGDParams,
     lr: float,
     momentum: float = 0.0,
-    generator: torch.Generator,
+    generator: "torch.Generator | ChaChaNoise",
     proximal_mu: float = 0.0,
 ) -> float:
     """One round of DP-SGD with Opacus's GradSampleModule + DPOptimizer, Poisson sampling on tensors.
@@ -97,7 +122,9 @@ def train_dp_opacus(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    warnings.warn(_SECURE_RNG_WARNING, UserWarning, stacklevel=2)
+    secure = isinstance(generator, ChaChaNoise)
+    if not secure:
+        warnings.warn(_SECURE_RNG_WARNING, UserWarning, stacklevel=2)
     n = len(X)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     gsm = GradSampleModule(model, loss_reduction="sum")
@@ -105,16 +132,18 @@ def train_dp_opacus(
         torch.optim.SGD(gsm.parameters(), lr=lr, momentum=momentum),
         noise_multiplier=params.noise_multiplier,
         max_grad_norm=params.max_grad_norm,
-        expected_batch_size=_expected_batch(n, params.sample_rate),
+        expected_batch_size=params.divisor(n),
         loss_reduction="sum",
-        generator=generator,
+        generator=None if secure else generator,
     )
+    if secure:  # Opacus clips and sums; the noise comes from the CSPRNG stream (clients/noise.py)
+        _use_noise_source(opt, generator)
     # Opacus with reduction "sum" divides by expected batch size only for "mean"; do it explicitly.
-    scale = 1.0 / _expected_batch(n, params.sample_rate)
+    scale = 1.0 / params.divisor(n)
     losses = []
     gsm.train()
     for _ in range(params.steps):
-        mask = torch.rand(n, generator=generator) < params.sample_rate
+        mask = uniform(generator, n, device=X.device, dtype=torch.float32) < params.sample_rate
         idx = mask.nonzero().squeeze(1)
         opt.zero_grad(set_to_none=True)
         if len(idx) == 0:
@@ -143,7 +172,7 @@ def train_dp(
     params: DPSGDParams,
     lr: float,
     momentum: float = 0.0,
-    generator: torch.Generator,
+    generator: "torch.Generator | ChaChaNoise",
     engine: str = "auto",
     proximal_mu: float = 0.0,
 ) -> float:
@@ -165,7 +194,7 @@ def train_dp(
 
 def _train_dp_fast(
     model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, params: DPSGDParams, lr: float, momentum: float,
-    generator: torch.Generator,
+    generator: "torch.Generator | ChaChaNoise",
 ) -> float:
     """Same mechanism as ``train_dp_opacus`` via the fused ghost-norm path (clients/fastdp.py)."""
     from clients import fastdp
@@ -176,6 +205,7 @@ def _train_dp_fast(
         model, X, Y, loss_fn=nn.BCEWithLogitsLoss(reduction="sum"), optimizer=opt,
         noise_multiplier=params.noise_multiplier, max_grad_norm=params.max_grad_norm,
         sample_rate=params.sample_rate, steps=params.steps, generator=generator,
+        expected_batch=params.divisor(len(X)),
     )
     return mean_loss(model, X, Y)  # training loss after the round, on the local data (never released raw)
 

@@ -19,6 +19,7 @@ TASKS = ("churn", "propensity", "both")
 MODELS = ("logreg", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ENGINES = ("auto", "opacus", "fast")
+NOISE_MODES = ("secure", "fast", "reproducible")
 ACCOUNTANTS = ("rdp",)  # what clients use to calibrate; the ledger can re-account with more
 
 
@@ -44,6 +45,10 @@ class PrivacyConfig:
     # The default can be moved with the FEDPROP_LEDGER_DIR environment variable (tests use a temp dir).
     ledger_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_LEDGER_DIR", "runs/ledgers"))
     policy: str = ""  # budget policy YAML (federation/privacy/policy.py); "" = record only, no policy enforced
+    # Where DP noise and Poisson sampling come from (clients/noise.py): "secure" (ChaCha20 keyed from the OS
+    # CSPRNG per release + floating-point hardened Gaussian), "fast" (torch generator seeded from the OS CSPRNG),
+    # "reproducible" (seeded from `seed`: NO guarantee against anyone who knows the seed; tests/research only).
+    noise: str = "secure"
 
 
 @dataclass
@@ -118,11 +123,15 @@ class CentralDPConfig:
 
 @dataclass
 class EvaluationConfig:
-    # Evaluation is a release too: partners send per-class score histograms of their held-out customers.
-    # dp_epsilon > 0 releases them with Laplace noise (federation/metrics.py:noisy), recorded in the partner's
-    # ledger as an evaluation_release every round; this spend comes ON TOP of privacy.epsilon (training).
-    dp_epsilon: float = 0.0
-    bins: int = 1000  # histogram resolution on [0, 1]; with DP noise use 50-100 (fewer, fuller bins)
+    # Federated evaluation is a DP release inside the partner's budget: per task head, per-class counts of its
+    # held-out customers in `bins` public logit-spaced bins plus exact discrete Gaussian noise
+    # (federation/metrics.py:release_histogram). privacy.epsilon is the TOTAL for the run: training is
+    # calibrated to (1 - epsilon_share) x epsilon alone, then the evaluation noise is the smallest that keeps
+    # training + evaluation composed within epsilon. Recorded in the ledger before release.
+    enabled: bool = True
+    epsilon_share: float = 0.1
+    rounds: int = 1  # evaluated rounds, evenly spaced and ending with the last (the released model); each costs
+    bins: int = 20  # public bins per class (0, sigmoid(-6..6 in bins-1 steps), 1)
 
 
 @dataclass
@@ -151,6 +160,14 @@ class FedpropConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     num_cpus_per_client: float = 1.0
     verbose: bool = False
+
+
+def evaluation_rounds(cfg: FedpropConfig) -> tuple[int, ...]:
+    """The server rounds whose global model is evaluated: ``evaluation.rounds`` of them, evenly spaced, last = final."""
+    if not cfg.evaluation.enabled:
+        return ()
+    k, r = cfg.evaluation.rounds, cfg.rounds
+    return tuple(sorted({r - (i * r) // k for i in range(k)}))
 
 
 def _allowed(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -196,12 +213,15 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     if not 0 < t.test_fraction < 1:
         p.append(f"train.test_fraction={t.test_fraction} must be in (0, 1)")
     p += _allowed("train.engine", t.engine, ENGINES)
-    if not cfg.evaluation.dp_epsilon >= 0:
-        p.append(f"evaluation.dp_epsilon={cfg.evaluation.dp_epsilon} must be >= 0 (0 = histograms without DP noise)")
-    if cfg.evaluation.bins < 10 or cfg.evaluation.bins % 10:
-        p.append(f"evaluation.bins={cfg.evaluation.bins} must be a multiple of 10 (reliability curve bins), >= 10")
-    if cfg.evaluation.dp_epsilon > 0 and not cfg.privacy.enabled:
-        p.append("evaluation.dp_epsilon > 0 needs privacy.enabled=true (the release is recorded in the partner ledger)")
+    ev = cfg.evaluation
+    if ev.enabled and not 0 < ev.epsilon_share < 1:
+        p.append(f"evaluation.epsilon_share={ev.epsilon_share} must be in (0, 1): the share of privacy.epsilon "
+                 "for evaluation releases")
+    if not 1 <= ev.rounds <= max(1, cfg.rounds):
+        p.append(f"evaluation.rounds={ev.rounds} must be in [1, rounds={cfg.rounds}] (evaluated rounds, ending with the last)")
+    if ev.bins < 2 or ev.bins > 1000:
+        p.append(f"evaluation.bins={ev.bins} must be in [2, 1000] (public score bins per class)")
+    p += _allowed("privacy.noise", cfg.privacy.noise, NOISE_MODES)
     p += _allowed("strategy.name", cfg.strategy.name, STRATEGIES)
     if not 0 < cfg.strategy.fraction_train <= 1:
         p.append(f"strategy.fraction_train={cfg.strategy.fraction_train} must be in (0, 1]")

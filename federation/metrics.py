@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -83,9 +83,17 @@ class ScoreHistogram:
     sum_score: np.ndarray
     sum_logloss: float
     sum_brier: float
+    # Bin edges (bins + 1 values from 0 to 1, increasing); None = equal width on [0, 1]. Public and data-independent.
+    bin_edges: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if self.bin_edges is not None:
+            e = tuple(float(x) for x in self.bin_edges)
+            ok = len(e) == int(self.bins) + 1 and e[0] == 0.0 and e[-1] == 1.0 and all(a < b for a, b in zip(e, e[1:]))
+            if not ok:
+                raise ConfigError(f"ScoreHistogram.bin_edges must be {int(self.bins) + 1} increasing values from 0 to 1")
+            object.__setattr__(self, "bin_edges", e)
         if not isinstance(self.bins, (int, np.integer)) or isinstance(self.bins, bool) or self.bins < 1:
             raise ConfigError(f"ScoreHistogram.bins must be a positive integer, got {self.bins!r}")
         bins = int(self.bins)
@@ -141,6 +149,8 @@ class ScoreHistogram:
     @property
     def edges(self) -> np.ndarray:
         """The ``bins + 1`` bin edges on [0, 1]."""
+        if self.bin_edges is not None:
+            return np.asarray(self.bin_edges, dtype=np.float64)
         return np.linspace(0.0, 1.0, self.bins + 1)
 
     def __eq__(self, other: object) -> bool:
@@ -148,6 +158,7 @@ class ScoreHistogram:
             return NotImplemented
         return (
             self.bins == other.bins
+            and self.bin_edges == other.bin_edges
             and np.array_equal(self.pos, other.pos)
             and np.array_equal(self.neg, other.neg)
             and np.array_equal(self.sum_score, other.sum_score)
@@ -161,8 +172,12 @@ class ScoreHistogram:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
-    """Bin of each score: ``min(floor(p * bins), bins - 1)`` (so 1.0 lands in the last bin)."""
+def bin_index(scores: np.ndarray, bins: int, edges: Any = None) -> np.ndarray:
+    """Bin of each score: ``min(floor(p * bins), bins - 1)`` (so 1.0 lands in the last bin); with explicit
+    ``edges``, bin i holds ``edges[i] <= p < edges[i + 1]`` (the last bin also holds 1.0)."""
+    if edges is not None:
+        inner = np.asarray(edges, dtype=np.float64)[1:-1]
+        return np.searchsorted(inner, np.asarray(scores, dtype=np.float64), side="right").astype(np.int64)
     idx = np.floor(np.asarray(scores, dtype=np.float64) * bins).astype(np.int64)
     return np.minimum(idx, bins - 1)
 
@@ -210,12 +225,13 @@ def _per_example_losses(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     return ll, br
 
 
-def histogram_from_scores(y_true: Any, scores: Any, *, bins: int = DEFAULT_BINS) -> ScoreHistogram:
+def histogram_from_scores(y_true: Any, scores: Any, *, bins: int = DEFAULT_BINS,
+                          edges: tuple[float, ...] | None = None) -> ScoreHistogram:
     """Build a partner's histogram from its own labels and predicted probabilities (computed on the node)."""
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise ConfigError(f"bins must be a positive integer, got {bins!r}")
     y, p = _validate(y_true, scores)
-    idx = bin_index(p, bins)
+    idx = bin_index(p, bins, edges)
     ll, br = _per_example_losses(y, p)
     return ScoreHistogram(
         bins=bins,
@@ -224,6 +240,7 @@ def histogram_from_scores(y_true: Any, scores: Any, *, bins: int = DEFAULT_BINS)
         sum_score=np.bincount(idx, weights=p, minlength=bins),
         sum_logloss=float(ll.sum()),
         sum_brier=float(br.sum()),
+        bin_edges=None if edges is None else tuple(edges),
     )
 
 
@@ -239,7 +256,11 @@ def combine(histograms: Iterable[ScoreHistogram]) -> ScoreHistogram:
             f"cannot combine histograms with different resolutions ({per}): bins are not comparable. "
             "Every partner must use the same evaluation.bins from the round config."
         )
+    if len({h.bin_edges for h in hs}) > 1:
+        raise HistogramMismatchError("cannot combine histograms with different bin edges: every partner must use the "
+                                     "same evaluation binning from the round config")
     return ScoreHistogram(
+        bin_edges=hs[0].bin_edges,
         bins=hs[0].bins,
         pos=np.sum([h.pos for h in hs], axis=0),
         neg=np.sum([h.neg for h in hs], axis=0),
@@ -266,6 +287,7 @@ def to_flat(hist: ScoreHistogram, *, prefix: str = DEFAULT_PREFIX) -> dict[str, 
         f"{prefix}sum_score": [float(v) for v in hist.sum_score],
         f"{prefix}sum_logloss": float(hist.sum_logloss),
         f"{prefix}sum_brier": float(hist.sum_brier),
+        **({f"{prefix}edges": [float(e) for e in hist.bin_edges]} if hist.bin_edges is not None else {}),
     }
 
 
@@ -309,9 +331,12 @@ def from_flat(flat: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX) -> Score
             problems.append(f"{prefix}{key} must be a number, got {type(v).__name__}")
             continue
         scalars[key] = float(v)
+    edges = flat.get(prefix + "edges")
+    if edges is not None and not (isinstance(edges, (list, tuple)) and all(isinstance(x, (int, float)) for x in edges)):
+        problems.append(f"{prefix}edges must be a list of numbers")
     if problems:
         raise DataValidationError(problems, source=src)
-    return ScoreHistogram(bins=int(bins), **arrays, **scalars)
+    return ScoreHistogram(bins=int(bins), **arrays, **scalars, bin_edges=None if edges is None else tuple(edges))
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -372,12 +397,13 @@ def _gains(pos_d: np.ndarray, neg_d: np.ndarray, n_groups: int) -> dict[str, lis
     }
 
 
-def _reliability(count: np.ndarray, pos: np.ndarray, sum_score: np.ndarray, n_bins: int) -> dict[str, list]:
+def _reliability(count: np.ndarray, pos: np.ndarray, sum_score: np.ndarray, n_bins: int,
+                 edges: np.ndarray | None = None) -> dict[str, list]:
     count = np.asarray(count, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_pred = np.where(count > 0, sum_score / count, np.nan)
         observed = np.where(count > 0, pos / count, np.nan)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1) if edges is None else edges
     return {
         "bin_lower": edges[:-1].tolist(),
         "bin_upper": edges[1:].tolist(),
@@ -441,6 +467,7 @@ def reliability_curve(hist: ScoreHistogram, *, n_bins: int = DEFAULT_RELIABILITY
         np.bincount(coarse, weights=hist.pos, minlength=n_bins),
         np.bincount(coarse, weights=hist.sum_score, minlength=n_bins),
         n_bins,
+        hist.edges[:: hist.bins // n_bins],
     )
 
 
@@ -492,7 +519,7 @@ def summarize(hist: ScoreHistogram, *, n_bins: int = DEFAULT_RELIABILITY_BINS) -
     """
     curve = reliability_curve(hist, n_bins=n_bins)
     return _summary(_ranked(hist.pos, hist.neg), hist.n_pos, hist.n, hist.sum_logloss, hist.sum_brier,
-                    curve, 1.0 / hist.bins, n_bins)
+                    curve, float(np.max(np.diff(hist.edges))), n_bins)
 
 
 def metrics_from_scores(y_true: Any, scores: Any, *, n_bins: int = DEFAULT_RELIABILITY_BINS) -> dict[str, Any]:
@@ -521,66 +548,157 @@ def metrics_from_scores(y_true: Any, scores: Any, *, n_bins: int = DEFAULT_RELIA
 
 
 # ---------------------------------------------------------------------------------------- DP release
+#
+# What a partner releases from evaluation (format 2): per task head, the per-class counts of its held-out
+# customers in ``bins`` bins whose edges are FIXED and PUBLIC (equal steps in logit space, so bins stay useful
+# when a DP model's scores bunch up), each count plus independent discrete Gaussian noise N_Z(0, sigma^2)
+# drawn exactly from the OS CSPRNG (federation/privacy/discrete.py). Nothing else: no score sums, no loss
+# sums, no exact test-set size. Adding or removing one customer changes one count of one head by 1 (L2
+# sensitivity 1 per head), so one head's release is the ledger event ``discrete_gaussian(sigma)``.
+# Everything the server computes from it (pooled counts, AUC, lift, calibration, error bars) is
+# post-processing. Counts may be negative after noise; the server sums partners' raw counts first and
+# clips at 0 only after summing (clipping each partner first would bias every bin upwards).
+
+RELEASE_FORMAT_VERSION = 2
+DEFAULT_DP_BINS = 20
+LOGIT_RANGE = 6.0  # interior edges from sigmoid(-6) ~ 0.0025 to sigmoid(6) ~ 0.9975
+MEANINGFUL_HALF_WIDTH = 0.05  # a metric whose 95% noise interval is wider than +-0.05 is not printed
+_BOOTSTRAP = 200
 
 
-def noisy(hist: ScoreHistogram, *, epsilon: float, rng: np.random.Generator) -> tuple[ScoreHistogram, dict[str, Any]]:
-    """Release ``hist`` with ``epsilon``-DP per customer; return the noisy histogram and the mechanism.
+def logit_edges(bins: int = DEFAULT_DP_BINS, *, logit_range: float = LOGIT_RANGE) -> tuple[float, ...]:
+    """``bins + 1`` public edges: 0, sigmoid of ``bins - 1`` equally spaced logits in [-range, range], 1."""
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+        raise ConfigError(f"evaluation.bins={bins!r} must be an integer >= 2")
+    z = np.linspace(-logit_range, logit_range, bins - 1)
+    inner = 1.0 / (1.0 + np.exp(-z))
+    return (0.0, *[float(x) for x in inner], 1.0)
 
-    Privacy unit: one customer, who contributes at most one held-out example (add/remove adjacency). Adding
-    a customer changes one count of ``pos``/``neg`` by 1, one entry of ``sum_score`` by at most 1,
-    ``sum_logloss`` by at most ``MAX_LOGLOSS`` and ``sum_brier`` by at most 1. Each of these four groups gets
-    Laplace noise with scale ``4 * sensitivity / epsilon``: four Laplace mechanisms with noise multiplier
-    ``4 / epsilon``, composed (``epsilon / 4`` each). Afterwards (post-processing, no privacy cost) counts
-    are rounded and clipped at 0, and sums clipped to the range the noisy counts allow. ``delta`` is 0.
 
-    The returned mechanism dict records all of it; its ``ledger_event`` entry is a ``laplace`` record
-    (``noise_multiplier``, ``count``) that ``federation.privacy.events.event_from_dict`` loads, so the
-    release is accounted like any other. ``rng`` is a numpy Generator: numpy's generators are not
-    cryptographically secure and floating-point Laplace noise has known weaknesses (Mironov 2012), so for
-    production releases seed it from ``secrets``. With DP, fewer bins (e.g. 50-100) keep metrics useful:
-    every bin pays noise of the same scale whatever its count.
+def _representatives(edges: np.ndarray) -> np.ndarray:
+    """A public score per bin (logit midpoint; the open ends one step outwards): used to turn released counts
+    into the score and loss sums that calibration metrics need. An approximation, stated in every report."""
+    inner = np.log(edges[1:-1] / (1.0 - edges[1:-1]))
+    step = float(inner[1] - inner[0]) if len(inner) > 1 else 1.0
+    mids = np.concatenate([[inner[0] - step / 2], (inner[:-1] + inner[1:]) / 2, [inner[-1] + step / 2]])
+    return 1.0 / (1.0 + np.exp(-mids))
+
+
+def release_histogram(y_true: Any, scores: Any, *, edges: tuple[float, ...], sigma: float,
+                      sampler: Callable[[float, int], list[int]], prefix: str) -> dict[str, FlatValue]:
+    """A partner's DP evaluation release of one head (flat, for a MetricRecord): noisy counts only.
+
+    ``sampler(sigma, size)`` draws discrete Gaussian noise (federation.privacy.discrete.sample_discrete_gaussian).
     """
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise PrivacyError(f"noisy(): epsilon must be a finite number > 0, got {epsilon!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise PrivacyError(
-            f"noisy(): rng must be a numpy.random.Generator, got {type(rng).__name__}; "
-            "e.g. np.random.default_rng(secrets.randbits(128))"
-        )
-    eps = float(epsilon)
-    groups = 4
-    b = groups / eps  # noise multiplier: Laplace scale per unit of L1 sensitivity
-    B = hist.bins
-    pos = np.maximum(np.rint(hist.pos + rng.laplace(0.0, b, size=B)), 0).astype(np.int64)
-    neg = np.maximum(np.rint(hist.neg + rng.laplace(0.0, b, size=B)), 0).astype(np.int64)
-    count = pos + neg
-    edges = hist.edges
-    sum_score = np.clip(hist.sum_score + rng.laplace(0.0, b, size=B), edges[:-1] * count, edges[1:] * count)
-    n = float(count.sum())
-    sum_ll = float(np.clip(hist.sum_logloss + rng.laplace(0.0, MAX_LOGLOSS * b), 0.0, MAX_LOGLOSS * n))
-    sum_br = float(np.clip(hist.sum_brier + rng.laplace(0.0, b), 0.0, n))
-    released = ScoreHistogram(bins=B, pos=pos, neg=neg, sum_score=sum_score, sum_logloss=sum_ll, sum_brier=sum_br)
-    share = eps / groups
-    mechanism: dict[str, Any] = {
-        "kind": "laplace",
-        "release": "evaluation_histogram",
-        "epsilon": eps,
-        "delta": 0.0,
-        "unit": "customer",
-        "adjacency": "add_remove",
-        # Every component is noised relative to its own L1 sensitivity with the same multiplier:
-        "sensitivity": 1.0,
-        "scale": b,
-        "count": groups,
-        "ledger_event": {"kind": "laplace", "noise_multiplier": b, "count": groups},
-        "bins": B,
-        "components": {
-            "pos_neg_counts": {"sensitivity": 1.0, "scale": b, "epsilon": share},
-            "sum_score": {"sensitivity": 1.0, "scale": b, "epsilon": share},
-            "sum_logloss": {"sensitivity": MAX_LOGLOSS, "scale": MAX_LOGLOSS * b, "epsilon": share},
-            "sum_brier": {"sensitivity": 1.0, "scale": b, "epsilon": share},
-        },
-        "post_processing": "counts rounded and clipped at 0; sums clipped to the ranges the noisy counts allow",
-        "assumption": "each customer contributes at most one held-out example to this partner's evaluation",
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise PrivacyError(f"release_histogram: sigma must be a finite number > 0, got {sigma!r}")
+    bins = len(edges) - 1
+    y, p = _validate(y_true, scores)
+    idx = bin_index(p, bins, edges)
+    pos = np.bincount(idx[y == 1], minlength=bins) + np.asarray(sampler(sigma, bins), dtype=np.int64)
+    neg = np.bincount(idx[y == 0], minlength=bins) + np.asarray(sampler(sigma, bins), dtype=np.int64)
+    return {
+        f"{prefix}format_version": RELEASE_FORMAT_VERSION,
+        f"{prefix}edges": [float(e) for e in edges],
+        f"{prefix}pos": [int(v) for v in pos],
+        f"{prefix}neg": [int(v) for v in neg],
+        f"{prefix}sigma": float(sigma),
     }
-    return released, mechanism
+
+
+@dataclass(frozen=True, eq=False)
+class NoisyCounts:
+    """Summed noisy counts of one head over partners; ``sigma`` = std of the summed noise per count."""
+
+    edges: tuple[float, ...]
+    pos: np.ndarray
+    neg: np.ndarray
+    sigma: float
+    partners: int
+
+    def histogram(self, pos: np.ndarray | None = None, neg: np.ndarray | None = None) -> ScoreHistogram:
+        """Clip at 0 (post-processing) and fill the sums from the public bin representatives."""
+        e = np.asarray(self.edges)
+        pos = np.maximum(self.pos if pos is None else pos, 0).astype(np.int64)
+        neg = np.maximum(self.neg if neg is None else neg, 0).astype(np.int64)
+        r = _representatives(e)
+        ll_pos, br_pos = _per_example_losses(np.ones_like(r, dtype=np.int64), r)
+        ll_neg, br_neg = _per_example_losses(np.zeros_like(r, dtype=np.int64), r)
+        return ScoreHistogram(
+            bins=len(e) - 1, pos=pos, neg=neg, sum_score=r * (pos + neg),
+            sum_logloss=float(pos @ ll_pos + neg @ ll_neg), sum_brier=float(pos @ br_pos + neg @ br_neg),
+            bin_edges=self.edges,
+        )
+
+
+def is_release(flat: Mapping[str, Any], *, prefix: str) -> bool:
+    return flat.get(f"{prefix}format_version") == RELEASE_FORMAT_VERSION
+
+
+def combine_releases(flats: Iterable[Mapping[str, Any]], *, prefix: str) -> NoisyCounts:
+    """Sum partners' raw noisy counts of one head (format 2). Refuses mismatched edges or malformed records."""
+    rows = list(flats)
+    if not rows:
+        raise HistogramMismatchError("no evaluation release to combine")
+    problems: list[str] = []
+    edges = None
+    pos_sum = neg_sum = None
+    var = 0.0
+    for i, f in enumerate(rows):
+        try:
+            e = tuple(float(x) for x in f[f"{prefix}edges"])
+            pos = np.asarray(f[f"{prefix}pos"], dtype=np.int64)
+            neg = np.asarray(f[f"{prefix}neg"], dtype=np.int64)
+            sg = float(f[f"{prefix}sigma"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"release #{i}: missing or malformed {prefix}edges/pos/neg/sigma")
+            continue
+        if edges is None:
+            edges = e
+        if e != edges or pos.shape != (len(e) - 1,) or neg.shape != pos.shape or not math.isfinite(sg) or sg <= 0:
+            problems.append(f"release #{i}: edges/lengths/sigma differ from the first partner's")
+            continue
+        pos_sum = pos if pos_sum is None else pos_sum + pos
+        neg_sum = neg if neg_sum is None else neg_sum + neg
+        var += sg * sg
+    if problems:
+        raise DataValidationError(problems, source=f"evaluation releases ({prefix})")
+    ScoreHistogram(bins=len(edges) - 1, pos=np.zeros(len(edges) - 1, dtype=np.int64), neg=np.zeros(len(edges) - 1, dtype=np.int64),
+                   sum_score=np.zeros(len(edges) - 1), sum_logloss=0.0, sum_brier=0.0, bin_edges=edges)  # validates edges
+    return NoisyCounts(edges=edges, pos=pos_sum, neg=neg_sum, sigma=math.sqrt(var), partners=len(rows))
+
+
+ERROR_BAR_KEYS = ("auc_roc", "pr_auc", "top_decile_lift", "ece", "brier", "log_loss", "base_rate")
+
+
+def summarize_release(noisy: NoisyCounts, *, n_bins: int = DEFAULT_RELIABILITY_BINS) -> dict[str, Any]:
+    """:func:`summarize` of the clipped noisy counts plus 95% noise intervals for the headline metrics.
+
+    Intervals: parametric bootstrap (``_BOOTSTRAP`` replicates of fresh Gaussian noise of the released std added
+    to the released counts); ``<key>_half_width`` is half the 2.5-97.5 percentile range, ``<key>_meaningful``
+    is False when it exceeds ``MEANINGFUL_HALF_WIDTH`` (AUC, PR-AUC, ECE, Brier, base rate; lift x0.1). Post-processing:
+    it uses only the release, public noise parameters and non-private randomness.
+    """
+    hist = noisy.histogram()
+    bins = len(noisy.edges) - 1
+    nb = n_bins if bins % n_bins == 0 else bins
+    out = summarize(hist, n_bins=nb)
+    rng = np.random.default_rng()
+    reps: dict[str, list[float]] = {k: [] for k in ERROR_BAR_KEYS}
+    for _ in range(_BOOTSTRAP):
+        dp = np.rint(rng.normal(0.0, noisy.sigma, size=bins)).astype(np.int64)
+        dn = np.rint(rng.normal(0.0, noisy.sigma, size=bins)).astype(np.int64)
+        s = summarize(noisy.histogram(noisy.pos + dp, noisy.neg + dn), n_bins=nb)
+        for k in ERROR_BAR_KEYS:
+            reps[k].append(float(s[k]))
+    for k in ERROR_BAR_KEYS:
+        v = np.asarray(reps[k], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        hw = float((np.percentile(v, 97.5) - np.percentile(v, 2.5)) / 2) if len(v) > 10 else float("nan")
+        out[f"{k}_half_width"] = hw
+        limit = MEANINGFUL_HALF_WIDTH * (10 if k == "top_decile_lift" else 1)
+        out[f"{k}_meaningful"] = bool(math.isfinite(hw) and hw <= limit and math.isfinite(out[k]))
+    out["noise_sigma"] = noisy.sigma
+    out["partners"] = noisy.partners
+    out["dp_release"] = True
+    return out

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from federation.config import FedpropConfig, config_hash, from_run_config
+from federation.config import FedpropConfig, config_hash, evaluation_rounds, from_run_config
 from federation.featurespec import feature_names
 from federation.models import build_model, federations
 from server.outputs import RunOutputs, progress_line
@@ -47,7 +47,8 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         out.save_final(tag, final.to_torch_state_dict(), heads=heads, feature_names=names)
         release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=pooled_summaries(last_eval))
         return
-    strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round)
+    strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round,
+                                 evaluate_rounds=evaluation_rounds(cfg))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:

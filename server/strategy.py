@@ -25,39 +25,60 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+HEAD_KEYS = ("auc_roc", "auc_tie_bound", "pr_auc", "log_loss", "brier", "ece", "top_decile_lift", "base_rate")
+
+
+def _heads_in(flats: list[dict[str, Any]]) -> list[str]:
+    suffix = f"{HIST}format_version"
+    return sorted({k[: -len(suffix)] for f in flats for k in f if k.endswith(suffix)})
+
+
+def summarize_head(flats: list[dict[str, Any]], head: str) -> dict[str, Any]:
+    """Every metric of ``head`` from the partners' evaluation records: DP releases (noisy counts, format 2) are
+    summed raw and then clipped, with 95% noise intervals; exact histograms (non-private runs) are combined."""
+    prefix = f"{head}{HIST}"
+    rows = [f for f in flats if f"{prefix}format_version" in f]
+    if rows and all(M.is_release(f, prefix=prefix) for f in rows):
+        return M.summarize_release(M.combine_releases(rows, prefix=prefix))
+    return M.summarize(M.combine([M.from_flat(f, prefix=prefix) for f in rows]))
+
+
 def aggregate_eval_metrics(heads: tuple[str, ...]) -> Callable[[list[RecordDict], str], MetricRecord]:
-    """Pooled metrics per head from summed histograms; example-weighted means of the scalar metrics."""
+    """Pooled metrics per head from the partners' summed releases, with their noise half-widths."""
 
     def aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
-        flats = [next(iter(r.metric_records.values())) for r in records]
-        out: dict[str, Any] = {}
-        total = sum(float(f[weight_key]) for f in flats)
-        for key in sorted({k for f in flats for k in f.keys()}):
-            if HIST in key or key in (weight_key, "partition-id"):
-                continue
-            vals = [(float(f[key]), float(f[weight_key])) for f in flats if key in f and _scalar(f[key])]
-            vals = [(v, w) for v, w in vals if not math.isnan(v)]
-            if vals:
-                out[f"mean.{key}"] = sum(v * w for v, w in vals) / max(1e-12, sum(w for _, w in vals))
+        flats = [dict(next(iter(r.metric_records.values()))) for r in records]
+        out: dict[str, Any] = {weight_key: len(flats)}
         for head in heads:
-            hists = [M.from_flat(f, prefix=f"{head}{HIST}") for f in flats if f"{head}{HIST}bins" in f]
-            if not hists:
+            if not any(f"{head}{HIST}format_version" in f for f in flats):
                 continue
-            s = M.summarize(M.combine(hists))
-            for k in ("auc_roc", "auc_tie_bound", "pr_auc", "log_loss", "brier", "ece", "top_decile_lift", "base_rate"):
+            s = summarize_head(flats, head)
+            for k in HEAD_KEYS:
                 out[f"{head}.{k}"] = float(s[k])
-        out[weight_key] = int(total)
+                if f"{k}_half_width" in s:
+                    out[f"{head}.{k}_half_width"] = float(s[f"{k}_half_width"])
+                    out[f"{head}.{k}_meaningful"] = int(bool(s[f"{k}_meaningful"]))
         return MetricRecord(out)
 
     return aggr
 
 
 def pooled_summaries(flats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per head, every metric (incl. gains/lift and reliability curve) of the partners' combined histograms."""
-    suffix = f"{HIST}bins"
-    heads = sorted({k[: -len(suffix)] for f in flats for k in f if k.endswith(suffix)})
-    return {h: M.summarize(M.combine([M.from_flat(f, prefix=f"{h}{HIST}") for f in flats if f"{h}{suffix}" in f]))
-            for h in heads}
+    """Per head, every metric (incl. gains/lift and reliability curve) of the partners' combined releases."""
+    return {h: summarize_head(flats, h) for h in _heads_in(flats)}
+
+
+def partner_summary(flat: dict[str, Any]) -> dict[str, Any]:
+    """One partner's own metrics (from its own release), with noise half-widths: what the server may record."""
+    out: dict[str, Any] = {}
+    for head in _heads_in([flat]):
+        s = summarize_head([flat], head)
+        for k in ("auc_roc", "top_decile_lift", "ece", "base_rate"):
+            out[f"{head}.{k}"] = float(s[k])
+            if f"{k}_half_width" in s:
+                out[f"{head}.{k}_half_width"] = float(s[f"{k}_half_width"])
+                out[f"{head}.{k}_meaningful"] = bool(s[f"{k}_meaningful"])
+    return out
 
 
 def build_strategy(cfg: FedpropConfig, *, heads: tuple[str, ...], num_partners: int) -> Strategy:
@@ -96,8 +117,10 @@ def _reply_key(msg: Message) -> tuple:
 class RecordingStrategy(Strategy):
     """Delegating wrapper: deterministic aggregation order + per-partner records + progress output."""
 
-    def __init__(self, inner: Strategy, *, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, inner: Strategy, *, on_round: Callable[[dict[str, Any]], None] | None = None,
+                 evaluate_rounds: Iterable[int] | None = None) -> None:
         self.inner = inner
+        self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self.on_round = on_round
         self.rounds: list[dict[str, Any]] = []
         self._current: dict[str, Any] = {}
@@ -136,6 +159,9 @@ class RecordingStrategy(Strategy):
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
+            self._mark = time.perf_counter()  # evaluation is a DP release: only the scheduled rounds ask for it
+            return []
         messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
         self._mark = time.perf_counter()
         return messages
@@ -146,13 +172,18 @@ class RecordingStrategy(Strategy):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
+                self._current.setdefault("evaluate_refusals", []).append(
+                    {"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason})
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
             pid = str(int(m.get("partition-id", -1)))
-            scalars = {k: v for k, v in m.items() if HIST not in k}
-            self._current["partners"].setdefault(pid, {})["evaluate"] = scalars
-        self.pooled = pooled_summaries([dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()])
-        agg = self.inner.aggregate_evaluate(server_round, replies)
+            ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
+            ev.update(partner_summary(m))
+            self._current["partners"].setdefault(pid, {})["evaluate"] = ev
+        ok = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
+        if ok:
+            self.pooled = pooled_summaries(ok)
+        agg = self.inner.aggregate_evaluate(server_round, replies) if ok else None
         self._current["evaluate"] = dict(agg) if agg is not None else {}
         self._timed("aggregate-evaluate-s", t0)
         self.rounds.append(self._current)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 import shutil
 import os
 import sys
@@ -70,13 +71,16 @@ def _run(cfg: FedpropConfig, run_dir: Path, partner_loader) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_flower(cfg.verbose)
+    # The partners' secret train/test split key for this run (clients/node.py:test_membership): fresh from the OS
+    # CSPRNG, shared by the simulated nodes and the driver's baselines (same splits), never in the run config.
+    split_key = secrets.token_bytes(32)
     t0 = time.perf_counter()
     print(f"fedprop: {cfg.partners} partners x {cfg.rounds} rounds, task={cfg.task}, model={cfg.model.kind}, "
           f"data={cfg.data.name}, DP target epsilon={cfg.privacy.epsilon if cfg.privacy.enabled else 'off'} "
           f"(delta={cfg.privacy.delta:g}, per partner, unit=customer) -> {run_dir}", flush=True)
     flwr.simulation.run_simulation(
         server_app=make_server_app(config=cfg, run_dir=run_dir),
-        client_app=make_client_app(config=cfg, loader=partner_loader),
+        client_app=make_client_app(config=cfg, loader=partner_loader, split_key=split_key),
         num_supernodes=cfg.partners,
         backend_config={
             "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": 0.0},
@@ -96,7 +100,8 @@ def _run(cfg: FedpropConfig, run_dir: Path, partner_loader) -> dict[str, Any]:
     for heads in federations(cfg.task, cfg.model.heads):
         tag = "+".join(heads)
         parts = [load_partner(cfg, node_config={"partition-id": i, "num-partitions": cfg.partners},
-                              loader=partner_loader, heads_key=",".join(heads)) for i in range(cfg.partners)]
+                              loader=partner_loader, heads_key=",".join(heads), split_key=split_key)
+                 for i in range(cfg.partners)]
         sd, meta = load_model(run_dir / f"model_{tag}.pt")
         model = build_model(cfg.model, n_features=len(meta["feature_names"]), n_outputs=len(heads))
         model.load_state_dict(sd)

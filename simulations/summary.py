@@ -71,6 +71,9 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
                 "federated_dp_auc": pooled["auc_roc"],
                 "federated_dp_top_decile_lift": pooled["top_decile_lift"],
                 "federated_eval_auc_from_histograms": last["evaluate"].get(f"{head}.auc_roc"),
+                # the DP evaluation release's 95% noise half-width (None for exact, non-private histograms)
+                "federated_eval_auc_half_width": last["evaluate"].get(f"{head}.auc_roc_half_width"),
+                "federated_eval_auc_meaningful": bool(last["evaluate"].get(f"{head}.auc_roc_meaningful", 1)),
                 "base_rate": pooled["base_rate"],
                 "per_partner": {},
                 "curves": {"federated_dp": _curves(pooled)},
@@ -147,6 +150,19 @@ def render_summary(s: dict[str, Any]) -> str:
     for task, r in s["tasks"].items():
         lines.append(f"| {task} | {_f(r['federated_dp_auc'])} | {_f(r.get('centralized_auc'))} | "
                      f"{_f(r.get('local_only_auc_mean'))} | {_f(r['federated_dp_top_decile_lift'], 2)} | {_f(r['base_rate'])} |")
+    lines += ["", "Federated evaluation (what a deployment sees: partners' DP releases of held-out counts, summed; "
+              "the table above is the simulation's exact evaluation of the same model):"]
+    for task, r in s["tasks"].items():
+        est, hw = r.get("federated_eval_auc_from_histograms"), r.get("federated_eval_auc_half_width")
+        if est is None:
+            lines.append(f"- {task}: not evaluated")
+        elif hw is None:
+            lines.append(f"- {task}: AUC {_f(est)} (exact histograms, non-private run)")
+        elif not r.get("federated_eval_auc_meaningful", True):
+            lines.append(f"- {task}: AUC not meaningful at this noise level (95% noise interval +-{_f(hw)} > +-0.05); "
+                         "more test customers or a larger evaluation.epsilon_share would narrow it")
+        else:
+            lines.append(f"- {task}: AUC {_f(est)} +- {_f(hw)} (95% noise interval)")
     untrained = [t for t, n in s.get("rounds_with_training", {}).items() if n == 0]
     if untrained:
         lines += ["", f"**WARNING: no partner trained in any round of {', '.join(untrained)}: the federated model is "

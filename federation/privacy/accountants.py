@@ -30,7 +30,7 @@ from dp_accounting import rdp as dp_rdp
 from scipy import special
 
 from federation.errors import PrivacyError
-from federation.privacy.events import EVENT_KINDS, Gaussian, Laplace, PoissonSampledGaussian
+from federation.privacy.events import EVENT_KINDS, DiscreteGaussian, Gaussian, Laplace, PoissonSampledGaussian
 
 __all__ = [
     "Accountant",
@@ -239,12 +239,20 @@ def _sgm_rdp_vector(q: float, sigma: float, orders: tuple[float, ...]) -> np.nda
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _gaussian_rdp_vector(sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Gaussian mechanism RDP alpha / (2 sigma^2) (Mironov 2017, Prop. 7), which ``_sgm_rdp(1, ...)`` equals."""
+    out = np.array([a / (2.0 * sigma**2) for a in orders], dtype=float)
+    out.setflags(write=False)
+    return out
+
+
 def rdp_curve(event: object, orders: Sequence[float] = OPACUS_DEFAULT_ORDERS) -> np.ndarray:
     """RDP of one (self-composed) mechanism record at each order."""
     if isinstance(event, PoissonSampledGaussian):
         return _sgm_rdp_vector(event.sampling_rate, event.noise_multiplier, tuple(orders)) * event.steps
-    if isinstance(event, Gaussian):
-        return np.array([_sgm_rdp(1.0, event.noise_multiplier, a) for a in orders]) * event.count
+    if isinstance(event, (Gaussian, DiscreteGaussian)):  # discrete: zCDP bound = the Gaussian curve (events.py)
+        return _gaussian_rdp_vector(event.noise_multiplier, tuple(orders)) * event.count
     if isinstance(event, Laplace):
         return np.array([_laplace_rdp(event.noise_multiplier, a) for a in orders]) * event.count
     raise PrivacyError(f"rdp_curve: unsupported event {event!r}.")
@@ -281,7 +289,7 @@ class RdpAccountant(Accountant):
         "Renyi DP of the Poisson-subsampled Gaussian (Mironov et al. 2019), Opacus 1.6 orders and "
         "conversion (Balle et al. 2020); fedprop's own implementation"
     )
-    supported_kinds = frozenset({PoissonSampledGaussian.kind, Gaussian.kind, Laplace.kind})
+    supported_kinds = frozenset({PoissonSampledGaussian.kind, Gaussian.kind, Laplace.kind, DiscreteGaussian.kind})
     orders: ClassVar[tuple[float, ...]] = OPACUS_DEFAULT_ORDERS
 
     def _epsilon(self, events: list, delta: float) -> float:
@@ -296,7 +304,7 @@ class RdpAccountant(Accountant):
 class _DpAccountingAccountant(Accountant):
     """Adapter over a dp_accounting PrivacyAccountant: dry-run ``supports`` in check, then compose."""
 
-    supported_kinds = frozenset({PoissonSampledGaussian.kind, Gaussian.kind, Laplace.kind})
+    supported_kinds = frozenset({PoissonSampledGaussian.kind, Gaussian.kind, Laplace.kind, DiscreteGaussian.kind})
     _factory: ClassVar[Callable[[], object]]
 
     def supports(self, event: object) -> bool:
@@ -362,6 +370,16 @@ def _dp_pld_unit(q: float, sigma: float):
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _dp_pld_discrete_gaussian(sigma: float):
+    """dp_accounting's PLD of the discrete Gaussian (sensitivity 1), pessimistic discretisation."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    return pld_lib.from_discrete_gaussian_mechanism(
+        sigma, sensitivity=1, value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
+    )  # no sampling: the PLD is the same for add and for remove
+
+
 @register_accountant
 class DpPldAccountant(_DpAccountingAccountant):
     name = "dp_pld"
@@ -380,6 +398,22 @@ class DpPldAccountant(_DpAccountingAccountant):
         pld = None
         for e in events:
             part = _dp_pld_unit(e.sampling_rate, e.noise_multiplier).self_compose(e.count)
+            pld = part if pld is None else pld.compose(part)
+        return float(pld.get_epsilon_for_delta(delta))
+
+    def _epsilon(self, events: list, delta: float) -> float:
+        if not any(isinstance(e, DiscreteGaussian) for e in events):
+            return super()._epsilon(events, delta)
+        pld = None
+        for e in events:  # every event as a PLD; the discrete Gaussian with dp-accounting's exact PLD
+            if isinstance(e, DiscreteGaussian):
+                part = _dp_pld_discrete_gaussian(e.noise_multiplier).self_compose(e.count)
+            elif isinstance(e, PoissonSampledGaussian):
+                part = _dp_pld_unit(e.sampling_rate, e.noise_multiplier).self_compose(e.count)
+            else:
+                acc = type(self)._factory()
+                acc.compose(e.to_dp_accounting())
+                part = acc._pld  # noqa: SLF001 - the accountant's composed PLD of this one event
             pld = part if pld is None else pld.compose(part)
         return float(pld.get_epsilon_for_delta(delta))
 

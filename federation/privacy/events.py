@@ -21,6 +21,7 @@ __all__ = [
     "PoissonSampledGaussian",
     "Gaussian",
     "Laplace",
+    "DiscreteGaussian",
     "Event",
     "EVENT_KINDS",
     "event_from_dict",
@@ -179,13 +180,36 @@ class Laplace(_NoiseTimesCount):
         return f"Laplace (b={self.noise_multiplier:g}) x {self.count}"
 
 
-Event = Union[PoissonSampledGaussian, Gaussian, Laplace]
+@dataclass(frozen=True, kw_only=True)
+class DiscreteGaussian(_NoiseTimesCount):
+    """The discrete Gaussian mechanism on integer counts of L2 (= L1) sensitivity 1, ``count`` times.
+
+    Each release adds N_Z(0, sigma^2) (Canonne, Kamath, Steinke 2020) to integer counts of which one
+    customer changes a single entry by 1 (an evaluation histogram of one task head: the customer's bin of its
+    class). ``noise_multiplier`` is sigma. It satisfies (1/(2 sigma^2))-zCDP (CKS 2020, Theorem 4), so its RDP
+    is at most that of the continuous Gaussian with the same sigma at every order: RDP accountants use the
+    Gaussian curve (an upper bound); PLD accountants use dp-accounting's exact discrete Gaussian PLD.
+    """
+
+    kind: ClassVar[str] = "discrete_gaussian"
+
+    def to_dp_accounting(self) -> dp_accounting.DpEvent:
+        # RDP upper bound (zCDP); dp_accounting has no discrete Gaussian DpEvent. PLD accountants must not use
+        # this: federation/privacy/accountants.py builds the exact discrete Gaussian PLD instead.
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(self.noise_multiplier), self.count)
+
+    def describe(self) -> str:
+        return f"discrete Gaussian (sigma={self.noise_multiplier:g}, integer counts) x {self.count}"
+
+
+Event = Union[PoissonSampledGaussian, Gaussian, Laplace, DiscreteGaussian]
 
 #: The closed table of mechanism kinds. Add kinds; never remove or redefine one (ledger compatibility).
 EVENT_KINDS: Mapping[str, type] = {
     PoissonSampledGaussian.kind: PoissonSampledGaussian,
     Gaussian.kind: Gaussian,
     Laplace.kind: Laplace,
+    DiscreteGaussian.kind: DiscreteGaussian,
 }
 
 

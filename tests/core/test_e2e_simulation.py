@@ -24,5 +24,8 @@ def test_tiny_federation_end_to_end(tmp_path):
     churn = summary["tasks"]["churn"]
     assert churn["federated_dp_auc"] > 0.6
     assert churn["centralized_auc"] > 0.6 and not math.isnan(churn["local_only_auc_mean"])
-    # the pooled AUC from partners' histograms agrees with the pooled computation (same final model)
-    assert abs(churn["federated_eval_auc_from_histograms"] - churn["federated_dp_auc"]) < 0.01
+    # the pooled AUC from partners' DP releases agrees with the exact pooled computation (same final model) within
+    # its stated noise: 3 x the 95% half-width (~6 standard deviations)
+    hw = churn["federated_eval_auc_half_width"]
+    assert 0 < hw < 0.5
+    assert abs(churn["federated_eval_auc_from_histograms"] - churn["federated_dp_auc"]) < 3 * hw + 0.02
