@@ -114,6 +114,17 @@ class LabelSpec:
     task: str = "churn"  # the FeatureSet.y key: churn | propensity
 
 
+CHECK_LEVELS = ("note", "error")
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """How strict validation is (does not shape features, so not part of the contract hash)."""
+
+    out_of_vocabulary: str = "note"  # categorical values outside the vocabulary (encoded as __other__)
+    out_of_bounds: str = "note"  # numeric values outside [lo, hi] (clipped by the encoding)
+
+
 @dataclass(frozen=True)
 class DataContract:
     name: str
@@ -129,6 +140,7 @@ class DataContract:
     excluded_columns: tuple[str, ...] = ()  # documented exclusions (e.g. leaking columns): never features
     min_customers: int = 100  # fewer customers at one partner: DP noise swamps the signal
     description: str = ""
+    checks: CheckSpec = field(default_factory=CheckSpec)
 
     # ---- derived views
     def schema(self) -> EventSchema:
@@ -151,6 +163,7 @@ class DataContract:
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("checks")  # strictness of validation, not the features: the hash is the same at every partner
         return d
 
     def contract_hash(self) -> str:
@@ -257,6 +270,15 @@ def _check_keys(data: Mapping[str, Any], cls: type, prefix: str) -> None:
             raise ConfigError(f"unknown contract key {prefix}{k}{hint}")
 
 
+def _num(v: Any, key: str, kind: type = float) -> Any:
+    try:
+        if kind is int and (isinstance(v, bool) or (isinstance(v, float) and not v.is_integer())):
+            raise ValueError
+        return kind(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={v!r} must be {'an integer' if kind is int else 'a number'}") from None
+
+
 def _feature(d: Mapping[str, Any], key: str) -> TableFeature:
     if not isinstance(d, Mapping) or "column" not in d:
         raise ConfigError(f"{key} must be a mapping with at least 'column', got {d!r}")
@@ -268,9 +290,9 @@ def _feature(d: Mapping[str, Any], key: str) -> TableFeature:
     if tr not in TRANSFORMS:
         raise ConfigError(f"{key}.transform={tr!r}: use one of {', '.join(TRANSFORMS)}")
     f = TableFeature(
-        column=str(d["column"]), kind=kind, lo=float(d.get("lo", 0.0)), hi=float(d.get("hi", 1.0)), transform=tr,
-        vocabulary=_strs(d.get("vocabulary"), key + ".vocabulary"),
-        fill=None if d.get("fill") is None else float(d["fill"]),
+        column=str(d["column"]), kind=kind, lo=_num(d.get("lo", 0.0), key + ".lo"),
+        hi=_num(d.get("hi", 1.0), key + ".hi"), transform=tr, vocabulary=_strs(d.get("vocabulary"), key + ".vocabulary"),
+        fill=None if d.get("fill") is None else _num(d["fill"], key + ".fill"),
     )
     if kind == "numeric" and not f.hi > f.lo:
         raise ConfigError(f"{key}: need hi > lo (declared bounds), got lo={f.lo}, hi={f.hi}")
@@ -340,9 +362,10 @@ def contract_from_dict(data: Mapping[str, Any]) -> DataContract:
         features=tuple(_feature(f, f"features[{i}]") for i, f in enumerate(data.get("features") or [])),
         static=tuple(_feature(f, f"static[{i}]") for i, f in enumerate(data.get("static") or [])),
         label=label, deduplicate=bool(data.get("deduplicate", False)),
-        max_rows_per_customer=int(data.get("max_rows_per_customer", 1)),
+        max_rows_per_customer=_num(data.get("max_rows_per_customer", 1), "max_rows_per_customer", int),
         excluded_columns=_strs(data.get("excluded_columns"), "excluded_columns"),
-        min_customers=int(data.get("min_customers", 100)), description=str(data.get("description", "")),
+        min_customers=_num(data.get("min_customers", 100), "min_customers", int), description=str(data.get("description", "")),
+        checks=_checks(data.get("checks")),
     )
     problems = contract_problems(c)
     if problems:
@@ -350,8 +373,52 @@ def contract_from_dict(data: Mapping[str, Any]) -> DataContract:
     return c
 
 
+def _checks(d: Any) -> CheckSpec:
+    d = dict(d or {})
+    _check_keys(d, CheckSpec, "checks.")
+    spec = CheckSpec(**{k: str(v) for k, v in d.items()})
+    for k in ("out_of_vocabulary", "out_of_bounds"):
+        if getattr(spec, k) not in CHECK_LEVELS:
+            raise ConfigError(f"checks.{k}={getattr(spec, k)!r}: use one of {', '.join(CHECK_LEVELS)}")
+    return spec
+
+
+def _bound_problems(key: str, lo: float, hi: float, transform: str) -> list[str]:
+    import math
+
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [f"{key}: bounds must be finite numbers, got lo={lo}, hi={hi} (an infinite bound encodes every "
+                "value to the same number, so the feature carries nothing): declare a public domain bound"]
+    if transform == "log1p" and lo < 0:
+        return [f"{key}: lo={lo} is negative but the transform is log1p (for counts and amounts >= 0): use lo: 0 "
+                "or transform: identity"]
+    return []
+
+
+def _date_problem(key: str, value: str) -> list[str]:
+    import datetime as _dt
+
+    try:
+        _dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return [f"{key}={value!r} is not a valid date (write YYYY-MM-DD, a real calendar day): fix the contract "
+                "or the data config, not the data"]
+    return []
+
+
 def contract_problems(c: DataContract) -> list[str]:
     p: list[str] = []
+    if c.min_customers < 1:
+        p.append(f"min_customers={c.min_customers} must be >= 1 (the fewest customers a partner may train on; "
+                 "the defaults use 100)")
+    for group, feats in (("features", c.features), ("static", c.static)):
+        for i, f in enumerate(feats):
+            if f.kind == "numeric":
+                p += _bound_problems(f"{group}[{i}] ({f.column})", f.lo, f.hi, f.transform)
+                if f.fill is not None and not (f.lo <= f.fill <= f.hi):
+                    p.append(f"{group}[{i}] ({f.column}): fill={f.fill} is outside [lo, hi] = [{f.lo}, {f.hi}]")
+    for f in c.events.feature_bounds:
+        p += _bound_problems(f"events.feature_bounds.{f.name}", f.lo, f.hi, f.transform)
     if c.max_rows_per_customer < 1:
         p.append(f"max_rows_per_customer={c.max_rows_per_customer} must be >= 1 (1 = one row per customer)")
     if c.max_rows_per_customer > 1 and not c.columns.customer_id:
@@ -370,6 +437,8 @@ def contract_problems(c: DataContract) -> list[str]:
                 p.append(f"columns.{k} is required for an event log")
         if not c.events.cutoff:
             p.append("events.cutoff is required for an event log (the point-in-time boundary)")
+        else:
+            p += _date_problem("events.cutoff", c.events.cutoff)
         if c.events.horizon_days < 1 or c.events.lookback_days < 1:
             p.append("events.horizon_days and events.lookback_days must be >= 1")
         if c.events.event_type_rule == "prefix" and not c.events.event_type_default:

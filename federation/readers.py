@@ -10,7 +10,10 @@ Malformed inputs raise ``DataValidationError`` (one clear message), never a pars
 """
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
+import lzma
 import os
 import re
 import zlib
@@ -20,9 +23,11 @@ from typing import Iterator
 
 import pandas as pd
 
-from federation.errors import DataValidationError
+from federation.errors import DataValidationError, Problem
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+SEPARATORS = (",", ";", "\t", "|")
+EXAMPLES = 3
 
 
 def detect_format(path: str | os.PathLike, declared: str = "auto") -> str:
@@ -56,6 +61,83 @@ class Source:
     def row_label(self, i: int) -> str:
         """How a user finds data row i (0-based) again: a CSV line number, else a row number."""
         return f"line {i + 2}" if self.format == "csv" else f"row {i}"
+
+    def rows_text(self, rows: list[int], count: int) -> str:
+        """'lines 5, 9, 14, ...' (CSV, 1-based with the header as line 1) or 'rows 3, 7' (0-based): positions only."""
+        word = "line" if self.format == "csv" else "row"
+        nums = [str(i + 2 if self.format == "csv" else i) for i in rows]
+        return f"{word}{'s' if len(nums) > 1 else ''} {', '.join(nums)}{', ...' if count > len(nums) else ''}"
+
+    # ---- CSV structure, checked before any value is parsed
+    def _open_text(self):
+        name = self.location.lower()
+        opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else \
+            lzma.open if name.endswith((".xz", ".lzma")) else open
+        return opener(self.location, "rt", encoding=self.encoding, newline="")
+
+    def structure_problems(self, required: list[str]) -> list[Problem]:
+        """CSV only: a wrong separator (one error naming the right one) or records whose field count differs
+        from the header's (an unquoted ``1,35.97`` shifts every later field of its row). Line numbers only."""
+        if self.format != "csv":
+            return []
+        try:
+            with self._open_text() as fh:
+                header_line = fh.readline()
+                header = next(csv.reader([header_line], delimiter=self.sep), [])
+                missing = [c for c in required if c not in header]
+                if missing:
+                    best = max(SEPARATORS, key=lambda s: sum(c in next(csv.reader([header_line], delimiter=s), [])
+                                                             for c in required))
+                    found = sum(c in next(csv.reader([header_line], delimiter=best), []) for c in required)
+                    if best != self.sep and found > len(required) - len(missing):
+                        return [Problem(
+                            f"the file is separated by {best!r}, not {self.sep!r}: with {best!r} the header has "
+                            f"{found} of the contract's {len(required)} columns; set source.sep: {best!r} in the "
+                            "contract (or export with the contract's separator)", code="wrong_separator")]
+                    return []  # genuinely absent columns: reported by column name
+                width = len(header)
+                over: list[int] = []
+                under: list[int] = []
+                n_over = n_under = 0
+                reader = csv.reader(fh, delimiter=self.sep)
+                last = 1
+                for rec in reader:
+                    n = len(rec)
+                    if n != width and n:  # blank lines are skipped, as pandas does
+                        if n > width:
+                            n_over += 1
+                            if len(over) < EXAMPLES:
+                                over.append(last + 1)
+                        else:
+                            n_under += 1
+                            if len(under) < EXAMPLES:
+                                under.append(last + 1)
+                    last = reader.line_num + 1
+        except DataValidationError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(self, exc) from None
+        out = []
+        for count, lines, what in ((n_over, over, "more"), (n_under, under, "fewer")):
+            if count:
+                shown = f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}{', ...' if count > len(lines) else ''}"
+                out.append(Problem(
+                    f"{count} line(s) have {what} fields than the header's {width} ({shown}); an unquoted "
+                    f"separator inside a value (e.g. a decimal comma) or a truncated line shifts the columns: quote "
+                    f"such values in the export or fix those lines", code="field_count", count=count))
+        return out
+
+    def arrow_types(self) -> dict[str, str]:
+        """Parquet only: column -> Arrow type name (e.g. int64, timestamp[us], string)."""
+        if self.format != "parquet":
+            return {}
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.ParquetFile(self.location).schema_arrow
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(self, exc) from None
+        return {f.name: str(f.type) for f in schema}
 
     # ---- schema
     def columns(self) -> list[str]:
@@ -110,8 +192,8 @@ def open_source(location: str | os.PathLike, *, format: str = "auto", sep: str =
     loc = str(location)
     if fmt != "sql" and not Path(loc).is_file():
         raise DataValidationError(
-            [f"file {loc!r} does not exist or is not a file; check the path (relative paths resolve against "
-             "$FEDPROP_DATA_DIR, else <repo>/../shared/data)"], source=loc)
+            [Problem(f"file {loc!r} does not exist or is not a file; check the path (relative paths resolve "
+                     "against $FEDPROP_DATA_DIR, else <repo>/../shared/data)", code="no_such_file")], source=loc)
     return Source(loc, fmt, sep=sep, encoding=encoding, chunksize=chunksize, query=query)
 
 
@@ -131,8 +213,9 @@ def _check_query(query: str) -> str:
     q = query.strip().rstrip(";")
     if not re.match(r"(?is)^\s*(select|with)\b", q) or ";" in q:
         raise DataValidationError(
-            [f"source.query must be one read-only SELECT (or WITH ... SELECT) statement, got {query[:80]!r}: "
-             "fedprop never writes to a partner's database"], source="sql")
+            [Problem(f"source.query must be one read-only SELECT (or WITH ... SELECT) statement, got {query[:80]!r}: "
+                     "fedprop never writes to a partner's database", code="bad_query", column="source.query")],
+            source="sql")
     return q
 
 
@@ -154,4 +237,5 @@ def _unreadable(source: Source, exc: Exception) -> DataValidationError:
         hint = "the Parquet file could not be read; it may be truncated or not Parquet at all"
     else:
         hint = "the SQL source could not be queried; check source.url and source.query"
-    return DataValidationError([f"cannot read {source.format} input ({kind}: {text}); {hint}"], source=source.describe)
+    return DataValidationError([Problem(f"cannot read {source.format} input ({kind}: {text}); {hint}", code="unreadable")],
+                               source=source.describe)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from federation.contract import DataContract
-from federation.errors import DataValidationError
+from federation.errors import DataValidationError, Problem
 from federation.readers import Source, open_source
 
 EXAMPLES = 3
@@ -58,33 +58,39 @@ class Validated:
 
 
 class _Problems:
-    """Per (column, kind): a count and the first few (row, value) examples, across chunks."""
+    """Per (column, code): a count and the first few row positions, across chunks. Messages carry row
+    numbers and column names, never a value: a cell may be a customer id (the privacy unit)."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.fixed: list[str] = []
-        self.rows: dict[tuple[str, str], list] = {}  # key -> [count, examples, advice]
+        self.fixed: list[Problem] = []
+        self.rows: dict[tuple[str, str], list] = {}  # (column, code) -> [count, rows, kind, advice]
 
-    def add(self, msg: str) -> None:
-        self.fixed.append(msg)
+    def add(self, msg: str, *, code: str, column: str = "", count: int = 0) -> None:
+        self.fixed.append(Problem(msg, code=code, column=column, count=count))
 
-    def rows_bad(self, column: str, kind: str, mask: np.ndarray, values: pd.Series, offset: int, advice: str) -> None:
+    def rows_bad(self, column: str, kind: str, mask: np.ndarray, offset: int, advice: str, *, code: str,
+                 rows: np.ndarray | None = None) -> None:
+        """``mask`` marks bad rows of a chunk starting at data row ``offset`` (or ``rows``: their positions)."""
         m = np.asarray(mask, dtype=bool)
         k = int(m.sum())
         if not k:
             return
-        entry = self.rows.setdefault((column, kind), [0, [], advice])
+        entry = self.rows.setdefault((column, code), [0, [], kind, advice])
         entry[0] += k
         if len(entry[1]) < EXAMPLES:
             pos = np.flatnonzero(m)[: EXAMPLES - len(entry[1])]
-            for i in pos:
-                entry[1].append((offset + int(i), values.iloc[int(i)]))
+            entry[1].extend(int(rows[i]) if rows is not None else offset + int(i) for i in pos)
 
-    def messages(self) -> list[str]:
+    def count(self, code: str) -> int:
+        return sum(v[0] for (_, c), v in self.rows.items() if c == code) + sum(p.code == code for p in self.fixed)
+
+    def messages(self) -> list[Problem]:
         out = list(self.fixed)
-        for (col, kind), (count, ex, advice) in self.rows.items():
-            shown = ", ".join(f"{self.source.row_label(i)}: {v!r}" for i, v in ex)
-            out.append(f"column {col!r}: {count} row(s) {kind} (e.g. {shown}); {advice}")
+        for (col, code), (count, rows, kind, advice) in self.rows.items():
+            where = f"column {col!r}: " if col else ""
+            out.append(Problem(f"{where}{count} row(s) {kind} ({self.source.rows_text(rows, count)}); {advice}",
+                               code=code, column=col, count=count))
         return out
 
 
@@ -116,18 +122,74 @@ def _label_text(s: pd.Series) -> pd.Series:
     return s.pipe(_text).str.strip()
 
 
-def _parse_ts(s: pd.Series, fmt: str) -> pd.Series:
+_TZ = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+_TS_MIN, _TS_MAX = pd.Timestamp.min.tz_localize(None), pd.Timestamp.max.tz_localize(None)
+
+
+def _parse_ts(s: pd.Series, fmt: str, column: str, offset: int, P: _Problems, keep: np.ndarray) -> pd.Series:
+    """Timestamps as naive UTC datetime64[ns]; offsets are converted to UTC, a column that MIXES rows with and
+    without a UTC offset is a problem (the naive rows' zone is unknown), out-of-range dates are unparseable."""
     if pd.api.types.is_datetime64_any_dtype(s):
         ts = s
+        if getattr(ts.dt, "tz", None) is not None:
+            ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+        if ts.dtype != "datetime64[ns]":
+            # e.g. Parquet timestamp[us] holding year 1 or 9999: outside what the features can use
+            out = ((ts < _TS_MIN) | (ts > _TS_MAX)).fillna(False).to_numpy(dtype=bool)
+            ts = ts.where(~out).astype("datetime64[ns]")
+        return ts
+    t = s.pipe(_text).str.strip()
+    aware = t.str.contains(_TZ, regex=True).fillna(False).to_numpy(dtype=bool) & ~_blank(s)
+    naive = ~aware & ~_blank(s)
+    P.rows_bad(column, "carry a UTC offset", aware & keep, offset, "", code="tz_aware")
+    P.rows_bad(column, "have no UTC offset", naive & keep, offset, "", code="tz_naive")
+    if fmt:
+        ts = pd.to_datetime(t, format=fmt, errors="coerce", utc=bool(aware.any()))
     else:
-        t = s.pipe(_text).str.strip()
-        ts = pd.to_datetime(t, format=fmt or "ISO8601", errors="coerce")
+        ts = pd.to_datetime(t, format="ISO8601", errors="coerce", utc=True) if aware.any() else \
+            pd.to_datetime(t, format="ISO8601", errors="coerce")
     if getattr(ts.dt, "tz", None) is not None:
         ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
-    return ts.astype("datetime64[ns]")
+    out = ((ts < _TS_MIN) | (ts > _TS_MAX)).fillna(False).to_numpy(dtype=bool)
+    return ts.where(~out).astype("datetime64[ns]")
 
 
-def column_problems(available: list[str], required: list[str]) -> list[str]:
+def _mixed_timezones(P: _Problems, column: str) -> None:
+    """Turn the per-chunk offset bookkeeping into one problem when a column mixes both kinds."""
+    aware, naive = P.rows.pop((column, "tz_aware"), None), P.rows.pop((column, "tz_naive"), None)
+    if aware and naive:
+        minority, what = (aware, "with an offset") if aware[0] <= naive[0] else (naive, "without an offset")
+        P.add(f"column {column!r}: mixed time zones: {aware[0]} row(s) carry a UTC offset and {naive[0]} do not "
+              f"(the {what}: {P.source.rows_text(minority[1], minority[0])}); export every timestamp in one zone "
+              "(UTC, or all with an offset): a time without a zone cannot be ordered against one with a zone",
+              code="mixed_timezones", column=column, count=minority[0])
+
+
+_TIMESTAMP_TYPES = ("timestamp", "date", "string", "large_string")
+_NUMERIC_TYPES = ("int", "uint", "float", "double", "decimal", "bool", "string", "large_string", "halffloat")
+
+
+def _arrow_type_problems(types: dict[str, str], c: DataContract) -> list[Problem]:
+    """Parquet columns whose stored type cannot hold what the contract declares (checked before reading)."""
+    want: dict[str, tuple[str, tuple[str, ...]]] = {}
+    if c.kind == "events":
+        want[c.columns.timestamp] = ("a timestamp (or ISO 8601 text)", _TIMESTAMP_TYPES)
+        for a in c.columns.amount:
+            want[a] = ("a number", _NUMERIC_TYPES)
+    for f in c.features:
+        if f.kind == "numeric":
+            want[f.column] = ("a number", _NUMERIC_TYPES)
+    out = []
+    for col, (what, ok) in want.items():
+        t = types.get(col)
+        if t is not None and not t.startswith(ok):
+            out.append(Problem(f"column {col!r} is stored as Parquet type {t}, but the contract declares {what}; "
+                               "write the column with that type in the export (or as text) and export again",
+                               code="wrong_dtype", column=col))
+    return out
+
+
+def column_problems(available: list[str], required: list[str]) -> list[Problem]:
     """Missing columns, each with the nearest available name (difflib), case-insensitive."""
     out = []
     lower = {a.lower(): a for a in available}
@@ -136,15 +198,24 @@ def column_problems(available: list[str], required: list[str]) -> list[str]:
             continue
         near = difflib.get_close_matches(col.lower(), list(lower), n=1, cutoff=0.6)
         hint = f"did you mean {lower[near[0]]!r}?" if near else f"available columns: {', '.join(available[:20])}."
-        out.append(f"column {col!r} is required by the contract but absent; {hint} "
-                   "Rename the column in the export or fix the contract's column mapping.")
+        out.append(Problem(f"column {col!r} is required by the contract but absent; {hint} "
+                           "Rename the column in the export or fix the contract's column mapping.",
+                           code="missing_column", column=col))
     return out
+
+
+def _out_of(P: _Problems, level: str, column: str, kind: str, mask: np.ndarray, offset: int, advice: str,
+            code: str) -> None:
+    """An out-of-vocabulary / out-of-bounds finding: a note by default, an error when the contract says so."""
+    P.rows_bad(column, kind, mask, offset, advice + ("" if level == "error" else f" (checks.{code}: error makes this "
+               "an error)"), code=code if level == "error" else "note:" + code)
 
 
 def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems, now: pd.Timestamp,
                    notes: dict[str, int]) -> pd.DataFrame:
     cols = c.columns
     out = pd.DataFrame(index=raw.index)
+    out["__row"] = np.arange(offset, offset + len(raw), dtype=np.int64)
     keep = np.ones(len(raw), dtype=bool)
     if cols.customer_id:
         miss = _blank(raw[cols.customer_id])
@@ -152,27 +223,28 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
             notes["rows without a customer id dropped (the contract declares them unattributable)"] += int(miss.sum())
             keep &= ~miss
         else:
-            P.rows_bad(cols.customer_id, "have no customer id", miss, raw[cols.customer_id], offset,
+            P.rows_bad(cols.customer_id, "have no customer id", miss, offset,
                        "every row must belong to a customer (the privacy unit); fix the export or set "
-                       "events.drop_missing_customer in the contract")
+                       "events.drop_missing_customer in the contract", code="missing_customer_id")
         cid = raw[cols.customer_id]
         if cid.dtype.kind == "f":  # e.g. a nullable integer id read as float: 17850.0 -> '17850'
             cid = cid.map(lambda x: None if pd.isna(x) else str(int(x)) if float(x).is_integer() else str(x))
         out["__cid"] = cid.pipe(_text).str.strip()
     if c.kind == "events":
         ts_raw = raw[cols.timestamp]
-        ts = _parse_ts(ts_raw, cols.timestamp_format)
+        ts = _parse_ts(ts_raw, cols.timestamp_format, cols.timestamp, offset, P, keep)
         missing = _blank(ts_raw)
-        P.rows_bad(cols.timestamp, "have no timestamp", missing & keep, ts_raw, offset,
-                   "every event needs a time; drop or repair these rows in the export")
+        P.rows_bad(cols.timestamp, "have no timestamp", missing & keep, offset,
+                   "every event needs a time; drop or repair these rows in the export", code="missing_timestamp")
         bad = ts.isna().to_numpy() & ~missing
-        P.rows_bad(cols.timestamp, "cannot be parsed as timestamps", bad & keep, ts_raw, offset,
-                   f"use ISO 8601 (YYYY-MM-DD HH:MM:SS) or declare columns.timestamp_format"
-                   + (f" (declared {cols.timestamp_format!r})" if cols.timestamp_format else ""))
+        P.rows_bad(cols.timestamp, "cannot be parsed as timestamps (or are impossible dates)", bad & keep, offset,
+                   f"use ISO 8601 (YYYY-MM-DD HH:MM:SS), real calendar days between 1678 and 2261, or declare "
+                   f"columns.timestamp_format" + (f" (declared {cols.timestamp_format!r})" if cols.timestamp_format else ""),
+                   code="bad_timestamp")
         fut = (ts > now).fillna(False).to_numpy(dtype=bool)
-        P.rows_bad(cols.timestamp, f"are in the future (after {now:%Y-%m-%d %H:%M})", fut & keep, ts_raw, offset,
+        P.rows_bad(cols.timestamp, f"are in the future (after {now:%Y-%m-%d %H:%M})", fut & keep, offset,
                    "future events are clock or time-zone errors and would leak into labels; fix the source clock "
-                   "or the time zone of the export")
+                   "or the time zone of the export", code="future_timestamp")
         out["__ts"] = ts
         et = raw[cols.event_type].pipe(_text).str.strip()
         if c.events.event_type_rule == "prefix":
@@ -188,40 +260,59 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
             amount = pd.Series(1.0, index=raw.index)
             for a in cols.amount:
                 v = _to_number(raw[a])
-                P.rows_bad(a, "are not numbers", (v.isna().to_numpy() & ~_blank(raw[a])) & keep, raw[a], offset,
-                           "amounts must be plain numbers (no currency symbols or thousands separators)")
-                P.rows_bad(a, "are missing (NaN)", _blank(raw[a]) & keep, raw[a], offset,
-                           "fill or drop these rows in the export; a missing amount cannot be summed")
-                P.rows_bad(a, "are infinite", np.isinf(v.to_numpy()) & keep, raw[a], offset, "repair these values")
+                P.rows_bad(a, "are not numbers", (v.isna().to_numpy() & ~_blank(raw[a])) & keep, offset,
+                           "amounts must be plain numbers (no currency symbols or thousands separators)",
+                           code="not_a_number")
+                P.rows_bad(a, "are missing (NaN)", _blank(raw[a]) & keep, offset,
+                           "fill or drop these rows in the export; a missing amount cannot be summed", code="missing_value")
+                P.rows_bad(a, "are infinite", np.isinf(v.to_numpy()) & keep, offset, "repair these values",
+                           code="infinite")
                 amount = amount * v
             if c.events.amount_nonnegative:
                 buy = et.isin(list(c.events.purchase)).fillna(False).to_numpy(dtype=bool)
                 neg = (amount < 0).to_numpy() & buy & keep
-                P.rows_bad("*".join(cols.amount), "are purchases with a negative amount", neg,
-                           amount, offset, "refunds must be separate return events; fix the sign or the event type")
+                P.rows_bad("*".join(cols.amount), "are purchases with a negative amount", neg, offset,
+                           "refunds must be separate return events; fix the sign or the event type",
+                           code="negative_purchase")
             out["__amount"] = amount.fillna(0.0)
         for opt in (cols.channel, cols.product, cols.transaction):
             if opt:
                 out[opt] = raw[opt].pipe(_text).str.strip().astype("category")
         for f in c.static:
-            out[f.column] = raw[f.column].pipe(_text).str.strip()
+            t = raw[f.column].pipe(_text).str.strip()
+            if f.kind == "categorical":
+                oov = ~t.isin(list(f.vocabulary)).fillna(False).to_numpy(dtype=bool) & ~_blank(raw[f.column]) & keep
+                _out_of(P, c.checks.out_of_vocabulary, f.column, "have a value outside the declared vocabulary", oov,
+                        offset, "they are encoded as __other__; add legitimate values to the contract's vocabulary",
+                        "out_of_vocabulary")
+            out[f.column] = t
     else:
         for f in c.features:
             s = raw[f.column]
             if f.kind == "numeric":
                 v = _to_number(s)
                 blank = _blank(s)
-                P.rows_bad(f.column, "are not numbers (wrong dtype)", v.isna().to_numpy() & ~blank, s, offset,
-                           "the contract declares this column numeric; repair the values or declare it categorical")
+                P.rows_bad(f.column, "are not numbers (wrong dtype)", v.isna().to_numpy() & ~blank, offset,
+                           "the contract declares this column numeric; repair the values or declare it categorical",
+                           code="not_a_number")
                 if f.fill is None:
-                    P.rows_bad(f.column, "are missing (NaN)", blank, s, offset,
-                               "impute in the export or declare `fill:` for this feature in the contract")
-                P.rows_bad(f.column, "are infinite", np.isinf(v.to_numpy()), s, offset, "repair these values")
+                    P.rows_bad(f.column, "are missing (NaN)", blank, offset,
+                               "impute in the export or declare `fill:` for this feature in the contract",
+                               code="missing_value")
+                arr = v.to_numpy()
+                P.rows_bad(f.column, "are infinite", np.isinf(arr), offset, "repair these values", code="infinite")
+                with np.errstate(invalid="ignore"):
+                    oob = np.isfinite(arr) & ((arr < f.lo) | (arr > f.hi))
+                _out_of(P, c.checks.out_of_bounds, f.column, f"are outside the declared bounds [{f.lo:g}, {f.hi:g}]",
+                        oob, offset, "the encoding clips them to the bound; widen the contract's bounds (from public "
+                        "domain knowledge) or repair the values", "out_of_bounds")
                 out[f.column] = v if f.fill is None else v.fillna(f.fill)
             else:
                 t = s.pipe(_text).str.strip()
-                notes[f"values of {f.column!r} outside the declared vocabulary (encoded as __other__)"] += int(
-                    (~t.isin(list(f.vocabulary)).fillna(False)).sum())
+                oov = ~t.isin(list(f.vocabulary)).fillna(False).to_numpy(dtype=bool)
+                _out_of(P, c.checks.out_of_vocabulary, f.column, "have a value outside the declared vocabulary", oov,
+                        offset, "they are encoded as __other__; add legitimate values to the contract's vocabulary "
+                        "(or map them in the export)", "out_of_vocabulary")
                 out[f.column] = t
         if c.label.column not in raw:  # labels=False: scoring, no label read
             return out.loc[keep]
@@ -229,8 +320,9 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         pos, neg = lab.isin(list(c.label.positive)).fillna(False), lab.isin(list(c.label.negative)).fillna(False)
         nonbin = ~(pos | neg).to_numpy(dtype=bool)
         P.rows_bad(c.label.column, "have a label that is neither positive "
-                   f"{list(c.label.positive)} nor negative {list(c.label.negative)}", nonbin, raw[c.label.column],
-                   offset, "labels must be binary; map the other values in the export or declare them in label.*")
+                   f"{list(c.label.positive)} nor negative {list(c.label.negative)}", nonbin, offset,
+                   "labels must be binary; map the other values in the export or declare them in label.*",
+                   code="label_not_binary")
         out["__label"] = pos.to_numpy(dtype=np.float32)
     return out.loc[keep]
 
@@ -249,6 +341,7 @@ def read_validated(
     ``path`` overrides the contract's first file. ``delta`` (the run's DP delta) adds the 1/n check.
     ``labels=False`` (scoring current customers): a table's label column is not read and the label checks
     (table: both classes present; event log: data in the label horizon, positives) are skipped.
+    Every message names the column and row numbers, never a cell's value (see federation.errors.public_reason).
     """
     c = contract
     now = pd.Timestamp.now() if now is None else pd.Timestamp(now)
@@ -258,35 +351,41 @@ def read_validated(
     else:
         location = path if path is not None else (str(c.resolve_files()[0]) if c.source.files else "")
         if not location:
-            raise DataValidationError(["no input: give a file or set source.files in the contract"], source=c.name)
+            raise DataValidationError([Problem("no input: give a file or set source.files in the contract",
+                                               code="no_input")], source=c.name)
         source = open_source(location, format=src_spec.format if path is None else "auto", sep=src_spec.sep,
                              encoding=src_spec.encoding, chunksize=src_spec.chunksize, query=src_spec.query)
     P = _Problems(source)
-    available = source.columns()
     required = [x for x in c.required_columns() if labels or c.kind != "table" or x != c.label.column]
-    missing = column_problems(available, required)
-    if missing:  # nothing else can be checked reliably without the columns
+    structure = source.structure_problems(required)  # CSV: wrong separator, field counts (nothing parsed yet)
+    if any(p.code == "wrong_separator" for p in structure):
+        raise DataValidationError([p for p in structure if p.code == "wrong_separator"], source=source.describe)
+    available = source.columns()
+    missing = column_problems(available, required) + structure + _arrow_type_problems(source.arrow_types(), c)
+    if missing:  # nothing else can be checked reliably without the columns, or with shifted fields
         raise DataValidationError(missing, source=source.describe)
     for x in c.excluded_columns:
         if x in required:
-            P.add(f"column {x!r} is excluded by the contract but read as a feature; remove it from the features")
+            P.add(f"column {x!r} is excluded by the contract but read as a feature; remove it from the features",
+                  code="excluded_column", column=x)
     notes: dict[str, int] = _Counter()
     parts, offset = [], 0
     for chunk in source.chunks(required):
         parts.append(_convert_chunk(chunk.reset_index(drop=True), c, offset, P, now, notes))
         offset += len(chunk)
+    if c.kind == "events":
+        _mixed_timezones(P, c.columns.timestamp)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     report = Report(source=source.describe, contract=c.name, contract_hash=c.contract_hash(), rows_read=offset)
-    if c.deduplicate and len(frame):
-        dup = frame.duplicated().to_numpy()
-        notes["exact duplicate rows dropped (the contract declares deduplicate: true)"] += int(dup.sum())
-        frame = frame.loc[~dup].reset_index(drop=True)
+    frame = _duplicates(frame, c, P, notes)
     n = _whole_table_checks(frame, c, P, source, delta=delta, min_customers=min_customers, report=report, labels=labels)
-    problems = P.messages()
+    problems = [p for p in P.messages() if not p.code.startswith("note:")]
     if problems:
         raise DataValidationError(problems, source=source.describe)
+    frame = frame.drop(columns="__row") if "__row" in frame else frame
     report.rows_used, report.customers = len(frame), n
-    report.notes = [f"{v} {k}" for k, v in notes.items() if v]
+    report.notes = [f"{v} {k}" for k, v in notes.items() if v] + [
+        str(p) for p in P.messages() if p.code.startswith("note:")]
     return Validated(frame=frame, report=report)
 
 
@@ -295,21 +394,46 @@ class _Counter(dict):
         return 0
 
 
+def _duplicates(frame: pd.DataFrame, c: DataContract, P: _Problems, notes: dict[str, int]) -> pd.DataFrame:
+    """Exact duplicate rows (over the contract's columns): dropped when the contract declares ``deduplicate``,
+    otherwise a note with the count (a customer table with ids also fails the per-customer row cap)."""
+    if not len(frame):
+        return frame
+    dup = frame.drop(columns="__row").duplicated().to_numpy()
+    if not dup.any():
+        return frame
+    if c.deduplicate:
+        notes["exact duplicate rows dropped (the contract declares deduplicate: true)"] += int(dup.sum())
+        return frame.loc[~dup].reset_index(drop=True)
+    rows = frame["__row"].to_numpy()
+    what = "row" if c.kind == "table" else "event"
+    P.rows_bad("", f"repeat an earlier {what} in every column the contract reads", dup, 0,
+               "kept: distinct customers can share every attribute, but a line repeated by the export counts one "
+               "customer twice; if the export repeats lines, set deduplicate: true in the contract",
+               code="note:duplicate_rows", rows=rows)
+    return frame
+
+
 def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, source: Source, *,
                         delta: float | None, min_customers: int | None, report: Report, labels: bool = True) -> int:
     if not len(frame):
-        P.add("the input has no usable rows; check the file and the contract's filters")
+        P.add("the input has no usable rows; check the file and the contract's filters", code="no_rows")
         return 0
     if c.kind == "table":
         if c.columns.customer_id:
-            counts = frame["__cid"].value_counts()
+            cid = frame["__cid"]
+            counts = cid.value_counts()
             over = counts[counts > c.max_rows_per_customer]
             if len(over):
-                ex = ", ".join(f"{k!r} x{v}" for k, v in over.head(EXAMPLES).items())
+                extra = (cid.groupby(cid).cumcount() >= c.max_rows_per_customer).to_numpy() & \
+                    cid.isin(over.index).to_numpy(dtype=bool)
+                rows = frame["__row"].to_numpy()[np.flatnonzero(extra)[:EXAMPLES]].tolist()
                 P.add(f"column {c.columns.customer_id!r}: {len(over)} customer id(s) appear more than "
-                      f"max_rows_per_customer={c.max_rows_per_customer} time(s) (e.g. {ex}); the privacy unit is the "
-                      "customer, so extra rows would silently weaken the guarantee: deduplicate the export, or raise "
-                      "max_rows_per_customer in the contract (the accounting then uses group privacy of that size)")
+                      f"max_rows_per_customer={c.max_rows_per_customer} time(s) (repeats at "
+                      f"{source.rows_text(rows, int(extra.sum()))}); the privacy unit is the customer, so extra rows "
+                      "would silently weaken the guarantee: deduplicate the export, or raise max_rows_per_customer in "
+                      "the contract (the accounting then uses group privacy of that size)",
+                      code="duplicate_customer", column=c.columns.customer_id, count=len(over))
             n = int(frame["__cid"].nunique())
         else:
             n = len(frame)
@@ -317,9 +441,10 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
         if len(y) and y.sum() == 0:
             P.add(f"column {c.label.column!r}: the label has no positive rows (positive values "
                   f"{list(c.label.positive)}); a model cannot learn {c.label.task} without positives: check "
-                  "label.positive in the contract or the export's filter")
+                  "label.positive in the contract or the export's filter", code="no_positives", column=c.label.column)
         elif len(y) and y.sum() == len(y):
-            P.add(f"column {c.label.column!r}: every row is positive; check label.negative or the export's filter")
+            P.add(f"column {c.label.column!r}: every row is positive; check label.negative or the export's filter",
+                  code="no_negatives", column=c.label.column)
         if len(y):
             report.positives[c.label.task] = float(y.mean())
     else:
@@ -327,10 +452,11 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
     need = c.min_customers if min_customers is None else min_customers
     if n < need:
         P.add(f"only {n} customer(s), fewer than the contract's min_customers={need}: {PRIVACY_WHY}. "
-              "Pool more history, join a larger partner group, or leave this partner out of DP training")
+              "Pool more history, join a larger partner group, or leave this partner out of DP training",
+              code="too_few_customers", count=n)
     if delta is not None and n and not delta < 1.0 / n:
         P.add(f"privacy.delta={delta:g} is not below 1/n = {1.0 / n:.3g} for n={n} customers: {PRIVACY_WHY}. "
-              f"Use delta <= {0.1 / n:.1g}")
+              f"Use delta <= {0.1 / n:.1g}", code="delta_too_large", column="privacy.delta")
     return n
 
 
@@ -346,14 +472,15 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
         return n
     horizon = (ts >= cutoff) & (ts < cutoff + pd.Timedelta(days=e.horizon_days))
     if not bool(horizon.any()):
-        last = ts.max()
         P.add(f"column {c.columns.timestamp!r}: no events in the label horizon [{cutoff:%Y-%m-%d}, "
-              f"{cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}) (last event {last}); every customer would "
-              "count as churned: move events.cutoff earlier or export more recent data")
+              f"{cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}) (the log ends before it); every customer "
+              "would count as churned: move events.cutoff earlier or export more recent data",
+              code="no_horizon_events", column=c.columns.timestamp)
     elif ts.max() < cutoff + pd.Timedelta(days=e.horizon_days - 1):
-        P.add(f"column {c.columns.timestamp!r}: the log ends at {ts.max()}, before the label horizon ends "
+        short = (cutoff + pd.Timedelta(days=e.horizon_days) - ts.max()).days
+        P.add(f"column {c.columns.timestamp!r}: the log ends about {short} day(s) before the label horizon ends "
               f"({cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}); labels would overstate churn: move "
-              "events.cutoff earlier or shorten events.horizon_days")
+              "events.cutoff earlier or shorten events.horizon_days", code="log_ends_early", column=c.columns.timestamp)
     if n:
         h = frame.loc[horizon.fillna(False)]
         het = h["__event_type"].pipe(_text)
@@ -362,7 +489,8 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
         report.positives = {"churn": float(1 - act.mean()), "propensity": float(buy.mean())}
         if act.all():
             P.add("label churn has no positives at this cutoff (every customer is active in the horizon); "
-                  "check events.activity or the cutoff")
+                  "check events.activity or the cutoff", code="no_positives", column="churn")
         if not buy.any():
-            P.add("label propensity has no positives (no purchase in the horizon); check events.purchase")
+            P.add("label propensity has no positives (no purchase in the horizon); check events.purchase",
+                  code="no_positives", column="propensity")
     return n

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federation.contract import DataContract, build_features, load_contract, resolve_data_path
+from federation.contract import DataContract, build_features, contract_problems, load_contract, resolve_data_path
 from federation.errors import ConfigError, DataValidationError
 from federation.features import FeatureSet, event_labels, static_from_events
 from federation.validation import PRIVACY_WHY, Validated, read_validated
@@ -92,6 +92,11 @@ def contract_for(data_cfg: Any) -> DataContract:
     if c.kind == "events":
         cut, hor = _cfg(data_cfg, "cutoff"), _cfg(data_cfg, "horizon_days", 0)
         c = c.with_events(cutoff=str(cut) if cut else c.events.cutoff, horizon_days=int(hor) or c.events.horizon_days)
+        problems = [x.replace("events.cutoff", "data.cutoff (or the contract's events.cutoff)")
+                    for x in contract_problems(c)]
+        if problems:
+            raise ConfigError(f"data={_cfg(data_cfg, 'name')} with contract {c.name!r}:\n"
+                              + "\n".join(f"  - {x}" for x in problems))
     return c
 
 

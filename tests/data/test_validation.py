@@ -63,11 +63,13 @@ def test_all_row_problems_are_collected_with_examples(shared_data, tmp_path):
 
     probs = _problems(load_contract("contracts/telco_churn.yaml"), _telco(shared_data, tmp_path, corrupt))
     text = "\n".join(probs)
-    assert "'MonthlyCharges': 2 row(s) are not numbers" in text and "line 5: '12,50 EUR'" in text
-    assert "'tenure': 1 row(s) are missing (NaN)" in text and "line 7" in text
-    assert "'tenure': 1 row(s) are infinite" in text
-    assert "'Churn': 2 row(s) have a label that is neither positive" in text and "'Maybe'" in text
-    assert "1 customer id(s) appear more than max_rows_per_customer=1" in text
+    assert "'MonthlyCharges': 2 row(s) are not numbers (wrong dtype) (lines 5, 9)" in text
+    assert "'tenure': 1 row(s) are missing (NaN) (line 7)" in text
+    assert "'tenure': 1 row(s) are infinite (line 13)" in text
+    assert "'Churn': 2 row(s) have a label that is neither positive" in text and "(lines 6, 11)" in text
+    assert "1 customer id(s) appear more than max_rows_per_customer=1 time(s) (repeats at line 23)" in text
+    # row numbers, never values: no cell text and no customer id in any message
+    assert "12,50" not in text and "Maybe" not in text and str(pd.read_csv(shared_data / TELCO).customerID[21]) not in text
     assert all("telco.csv" not in x for x in probs)  # the file is the error's source, named once
     assert len(probs) == 5
 
@@ -104,8 +106,9 @@ def test_event_log_timestamps_and_amounts(shared_data, tmp_path):
 
     c = load_contract("contracts/online_retail.yaml").with_events(cutoff="2010-12-20", horizon_days=7)
     text = "\n".join(_problems(c, _retail(shared_data, tmp_path, corrupt), now="2026-01-01"))
-    assert "'InvoiceDate': 2 row(s) cannot be parsed as timestamps (e.g. line 4: '31/12/2010 10:00'" in text
-    assert "'InvoiceDate': 1 row(s) are in the future" in text and "2031-01-01" in text
+    assert "'InvoiceDate': 2 row(s) cannot be parsed as timestamps (or are impossible dates) (lines 4, 5)" in text
+    assert "'InvoiceDate': 1 row(s) are in the future (after 2026-01-01 00:00) (line 8)" in text
+    assert "31/12/2010" not in text and "2031" not in text
     assert "'Quantity*UnitPrice': 1 row(s) are purchases with a negative amount" in text
     assert "'Quantity': 1 row(s) are missing (NaN)" in text
 
