@@ -519,7 +519,7 @@ def summarize(hist: ScoreHistogram, *, n_bins: int = DEFAULT_RELIABILITY_BINS) -
     """
     curve = reliability_curve(hist, n_bins=n_bins)
     return _summary(_ranked(hist.pos, hist.neg), hist.n_pos, hist.n, hist.sum_logloss, hist.sum_brier,
-                    curve, float(np.max(np.diff(hist.edges))), n_bins)
+                    curve, 1.0 / hist.bins if hist.bin_edges is None else float(np.max(np.diff(hist.edges))), n_bins)
 
 
 def metrics_from_scores(y_true: Any, scores: Any, *, n_bins: int = DEFAULT_RELIABILITY_BINS) -> dict[str, Any]:

@@ -46,12 +46,12 @@ def test_replies_carry_phase_timings_and_data_is_prepared_once(tmp_path, monkeyp
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         m = reply.content["metrics"]
         for phase in ("data-prep", "deserialize", "train", "serialize", "ledger"):
-            assert m[f"time.{phase}-s"] >= 0.0 and m[f"time.{phase}-cpu-s"] >= 0.0, phase
+            assert m[f"time.{phase}-s"] >= 0.0 and f"time.{phase}-cpu-s" not in m, phase  # coarse wall time only
         preps.append(m["time.data-prep-s"])
         arrays = reply.content["arrays"]
-        ev = app(_msg("evaluate", arrays, rnd), ctx).content["metrics"]
-        for phase in ("data-prep", "deserialize", "evaluate", "serialize"):
-            assert ev[f"time.{phase}-s"] >= 0.0, phase
+    ev = app(_msg("evaluate", arrays, 3), ctx).content["metrics"]  # the one planned evaluation (final round)
+    for phase in ("data-prep", "deserialize", "evaluate", "serialize"):
+        assert ev[f"time.{phase}-s"] >= 0.0, phase
     assert len(calls) == 1  # the partner's data is prepared once per process, not every round or message
     assert preps[0] > max(preps[1:])  # later rounds only look the cached tensors up
 

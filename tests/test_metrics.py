@@ -243,52 +243,51 @@ def test_histogram_is_immutable():
         h.bins = 3  # type: ignore[misc]
 
 
-def test_noisy_release_mechanism_and_post_processing():
+def _exact_sampler(sigma, size):
+    from federation.privacy.discrete import sample_discrete_gaussian
+
+    return sample_discrete_gaussian(sigma, size)
+
+
+def test_dp_release_holds_only_noisy_counts_on_public_edges():
     rng = np.random.default_rng(13)
     y, p = _partner_data(rng, 5000, 0.3, 1.0, None)
-    h = M.histogram_from_scores(y, p, bins=20)
-    released, mech = M.noisy(h, epsilon=2.0, rng=np.random.default_rng(1))
-    assert mech["kind"] == "laplace" and mech["epsilon"] == 2.0 and mech["delta"] == 0.0
-    assert mech["unit"] == "customer" and mech["scale"] == pytest.approx(2.0) and mech["count"] == 4
-    assert sum(c["epsilon"] for c in mech["components"].values()) == pytest.approx(2.0)
-    assert mech["components"]["sum_logloss"]["sensitivity"] == pytest.approx(M.MAX_LOGLOSS)
-    assert released.pos.dtype.kind == "i" and (released.pos >= 0).all() and (released.neg >= 0).all()
-    assert not np.array_equal(released.pos, h.pos)
-    lo, hi = released.edges[:-1] * released.count, released.edges[1:] * released.count
-    assert np.all(released.sum_score >= lo - 1e-9) and np.all(released.sum_score <= hi + 1e-9)
-    # same seed, same release; metrics still usable at this size
-    again, _ = M.noisy(h, epsilon=2.0, rng=np.random.default_rng(1))
-    assert again == released
-    assert abs(M.auc_roc(released) - M.auc_roc(h)) < 0.02
-    nearly, _ = M.noisy(h, epsilon=1e9, rng=np.random.default_rng(2))
-    assert np.array_equal(nearly.pos, h.pos) and M.log_loss(nearly) == pytest.approx(M.log_loss(h), rel=1e-6)
+    edges = M.logit_edges(20)
+    flat = M.release_histogram(y, p, edges=edges, sigma=3.0, sampler=_exact_sampler, prefix="churn.hist.")
+    assert set(flat) == {f"churn.hist.{k}" for k in ("format_version", "edges", "pos", "neg", "sigma")}
+    assert all(isinstance(v, int) for v in flat["churn.hist.pos"] + flat["churn.hist.neg"])
+    exact = M.histogram_from_scores(y, p, bins=20, edges=edges)
+    noise = np.array(flat["churn.hist.pos"]) - exact.pos
+    assert noise.any() and np.abs(noise).max() < 30  # noisy, at the declared scale
+    nc = M.combine_releases([flat], prefix="churn.hist.")
+    s = M.summarize_release(nc)
+    assert abs(s["auc_roc"] - M.metrics_from_scores(y, p)["auc_roc"]) < max(0.03, 3 * s["auc_roc_half_width"])
+    assert 0 < s["auc_roc_half_width"] < 0.05 and s["auc_roc_meaningful"]
 
 
-def test_count_noise_has_declared_scale_and_ledger_event_loads():
-    bins, eps = 20_000, 2.0
-    big = np.full(bins, 10_000)
-    h = M.ScoreHistogram(bins=bins, pos=big, neg=big, sum_score=np.zeros(bins), sum_logloss=0.0, sum_brier=0.0)
-    released, mech = M.noisy(h, epsilon=eps, rng=np.random.default_rng(14))
-    noise = (released.pos - h.pos).astype(float)
-    b = 4 / eps
-    assert abs(noise.mean()) < 0.05
-    assert noise.var() == pytest.approx(2 * b * b + 1 / 12, rel=0.05)  # Laplace(b), then rounded
-    events = pytest.importorskip("federation.privacy.events")
-    event = events.event_from_dict(mech["ledger_event"])
-    assert event.noise_multiplier == pytest.approx(b) and event.count == 4  # 4 x Laplace(eps/4) = eps
+def test_release_combination_sums_raw_counts_and_noise():
+    edges = M.logit_edges(10)
+    flats = [M.release_histogram([0, 1] * 50, [0.2, 0.8] * 50, edges=edges, sigma=s, sampler=_exact_sampler, prefix="x.")
+             for s in (3.0, 4.0)]
+    nc = M.combine_releases(flats, prefix="x.")
+    assert nc.sigma == pytest.approx(5.0) and nc.partners == 2
+    assert np.array_equal(nc.pos, np.add(flats[0]["x.pos"], flats[1]["x.pos"]))  # raw sums, clipped only later
+    bad = dict(flats[1], **{"x.edges": list(M.logit_edges(12))})
+    with pytest.raises(Exception, match="edges"):
+        M.combine_releases([flats[0], bad], prefix="x.")
 
 
-@pytest.mark.parametrize("eps", [0, -1.0, float("inf"), float("nan"), True, "1"])
-def test_noisy_rejects_invalid_epsilon(eps):
-    h = M.histogram_from_scores([0, 1], [0.2, 0.8], bins=10)
-    with pytest.raises(PrivacyError, match="epsilon"):
-        M.noisy(h, epsilon=eps, rng=np.random.default_rng(0))
+def test_tiny_partner_metrics_are_flagged_not_meaningful():
+    edges = M.logit_edges(20)
+    flat = M.release_histogram([0, 1] * 20, [0.3, 0.7] * 20, edges=edges, sigma=20.0, sampler=_exact_sampler, prefix="x.")
+    s = M.summarize_release(M.combine_releases([flat], prefix="x."))
+    assert not s["auc_roc_meaningful"] and s["auc_roc_half_width"] > 0.05
 
 
-def test_noisy_requires_numpy_generator():
-    h = M.histogram_from_scores([0, 1], [0.2, 0.8], bins=10)
-    with pytest.raises(PrivacyError, match="Generator"):
-        M.noisy(h, epsilon=1.0, rng=np.random.RandomState(0))  # type: ignore[arg-type]
+@pytest.mark.parametrize("sigma", [0, -1.0, float("inf"), float("nan")])
+def test_release_rejects_invalid_sigma(sigma):
+    with pytest.raises(PrivacyError, match="sigma"):
+        M.release_histogram([0, 1], [0.2, 0.8], edges=M.logit_edges(10), sigma=sigma, sampler=_exact_sampler, prefix="x.")
 
 
 def test_boundary_bin_is_split_proportionally_hand_computed():

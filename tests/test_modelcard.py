@@ -134,14 +134,19 @@ def test_card_from_real_metrics_and_noisy_evaluation():
     rng = np.random.default_rng(0)
     y = (rng.random(2000) < 0.3).astype(int)
     p = np.clip(0.25 + 0.3 * y + 0.3 * rng.random(2000), 0, 1)
-    hist, mech = M.noisy(M.histogram_from_scores(y, p, bins=100), epsilon=1.0, rng=rng)
+    from federation.privacy.discrete import sample_discrete_gaussian
+
+    flat = M.release_histogram(y, p, edges=M.logit_edges(20), sigma=2.0, sampler=sample_discrete_gaussian, prefix="h.")
+    hist = M.combine_releases([flat], prefix="h.").histogram()
+    mech = {"kind": "discrete_gaussian", "release": "evaluation_histogram", "sigma": 2.0, "epsilon": 1.0, "delta": 1e-5,
+            "unit": "customer", "ledger_event": {"kind": "discrete_gaussian", "noise_multiplier": 2.0, "count": 1}}
     card = _card(metrics=M.summarize(hist), evaluation_mechanism=mech, privacy=[], created_at=None)
     loaded = json.loads(render_json(card))
     assert loaded["metrics"]["reliability"]["count"] == M.summarize(hist)["reliability"]["count"]
     assert loaded["evaluation"]["noise"]["ledger_event"] == mech["ledger_event"]
     md = render_markdown(card)
     assert "**This model was trained without differential privacy.**" in md
-    assert "laplace noise, epsilon = 1, delta = 0 per customer" in md
+    assert "discrete_gaussian noise" in md
     assert "| Created |" not in md and "| Top-decile lift |" in md
 
 

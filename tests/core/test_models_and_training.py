@@ -87,4 +87,4 @@ def test_several_rows_per_customer_is_refused_not_silently_accounted_per_row():
         return dataclasses.replace(synthetic(c, node), max_rows_per_customer=3)
 
     with pytest.raises(PrivacyError, match="rows per customer"):
-        load_partner(cfg, node_config={"partition-id": 0, "num-partitions": 2}, loader=loader, heads_key="churn")
+        load_partner(cfg, node_config={"partition-id": 0, "num-partitions": 2}, loader=loader, heads_key="churn", split_key=b"k" * 32)

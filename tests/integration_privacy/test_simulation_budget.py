@@ -42,7 +42,7 @@ def test_simulation_partner_with_earlier_spend_refused_others_continue(tmp_path)
 
     led = tmp_path / "ledgers" / "synthetic"
     cli = [sys.executable, "-m", "simulations.cli", "budget"]
-    for pid, n in ((0, 3), (1, 2)):  # p0: run_start + 2 rounds; p1: the earlier round + the refusal
+    for pid, n in ((0, 5), (1, 2)):  # p0: run_start + 2 rounds + 2 evaluation releases; p1: earlier round + refusal
         ok = subprocess.run(cli + ["verify", str(led / f"partner-{pid}.sqlite"), "--public-key",
                                    str(led / f"partner-{pid}.key.pub")], capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0 and ok.stdout.startswith("OK ") and f"{n} entries" in ok.stdout, ok.stderr
@@ -78,7 +78,8 @@ def test_simulation_second_run_in_period_refused_and_reported(tmp_path):
         assert p["rounds_released_this_run"] == 0 and len(p["refusals_this_run"]) == 1
         assert p["period_epsilon"] <= 1.0 and p["compliant"] is True
         report = json.loads(Path(p["reports"]["json"]).read_text())
-        assert [r["releases"] for r in report["runs"]] == [2, 0] and report["counts"]["refusals"] == 1
+        # run 1: 2 training rounds + 1 evaluated round x 2 heads; run 2: nothing
+        assert [r["releases"] for r in report["runs"]] == [4, 0] and report["counts"]["refusals"] == 1
     md = (tmp_path / "run2" / "privacy" / "partner-0.md").read_text()
     assert "COMPLIANT" in md and "run refused" in md
 
