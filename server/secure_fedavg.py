@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from federation.config import FedpropConfig, config_hash
+from federation.config import FedpropConfig, config_hash, evaluation_rounds
 from federation.errors import FedpropError
 from federation.privacy.accountants import get_accountant
 from federation.privacy.events import Gaussian
@@ -184,11 +184,12 @@ def run_secure_fedavg(
         info["secure_sum_s"] = time.perf_counter() - t0
         checkpoint(rnd, arrays)
 
-        eval_nodes = _sample(nodes, cfg.strategy.fraction_evaluate, rng, minimum=0)
+        # Evaluation is a DP release with a planned count at each partner: only the scheduled rounds ask for it.
+        eval_nodes = _sample(nodes, cfg.strategy.fraction_evaluate, rng, minimum=0) if rnd in evaluation_rounds(cfg) else []
         eval_cfg = ConfigRecord({"server-round": rnd, **config_base})
         msgs = [Message(RecordDict({"arrays": arrays, "config": eval_cfg}), dst_node_id=n, message_type="evaluate")
                 for n in eval_nodes]
-        replies = [r for r in grid.send_and_receive(msgs, timeout=cfg.secagg.timeout) if not r.has_error()]
+        replies = [r for r in grid.send_and_receive(msgs, timeout=cfg.secagg.timeout) if not r.has_error()] if msgs else []
         rec: dict[str, Any] = {"round": rnd, "partners": {}, "refusals": tap.errors, "secagg": info}
         node_pid: dict[int, str] = {}
         flats = []
