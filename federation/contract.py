@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -294,7 +295,7 @@ def _feature(d: Mapping[str, Any], key: str) -> TableFeature:
         hi=_num(d.get("hi", 1.0), key + ".hi"), transform=tr, vocabulary=_strs(d.get("vocabulary"), key + ".vocabulary"),
         fill=None if d.get("fill") is None else _num(d["fill"], key + ".fill"),
     )
-    if kind == "numeric" and not f.hi > f.lo:
+    if kind == "numeric" and math.isfinite(f.lo) and math.isfinite(f.hi) and not f.hi > f.lo:
         raise ConfigError(f"{key}: need hi > lo (declared bounds), got lo={f.lo}, hi={f.hi}")
     if kind == "categorical" and not f.vocabulary:
         raise ConfigError(f"{key}: a categorical feature needs a declared vocabulary")
@@ -368,8 +369,11 @@ def contract_from_dict(data: Mapping[str, Any]) -> DataContract:
         checks=_checks(data.get("checks")),
     )
     problems = contract_problems(c)
+    if len(problems) == 1:
+        raise ConfigError(f"contract {c.name!r}: {problems[0]}")
     if problems:
-        raise ConfigError(f"contract {c.name!r} is inconsistent:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"contract {c.name!r} is inconsistent ({len(problems)} problems):\n"
+                          + "\n".join(f"  - {p}" for p in problems))
     return c
 
 
@@ -387,7 +391,7 @@ def _bound_problems(key: str, lo: float, hi: float, transform: str) -> list[str]
     import math
 
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [f"{key}: bounds must be finite numbers, got lo={lo}, hi={hi} (an infinite bound encodes every "
+        return [f"{key}: bounds must be finite numbers, got lo={lo}, hi={hi} (a non-finite bound encodes every "
                 "value to the same number, so the feature carries nothing): declare a public domain bound"]
     if transform == "log1p" and lo < 0:
         return [f"{key}: lo={lo} is negative but the transform is log1p (for counts and amounts >= 0): use lo: 0 "
@@ -466,7 +470,10 @@ def load_contract(path: str | os.PathLike) -> DataContract:
         raise ConfigError(f"contract file {str(p)!r} must hold a mapping")
     if "contract" in data and "columns" not in data:
         return load_contract(data["contract"])
-    return contract_from_dict(data)
+    try:
+        return contract_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"contract file {str(p)!r}: {exc}") from None
 
 
 def contract_to_yaml(c: DataContract) -> str:

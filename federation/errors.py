@@ -59,7 +59,7 @@ def _problem(message: str, code: str, column: str, count: int) -> Problem:
     return Problem(message, code=code, column=column, count=count)
 
 
-_KEY = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)=")
+_KEY = re.compile(r"(?<![\w.-])([a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*)=")
 _CODES = {
     "BudgetExceededError": "budget_exceeded",
     "LedgerIntegrityError": "ledger_integrity",

@@ -225,8 +225,11 @@ def _redact(url: str) -> str:
 
 def _unreadable(source: Source, exc: Exception) -> DataValidationError:
     kind = type(exc).__name__
+    # the library's text, with anything it quotes removed (a quoted fragment may be a cell of the file)
     text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else kind
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", text)
     if isinstance(exc, (UnicodeDecodeError,)):
+        text = f"a byte at position {exc.start} is not valid {source.encoding}"
         hint = f"the file is not {source.encoding}-encoded text; set source.encoding in the contract"
     elif isinstance(exc, (gzip.BadGzipFile, zlib.error, EOFError)):
         hint = "the compressed file is corrupt or truncated; copy it again from the source system"

@@ -158,9 +158,11 @@ def _mixed_timezones(P: _Problems, column: str) -> None:
     """Turn the per-chunk offset bookkeeping into one problem when a column mixes both kinds."""
     aware, naive = P.rows.pop((column, "tz_aware"), None), P.rows.pop((column, "tz_naive"), None)
     if aware and naive:
-        minority, what = (aware, "with an offset") if aware[0] <= naive[0] else (naive, "without an offset")
-        P.add(f"column {column!r}: mixed time zones: {aware[0]} row(s) carry a UTC offset and {naive[0]} do not "
-              f"(the {what}: {P.source.rows_text(minority[1], minority[0])}); export every timestamp in one zone "
+        minority = aware if aware[0] <= naive[0] else naive
+        rows = P.source.rows_text(minority[1], minority[0])
+        a_txt, n_txt = (f"{aware[0]} row(s) carry a UTC offset ({rows})", f"{naive[0]} do not") if minority is aware \
+            else (f"{aware[0]} row(s) carry a UTC offset", f"{naive[0]} do not ({rows})")
+        P.add(f"column {column!r}: mixed time zones: {a_txt} and {n_txt}; export every timestamp in one zone "
               "(UTC, or all with an offset): a time without a zone cannot be ordered against one with a zone",
               code="mixed_timezones", column=column, count=minority[0])
 
