@@ -70,10 +70,11 @@ def node_split_key(cfg: FedpropConfig, node_config: dict) -> bytes:
 
 
 def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None,
-                    split_key: bytes | None = None) -> ClientApp:
+                    split_key: bytes | None = None, mods: list | None = None) -> ClientApp:
     """Simulation passes its typed config, a partner loader and the run's secret split key (never in the run
-    config); deployment reads ``context.run_config`` and takes the split key from the node's own key material."""
-    app = ClientApp()
+    config); deployment reads ``context.run_config`` and takes the split key from the node's own key material.
+    ``mods``: Flower client mods around every handler (tests use clients/capture.py)."""
+    app = ClientApp(mods=list(mods or []))
     load = loader or _default_loader
 
     def setup(msg: Message, context: Context, times: N.PhaseTimes):

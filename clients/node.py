@@ -227,6 +227,7 @@ def train_round(
         metrics.update(
             {
                 "epsilon": privacy.epsilon(),
+                "epsilon-with-evaluation": privacy.epsilon_with_evaluation(),
                 "delta": privacy.delta,
                 "noise-multiplier": privacy.noise_multiplier,
                 "sample-rate": privacy.sample_rate,

@@ -150,6 +150,11 @@ class PrivacyState:
         """Spent so far: training rounds done and evaluation releases made."""
         return self._eps(self.history, self.eval_done)
 
+    def epsilon_with_evaluation(self) -> float:
+        """Training so far plus every evaluation release of the run (made or still reserved): what a model
+        evaluated after this round has cost, an upper bound if an evaluation is later refused."""
+        return self._eps(self.history, max(self.eval_planned, self.eval_done))
+
     def training_epsilon(self) -> float:
         return self._eps(self.history, 0)
 

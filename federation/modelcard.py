@@ -120,6 +120,7 @@ def build_model_card(
     model_sha256: str | None = None,
     evaluation_mechanism: Mapping[str, Any] | None = None,
     created_at: str | None = None,
+    reproducible_noise: bool = False,
 ) -> dict[str, Any]:
     """Validate the inputs (all problems at once) and return the card as a JSON-ready dict.
 
@@ -185,7 +186,9 @@ def build_model_card(
         "training": {"rounds": rounds, "partners": num_partners},
         "metrics": clean_metrics,
         "evaluation": {"noise": mech},
-        "privacy": {"differentially_private": bool(guarantees), "guarantees": guarantees},
+        "privacy": {"differentially_private": bool(guarantees), "guarantees": guarantees,
+                    # privacy.noise=reproducible: the noise can be replayed by anyone who knows the run's seed
+                    **({"reproducible_noise_no_guarantee_against_seed_holders": True} if reproducible_noise else {})},
     }
 
 
@@ -210,6 +213,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     """Markdown text of a card, for people and pull requests."""
     m, model, contract = card["metrics"], card["model"], card["data_contract"]
     lines = [f"# Model card: {_cell(card['task'])} model", ""]
+    if card["privacy"].get("reproducible_noise_no_guarantee_against_seed_holders"):
+        lines += ["**WARNING: trained with reproducible noise (privacy.noise=reproducible). The DP noise is derived from "
+                  "the run config's seed: this model gives NO differential-privacy guarantee against anyone who knows "
+                  "the seed (the coordinator chose it).**", ""]
     lines += ["| | |", "|---|---|"]
     lines.append(f"| Task | {_cell(card['task'])} |")
     lines.append(f"| Model | {_cell(model['kind'])} |")
@@ -231,7 +238,14 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         lines += ["", "| Other metric | Value |", "|---|---|"] + [f"| {_cell(k)} | {_cell(m[k])} |" for k in others]
     if not shown and not others:
         lines.append("No metrics were recorded.")
-    if m.get("score_resolution"):
+    if m.get("dp_release"):
+        hw = m.get("auc_roc_half_width")
+        lines += ["", "Computed from the partners' differentially private evaluation releases: per-class counts of "
+                  "held-out customers in public score bins plus discrete Gaussian noise, summed over partners. "
+                  f"95% noise interval of the AUC: +-{_cell(hw)}"
+                  + ("" if m.get("auc_roc_meaningful", True) else " (too wide: the AUC is not meaningful at this noise)")
+                  + ". Log loss, Brier and calibration use each bin's public representative score (approximate)."]
+    elif m.get("score_resolution"):
         lines += ["", f"Combined from partners' score histograms (bin width {m['score_resolution']:g}): log loss "
                   "and Brier are exact, ECE is exact for its bins, and AUC-ROC is within "
                   f"{_cell(m.get('auc_tie_bound'))} of the AUC of the pooled predictions."]
@@ -246,15 +260,16 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     noise = card["evaluation"]["noise"]
     if noise:
         lines.append(
-            f"Each partner released its evaluation histogram with {_cell(noise.get('kind'))} noise, "
-            f"epsilon = {noise.get('epsilon'):g}, delta = {noise.get('delta'):g} per "
-            f"{_cell(noise.get('unit'))}; the metrics above are computed from the noisy aggregates."
+            f"Each partner released its evaluation counts with {_cell(noise.get('kind'))} noise, "
+            f"inside its privacy budget of epsilon = {noise.get('epsilon'):g}, delta = {noise.get('delta'):g} per "
+            f"{_cell(noise.get('unit'))} for the whole run (training and evaluation composed together); the metrics "
+            "above are computed from the noisy aggregates. Nothing else about the held-out customers left the nodes."
         )
     else:
         lines.append(
-            "Evaluation histograms were released without noise: they reveal each partner's number of held-out "
-            "customers, its base rate and its score distribution per class at bin resolution, but no "
-            "individual prediction."
+            "Evaluation histograms were released without noise (a non-private run): they reveal each partner's "
+            "number of held-out customers, its base rate and its score distribution per class at bin resolution, "
+            "and a sparsely populated bin can single out a customer's score and label."
         )
 
     lines += ["", "## Privacy", ""]
@@ -264,8 +279,9 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             lines.append(f"| {_cell(g['partner'])} | {g['epsilon']:.3f} | {g['delta']:.1e} | "
                          f"{_cell(g['accountant'])} | {_cell(g['unit'])} |")
         lines += ["", "Each listed partner's customers are protected by (epsilon, delta)-differential privacy "
-                  "at the customer level over all training rounds of this model, as computed by the named "
-                  "accountant from the privacy ledger's mechanism records."]
+                  "at the customer level over all training rounds and evaluation releases of this model, as computed "
+                  "by the named accountant from the privacy ledger's mechanism records (with secure aggregation the "
+                  "server sees no per-partner figure: the epsilon listed is the target each partner's node enforced)."]
         missing = card["training"]["partners"] - len(card["privacy"]["guarantees"])
         if missing:
             lines.append(f"{missing} partner(s) have no differential-privacy guarantee for this model.")

@@ -76,9 +76,26 @@ def privacy_guarantees(cfg: FedpropConfig, rounds: Sequence[Mapping[str, Any]]) 
         for pid, p in rec.get("partners", {}).items():
             tr = p.get("train") or {}
             if tr.get("epsilon") is not None:
-                last[pid] = (float(tr["epsilon"]), float(tr.get("delta", cfg.privacy.delta)))
-    return [PrivacyGuarantee(partner=f"partner-{pid}", epsilon=eps, delta=delta, accountant=ACCOUNTANT, unit="customer")
-            for pid, (eps, delta) in sorted(last.items(), key=lambda kv: int(kv[0])) if eps > 0]
+                eps = tr.get("epsilon-with-evaluation", tr["epsilon"])  # the model is evaluated after training
+                last[pid] = (float(eps), float(tr.get("delta", cfg.privacy.delta)))
+            elif tr.get("in-secure-sum") and pid not in last:
+                # secure aggregation: the server never sees a partner's own figure; each node enforced its target
+                last[pid] = (float(cfg.privacy.epsilon), float(cfg.privacy.delta))
+    named = {k: v for k, v in last.items() if not k.startswith("node-")}
+    if named and len(last) > cfg.partners:  # secure rounds before the evaluated one know partners only by node id
+        last = named
+    return [PrivacyGuarantee(partner=f"partner-{pid}" if not pid.startswith("node-") else pid, epsilon=eps,
+                             delta=delta, accountant=ACCOUNTANT, unit="customer")
+            for pid, (eps, delta) in sorted(last.items(), key=lambda kv: kv[0]) if eps > 0]
+
+
+def evaluation_mechanism(cfg: FedpropConfig) -> dict[str, Any] | None:
+    """What the model card says about the evaluation release (None: exact histograms of a non-private run)."""
+    if not (cfg.privacy.enabled and cfg.evaluation.enabled):
+        return None
+    return {"kind": "discrete_gaussian", "release": "evaluation_counts", "unit": "customer", "bins": cfg.evaluation.bins,
+            "epsilon": float(cfg.privacy.epsilon), "delta": float(cfg.privacy.delta),
+            "epsilon_share": float(cfg.evaluation.epsilon_share), "scope": "training and evaluation composed"}
 
 
 def release_model(
@@ -109,7 +126,8 @@ def release_model(
             task=head, model_kind=cfg.model.kind, feature_names=list(feature_names),
             contract_hash=contract.contract_hash(), rounds=cfg.rounds, num_partners=cfg.partners,
             metrics=dict(pooled.get(head, {})), privacy=privacy, model_file=model.name, model_sha256=sha,
-            created_at=now,
+            created_at=now, evaluation_mechanism=evaluation_mechanism(cfg),
+            reproducible_noise=cfg.privacy.enabled and cfg.privacy.noise == "reproducible",
         )
         card["data_contract"]["name"] = contract.name
         if contract.kind == "events":

@@ -89,7 +89,7 @@ Combined from partners' score histograms (bin width 0.001): log loss and Brier a
 
 ## Evaluation release
 
-Evaluation histograms were released without noise: they reveal each partner's number of held-out customers, its base rate and its score distribution per class at bin resolution, but no individual prediction.
+Evaluation histograms were released without noise (a non-private run): they reveal each partner's number of held-out customers, its base rate and its score distribution per class at bin resolution, and a sparsely populated bin can single out a customer's score and label.
 
 ## Privacy
 
@@ -98,7 +98,7 @@ Evaluation histograms were released without noise: they reveal each partner's nu
 | partner-0 | 1.500 | 1.0e-05 | rdp | customer |
 | partner-1 | 2.000 | 1.0e-05 | rdp | customer |
 
-Each listed partner's customers are protected by (epsilon, delta)-differential privacy at the customer level over all training rounds of this model, as computed by the named accountant from the privacy ledger's mechanism records.
+Each listed partner's customers are protected by (epsilon, delta)-differential privacy at the customer level over all training rounds and evaluation releases of this model, as computed by the named accountant from the privacy ledger's mechanism records (with secure aggregation the server sees no per-partner figure: the epsilon listed is the target each partner's node enforced).
 1 partner(s) have no differential-privacy guarantee for this model.
 
 ## Features

@@ -198,6 +198,10 @@ def build_report(
         "agreement": agreement,
         "agreement_tolerance": AGREEMENT_TOLERANCE,
         "partner_layer": partner_layer,
+        # runs whose DP noise was derived from the run config's seed (privacy.noise=reproducible): no guarantee
+        # against anyone who knows the seed
+        "unprotected_runs": sorted({e.run_id for e in entries if e.kind == "run_start"
+                                    and (e.extra or {}).get("noise") == "reproducible"}),
     }
     report["statement"] = build_statement(report)
     return report
@@ -221,7 +225,13 @@ def build_statement(report: dict[str, Any]) -> str:
     evals = (
         f" and {counts['evaluation_releases']} evaluation release(s)" if counts["evaluation_releases"] else ""
     )
-    lines = [
+    unprotected = report.get("unprotected_runs") or []
+    lines = ([
+        f"WARNING: run(s) {', '.join(unprotected)} used reproducible noise (privacy.noise=reproducible): their noise "
+        "is derived from the run config's seed, so they give NO differential-privacy guarantee against anyone who "
+        "knows the seed (the coordinator chose it). The figures below hold only against parties who do not.",
+        "",
+    ] if unprotected else []) + [
         f"Privacy statement for partner {report['partner']} ({led['entries']} ledger entries; {verified}).",
         "",
         "Privacy unit: one customer. Two datasets are adjacent if one is obtained from the other by adding or "
@@ -230,7 +240,10 @@ def build_statement(report: dict[str, Any]) -> str:
         "",
         f"Coverage: every release recorded in the ledger: {counts['dpsgd_rounds']} model update(s) from DP-SGD "
         f"rounds in {counts['runs']} run(s){evals}. Each release is recorded, signed and flushed before it "
-        "leaves the node; anything not recorded is not covered.",
+        "leaves the node. Everything else a node sends is public by declaration on fedprop's release inventory "
+        "(docs/release-inventory.md: e.g. the training-set size rounded to 2 significant digits, the privacy "
+        "parameters, public bin edges, coarse timings); nothing else leaves, and anything not recorded is not "
+        "covered.",
         "",
         "Mechanism and sampling assumption: each DP-SGD round is accounted as a Gaussian mechanism applied to "
         "a Poisson-sampled batch (each customer included independently with probability q), self-composed over "

@@ -22,7 +22,7 @@ Privacy statement for partner acme (6 ledger entries; verified: hash chain, Ed25
 
 Privacy unit: one customer. Two datasets are adjacent if one is obtained from the other by adding or removing all records of one customer (add/remove-one-customer adjacency). The analysis assumes one training row per customer; a customer with k rows is protected only at group size k.
 
-Coverage: every release recorded in the ledger: 4 model update(s) from DP-SGD rounds in 2 run(s). Each release is recorded, signed and flushed before it leaves the node; anything not recorded is not covered.
+Coverage: every release recorded in the ledger: 4 model update(s) from DP-SGD rounds in 2 run(s). Each release is recorded, signed and flushed before it leaves the node. Everything else a node sends is public by declaration on fedprop's release inventory (docs/release-inventory.md: e.g. the training-set size rounded to 2 significant digits, the privacy parameters, public bin edges, coarse timings); nothing else leaves, and anything not recorded is not covered.
 
 Mechanism and sampling assumption: each DP-SGD round is accounted as a Gaussian mechanism applied to a Poisson-sampled batch (each customer included independently with probability q), self-composed over the round's optimizer steps, with each customer's gradient clipped to the recorded L2 norm. Batches that are not Poisson-sampled are not covered by this analysis.
 
