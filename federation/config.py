@@ -190,8 +190,9 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         p.append(f"model.hidden={list(cfg.model.hidden)} must be positive layer widths")
     pv = cfg.privacy
     if pv.enabled:
-        if not pv.epsilon > 0:
-            p.append(f"privacy.epsilon={pv.epsilon} must be > 0 (target epsilon for the whole run)")
+        if not 0 < pv.epsilon < float("inf"):  # inf = no guarantee at all: use privacy.enabled=false to say so
+            p.append(f"privacy.epsilon={pv.epsilon} must be a finite number > 0 (target epsilon for the whole run; "
+                     "privacy.enabled=false runs without DP)")
         if not 0 < pv.delta < 1:
             p.append(f"privacy.delta={pv.delta} must be in (0, 1); use well below 1/n customers, e.g. 1e-5")
         if not pv.max_grad_norm > 0:

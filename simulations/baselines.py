@@ -3,7 +3,7 @@ data (the upper bound federation approaches) and local-only non-private models, 
 partner gets alone, where no release happens and so no DP is needed)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,16 +35,23 @@ def pooled_metrics(model: torch.nn.Module, parts: list[PartnerData]) -> dict[str
     return {h: M.metrics_from_scores(Y[:, j], P[:, j]) for j, h in enumerate(parts[0].heads)}
 
 
-def run_baselines(cfg: FedpropConfig, parts: list[PartnerData]) -> dict[str, Any]:
+def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
+                  progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """``progress(done, total, what)`` is called after each model (1 centralized + one local-only per partner)."""
+    total = 1 + len(parts)
     X = torch.cat([p.X_train for p in parts])
     Y = torch.cat([p.Y_train for p in parts])
     central = _fit(cfg, X, Y, seed=cfg.seed)
+    if progress:
+        progress(1, total, f"centralized model on {len(X)} pooled training customers")
     out: dict[str, Any] = {
         "centralized": {"pooled": pooled_metrics(central, parts),
                         "per_partner": {str(p.partition_id): head_metrics(central, p) for p in parts}},
         "local_only": {"per_partner": {}},
     }
-    for p in parts:
+    for i, p in enumerate(parts):
         local = _fit(cfg, p.X_train, p.Y_train, seed=cfg.seed + 1000 + p.partition_id)
         out["local_only"]["per_partner"][str(p.partition_id)] = head_metrics(local, p)
+        if progress:
+            progress(2 + i, total, f"local-only model of partner {p.partition_id}")
     return out

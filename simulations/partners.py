@@ -2,6 +2,8 @@
 partners (simulations/realdata.py). Each call builds one partner's features only."""
 from __future__ import annotations
 
+import os
+
 from federation.config import FedpropConfig
 from federation.features import FeatureSet, build_event_features
 from federation.featurespec import SYNTHETIC_CATEGORICAL
@@ -55,31 +57,82 @@ def resolve_for_data(cfg: FedpropConfig) -> FedpropConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def cached_partner(cfg: FedpropConfig, node_config: dict, *, cache_dir: str) -> FeatureSet:
+CACHE_PREFIX = "fedprop-partner-cache-"
+
+
+def new_cache_dir(base: str | None = None) -> str:
+    """A private (0700, ``tempfile.mkdtemp``) folder for one run's partner caches, outside the run folder, named
+    with this process id. Caches left by runs that died (kill -9) are deleted first; they are unreadable anyway
+    (encrypted with a key that lived only in that run's memory)."""
+    import tempfile
+
+    purge_stale_caches(base)
+    return tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=base)
+
+
+def purge_stale_caches(base: str | None = None) -> list[str]:
+    """Delete this user's partner-cache folders whose owning process is gone; return what was deleted."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    gone = []
+    for p in Path(base or tempfile.gettempdir()).glob(CACHE_PREFIX + "*"):
+        try:
+            pid = int(p.name[len(CACHE_PREFIX):].split("-")[0])
+            if p.stat().st_uid != os.getuid() or _alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(str(p))
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cached_partner(cfg: FedpropConfig, node_config: dict, *, cache_dir: str, key: bytes) -> FeatureSet:
     """``load_partner`` with a per-run disk cache, so each partner's features are built once per run even
-    when several Ray workers (and the driver's baselines) serve that partner. Simulation only: the driver
-    deletes the cache when the run ends (features of real partners must not linger)."""
-    import os
+    when several Ray workers (and the driver's baselines) serve that partner. Simulation only. Each file is
+    AES-256-GCM encrypted with ``key``, a per-run key from the OS CSPRNG held only in memory (the driver's and
+    the Ray workers'), so a cache that outlives its run (kill -9) holds no readable customer data; the driver
+    deletes the folder when the run ends, on SIGTERM too (simulations/simulate.py)."""
+    import io
     import tempfile
     from pathlib import Path
 
     import numpy as np
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from federation.config import config_hash
 
     pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    path = Path(cache_dir) / f"{config_hash(cfg)[:16]}-partner{pid}-of{n}.npz"
+    path = Path(cache_dir) / f"{config_hash(cfg)[:16]}-partner{pid}-of{n}.npz.enc"
+    aad = path.name.encode()
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
+        blob = path.read_bytes()
+        plain = AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+        with np.load(io.BytesIO(plain), allow_pickle=False) as z:
             heads = [k[2:] for k in z.files if k.startswith("y_")]
             return FeatureSet(customer_ids=z["ids"].astype(object), X=z["X"], y={h: z[f"y_{h}"] for h in heads},
                               feature_names=tuple(str(x) for x in z["names"]),
                               max_rows_per_customer=int(z["max_rows"]))
     fs = load_partner(cfg, node_config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    buf = io.BytesIO()
+    np.savez(buf, ids=np.asarray([str(c) for c in fs.customer_ids]), X=fs.X, names=np.asarray(fs.feature_names),
+             max_rows=np.asarray(fs.max_rows_per_customer), **{f"y_{h}": v for h, v in fs.y.items()})
+    nonce = os.urandom(12)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, ids=np.asarray([str(c) for c in fs.customer_ids]), X=fs.X, names=np.asarray(fs.feature_names),
-                 max_rows=np.asarray(fs.max_rows_per_customer), **{f"y_{h}": v for h, v in fs.y.items()})
+        fh.write(nonce + AESGCM(key).encrypt(nonce, buf.getvalue(), aad))
     os.replace(tmp, path)  # atomic: a concurrent worker reads either nothing or the whole file
     return fs

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from federation.contract import DataContract, build_features, contract_problems, load_contract, resolve_data_path
-from federation.errors import ConfigError, DataValidationError
+from federation.errors import ConfigError, DataValidationError, Problem
 from federation.features import FeatureSet, event_labels, static_from_events
 from federation.validation import PRIVACY_WHY, Validated, read_validated
 
@@ -249,7 +249,17 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
     fs = build_features(sub, c)
     if len(fs) < c.min_customers:
         raise DataValidationError(
-            [f"partner {partition_id} of {num_partitions} has {len(fs)} customers, fewer than the contract's "
-             f"min_customers={c.min_customers}: {PRIVACY_WHY}. Use fewer partners or a larger dirichlet_alpha"],
+            [Problem(f"partner {partition_id} of {num_partitions} has {len(fs)} customers, fewer than the contract's "
+                     f"min_customers={c.min_customers}: {PRIVACY_WHY}. Use fewer partners or a larger dirichlet_alpha",
+                     code="too_few_customers", count=len(fs))],
             source=f"{c.name} partner {partition_id}")
     return fs
+
+
+def natural_partner_names(data_cfg: Any) -> list[str] | None:
+    """Names of the natural partners in partition order (e.g. telco's payment methods; split groups get -1, -2,
+    ...); None for dirichlet/iid partitioning, whose partners have no natural name."""
+    if _cfg(data_cfg, "partitioner", "natural") != "natural":
+        return None
+    scheme = scheme_for(data_cfg, contract_for(data_cfg))
+    return [g.name if g.parts == 1 else f"{g.name}-{k + 1}" for g in scheme.groups for k in range(g.parts)]

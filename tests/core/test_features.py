@@ -81,9 +81,10 @@ def test_partner_disk_cache_returns_identical_features(tmp_path, monkeypatch):
 
     cfg = from_dict({"partners": 2, "data": {"min_customers": 300, "max_customers": 500}})
     node = {"partition-id": 1, "num-partitions": 2}
-    first = P.cached_partner(cfg, node, cache_dir=str(tmp_path))
+    key = __import__("os").urandom(32)  # the per-run cache key (simulations/partners.py: files are AES-GCM encrypted)
+    first = P.cached_partner(cfg, node, cache_dir=str(tmp_path), key=key)
     monkeypatch.setattr(P, "load_partner", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
-    second = P.cached_partner(cfg, node, cache_dir=str(tmp_path))  # from disk, not rebuilt
+    second = P.cached_partner(cfg, node, cache_dir=str(tmp_path), key=key)  # from disk, not rebuilt
     np.testing.assert_array_equal(first.X, second.X)
     assert list(first.customer_ids) == list(second.customer_ids) and first.feature_names == second.feature_names
     for h in first.y:
