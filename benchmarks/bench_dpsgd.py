@@ -11,6 +11,9 @@ a warm-up; each repetition is one call of the training loop (like one federated 
 interleaved. Ratios are against non-private autograd training on the *same* Poisson index batches
 (`train_steps_nonprivate`); "nonprivate shuffle" (fixed-size slices of a random permutation, the usual
 non-private loop) is shown for reference. All DP methods use the same mechanism (q, sigma=1, C=1).
+"fast" draws noise and sampling from torch's generator (``privacy.noise=fast``: seeded from the OS CSPRNG per
+release); "fast secure" from a ChaCha20 stream with floating-point hardened Gaussians (``privacy.noise=secure``,
+the default): the ratio between the two rows is the cost of secure noise.
 On a shared or small machine, `--threads 1` avoids OpenMP threads stalling on each other when another
 process takes a core (2-thread figures on a loaded 2-core box are dominated by that, not by the method).
 """
@@ -71,6 +74,16 @@ def fast(model, X, y, q, steps, g):
                        max_grad_norm=C, sample_rate=q, steps=steps, generator=g).examples
 
 
+def fast_secure(model, X, y, q, steps, g):
+    """privacy.noise=secure (the default): sampling and noise from a fresh ChaCha20 stream keyed by os.urandom,
+    four-Gaussian sum per coordinate (clients/noise.py). ``g`` is ignored: a new source per call, as per release."""
+    from clients.noise import ChaChaNoise
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    return train_steps(model, X, y, loss_fn=nn.BCEWithLogitsLoss(), optimizer=opt, noise_multiplier=SIGMA,
+                       max_grad_norm=C, sample_rate=q, steps=steps, generator=ChaChaNoise()).examples
+
+
 def opacus_hooks(model, X, y, q, steps, g):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -109,7 +122,7 @@ def opacus_ghost(model, X, y, q, steps, g):
     return rows
 
 
-METHODS = {"nonprivate": nonprivate, "nonprivate shuffle": nonprivate_shuffle, "fast": fast,
+METHODS = {"nonprivate": nonprivate, "nonprivate shuffle": nonprivate_shuffle, "fast": fast, "fast secure": fast_secure,
            "opacus hooks": opacus_hooks, "opacus ghost": opacus_ghost}
 
 

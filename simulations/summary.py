@@ -57,7 +57,8 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
         last = r["rounds"][-1] if r["rounds"] else {"partners": {}, "evaluate": {}}
         for pid, info in r["partners"].items():
             p = partners.setdefault(pid, {"n_train": info["n_train"], "n_test": info["n_test"], "epsilon": {}})
-            eps = [rr["partners"].get(pid, {}).get("train", {}).get("epsilon") for rr in r["rounds"]]
+            eps = [(lambda t: t.get("epsilon-with-evaluation", t.get("epsilon")))(rr["partners"].get(pid, {}).get("train", {}))
+                   for rr in r["rounds"]]
             eps = [e for e in eps if e is not None]
             p["epsilon"][tag] = eps[-1] if eps else None
             p["refused_rounds"] = p.get("refused_rounds", 0) + sum(
@@ -115,7 +116,9 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
             "target_epsilon": cfg.privacy.epsilon,
             "delta": cfg.privacy.delta,
             "unit": "one customer (add/remove one customer's row)",
-            "accountant": "Opacus RDP, Poisson-subsampled Gaussian, composed over all rounds",
+            "accountant": (f"{cfg.privacy.accountant}: every DP-SGD round (Poisson-subsampled Gaussian) and every evaluation "
+                           f"release (discrete Gaussian, {cfg.evaluation.epsilon_share:.0%} of the budget) composed"),
+            "noise": cfg.privacy.noise,
         },
         "wall_time_s": wall_time_s,
         "federation_time_s": federation_time_s,
@@ -174,6 +177,9 @@ def render_summary(s: dict[str, Any]) -> str:
             lines.append(f"\n{task}: {r.get('partners_gaining_auc', 0)} of {len(r['per_partner'])} partners gain AUC "
                          f"by federating (mean gain {_f(r.get('mean_gain_auc'), signed=True)}).")
     pv = s["privacy"]
+    if pv.get("noise") == "reproducible" and pv["enabled"]:
+        lines[1:1] = ["", "**WARNING: privacy.noise=reproducible: the DP noise of this run is derived from its seed. It "
+                      "gives NO privacy guarantee against anyone who knows the seed. Tests and research only.**"]
     lines += ["", f"Privacy: {'DP-SGD, target epsilon ' + _f(pv['target_epsilon'], 2) + ', delta ' + format(pv['delta'], 'g') if pv['enabled'] else 'OFF (non-private run)'}; "
               f"unit: {pv['unit']}; accountant: {pv['accountant']}.", "",
               "| partner | train customers | test customers | final epsilon | refused rounds |", "|---|---|---|---|---|"]
