@@ -47,6 +47,8 @@ class _DropNoise(logging.Filter):
 
 
 def _quiet_flower(verbose: bool) -> None:
+    import flwr.simulation  # noqa: F401 - flwr sets its logger's level when imported: import first, then quiet it
+
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
