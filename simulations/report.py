@@ -137,12 +137,19 @@ def headline(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
                       "local_only_auc_mean", "local_only_top_decile_lift_mean", "base_rate", "mean_gain_auc",
                       "partners_gaining_auc"):
                 row[k] = t.get(k)
+            row["dp_evaluation_auc"] = t.get("federated_eval_auc_from_histograms")
+            row["dp_evaluation_auc_half_width"] = t.get("federated_eval_auc_half_width")
+            row["dp_evaluation_auc_meaningful"] = t.get("federated_eval_auc_meaningful", True)
         card = run["cards"].get(head)
         if card:
             m = card.get("metrics", {})
             row.setdefault("federated_dp_auc", m.get("auc_roc"))
             row.setdefault("federated_dp_top_decile_lift", m.get("top_decile_lift"))
             row.setdefault("base_rate", m.get("base_rate"))
+            if m.get("dp_release"):  # deployment: the card's metrics are the DP evaluation
+                row.setdefault("dp_evaluation_auc", m.get("auc_roc"))
+                row.setdefault("dp_evaluation_auc_half_width", m.get("auc_roc_half_width"))
+                row.setdefault("dp_evaluation_auc_meaningful", m.get("auc_roc_meaningful", True))
             for k in ("pr_auc", "log_loss", "brier", "ece"):
                 row[f"histogram_{k}"] = m.get(k)
         out[head] = row
@@ -365,13 +372,24 @@ def _value_rows(pp: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
 VALUE_HEADER = ["task", "partner", "test customers", "local-only AUC", "fed-DP AUC", "centralized AUC", "gain AUC",
                 "local-only lift@10%", "fed-DP lift@10%", "centralized lift@10%", "gain lift"]
 HEADLINE_HEADER = ["task", "fed-DP AUC", "centralized AUC", "local-only AUC (mean)", "fed-DP lift@10%",
-                   "centralized lift@10%", "base rate"]
+                   "centralized lift@10%", "base rate", "DP federated evaluation AUC (95% noise interval)"]
+
+
+def _dp_eval_cell(r: dict[str, Any]) -> str:
+    est, hw = r.get("dp_evaluation_auc"), r.get("dp_evaluation_auc_half_width")
+    if est is None:
+        return "-"
+    if hw is None:
+        return f"{_f(est)} (exact, non-private)"
+    if not r.get("dp_evaluation_auc_meaningful", True):
+        return f"not meaningful at this noise (+-{_f(hw)})"
+    return f"{_f(est)} +- {_f(hw)}"
 
 
 def _headline_rows(hl: dict[str, dict[str, Any]]) -> list[list[str]]:
     return [[h, _f(r.get("federated_dp_auc")), _f(r.get("centralized_auc")), _f(r.get("local_only_auc_mean")),
              _f(r.get("federated_dp_top_decile_lift"), 2), _f(r.get("centralized_top_decile_lift"), 2),
-             _f(r.get("base_rate"))] for h, r in hl.items()]
+             _f(r.get("base_rate")), _dp_eval_cell(r)] for h, r in hl.items()]
 
 
 def _privacy_text(run: dict[str, Any]) -> tuple[list[list[str]], str]:
