@@ -6,6 +6,8 @@ stating the numbers; the server carries on with the other partners.
 """
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -14,10 +16,12 @@ from clients import node as N
 from clients.privacy_state import PrivacyState
 from clients.secure_update import register_secure_update
 from federation.config import FedpropConfig, config_hash, from_run_config
-from federation.errors import BudgetExceededError, PrivacyError
+from federation.errors import BudgetExceededError, PrivacyError, public_reason
 from federation.privacy.events import DiscreteGaussian
+from federation.privacy.policy import PolicyViolationError
 from federation.models import federations
 
+log = logging.getLogger("fedprop.node")
 STATE_KEY = "fedprop.privacy"
 LEDGER_STATE_KEY = "fedprop.ledger"
 ERR_BUDGET = 4201
@@ -59,6 +63,22 @@ def _ledger_check_round(node: LH.NodeLedger, privacy: PrivacyState, run_id: str,
     )
 
 
+ERR_NODE = 4203  # any other failure at the node: the reply carries a code and column names only
+
+
+def public_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower sends ``str(exception)`` of a failing handler to the coordinator; a data error's text may quote a
+    customer id or a cell. Log it here in full, send only ``federation.errors.public_reason`` (category, codes,
+    column names, counts). Budget refusals are fedprop's own text of public privacy parameters and pass as is."""
+    try:
+        return call_next(msg, context)
+    except (BudgetExceededError, PolicyViolationError) as exc:
+        return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 -- every other failure leaves the node as a public reason only
+        log.exception("fedprop node: %s failed (details stay on this node)", msg.metadata.message_type)
+        return Message(Error(code=ERR_NODE, reason=public_reason(exc)), reply_to=msg)
+
+
 def node_split_key(cfg: FedpropConfig, node_config: dict) -> bytes:
     """Deployment: the node's secret train/test split key, from node config ``split-key`` (a key file), else
     derived from the node's ledger signing key (which never leaves the node either)."""
@@ -74,7 +94,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     """Simulation passes its typed config, a partner loader and the run's secret split key (never in the run
     config); deployment reads ``context.run_config`` and takes the split key from the node's own key material.
     ``mods``: Flower client mods around every handler (tests use clients/capture.py)."""
-    app = ClientApp(mods=list(mods or []))
+    app = ClientApp(mods=[public_errors_mod, *(mods or [])])
     load = loader or _default_loader
 
     def setup(msg: Message, context: Context, times: N.PhaseTimes):
@@ -141,7 +161,9 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                                "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise},
                     )
             except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
-                reason = f"partner {data.partition_id}: ledger entry for round {server_round} not written ({exc}); update withheld"
+                log.exception("ledger entry for round %s not written", server_round)
+                reason = (f"partner {data.partition_id}: ledger entry for round {server_round} not written "
+                          f"({public_reason(exc)}); update withheld")
                 return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
         metrics.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
@@ -183,8 +205,11 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                         delta=privacy.delta, config_hash=config_hash(cfg),
                     )
             except Exception as exc:  # noqa: BLE001 -- no ledger entry, no release
+                if not isinstance(exc, PrivacyError):
+                    log.exception("evaluation ledger entry not written")
+                why = str(exc) if isinstance(exc, (BudgetExceededError, PolicyViolationError)) else public_reason(exc)
                 return Message(Error(code=ERR_BUDGET if isinstance(exc, PrivacyError) else ERR_LEDGER,
-                                     reason=f"partner {data.partition_id}: evaluation withheld: {exc}"), reply_to=msg)
+                                     reason=f"partner {data.partition_id}: evaluation withheld: {why}"), reply_to=msg)
             context.state[key] = ConfigRecord({"json": privacy.after_evaluation(len(data.heads)).to_json()})
         with times.phase("serialize"):
             record = MetricRecord(metrics)

@@ -177,3 +177,22 @@ def test_separate_heads_split_epsilon_and_delta():
     cfg = from_dict({"task": "both", "model": {"heads": "separate"}, "privacy": {"epsilon": 3.0, "delta": 1e-5}})
     assert N.run_share(cfg) == (1.5, 5e-6)
     assert N.run_share(from_dict({})) == (3.0, 1e-5)
+
+
+def test_a_data_error_leaves_the_node_as_a_code_without_values(tmp_path):
+    """A loader failure quoting a customer id: the reply carries a public reason, the id stays in the local log."""
+    from federation.errors import DataValidationError
+
+    def bad_loader(cfg, node_config):
+        raise DataValidationError(["column customer_id: duplicate id '7590-VHVEG' in rows 3, 9"], source="x.csv")
+
+    cfg = from_dict({"partners": 2, "rounds": 1, "privacy": {"ledger_dir": str(tmp_path / "led")}})
+    app = CA.make_client_app(config=cfg, loader=bad_loader, split_key=b"s" * 32)
+    ctx = Context(run_id=3, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    model = build_model(cfg.model, n_features=len(feature_names(cfg.data)), n_outputs=2)
+    msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "config": ConfigRecord({"server-round": 1, "heads": "churn,propensity"})}),
+                  dst_node_id=1, message_type="train")
+    reply = app(msg, ctx)
+    assert reply.has_error() and reply.error.code == CA.ERR_NODE
+    assert "7590-VHVEG" not in reply.error.reason and reply.error.reason.startswith("data_validation_failed")
