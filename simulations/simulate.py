@@ -74,9 +74,12 @@ _T_IMPORT = time.perf_counter()
 
 
 @contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM -> SystemExit in the main thread, so every ``finally`` (cache deletion, Ray shutdown) runs."""
+def _sigterm_exits(cleanup):
+    """SIGTERM -> ``cleanup()`` at once (Ray's own fatal-signal handler may abort the process right after), then
+    SystemExit in the main thread, so every ``finally`` (Ray shutdown) runs too."""
     def _exit(signum, frame):
+        cleanup()
+        print(f"fedprop: stopped by signal {signum}: partner caches deleted", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     try:
@@ -105,13 +108,13 @@ def run_simulation(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     from simulations.privacy_reports import prepare_ledgers
 
     _quiet_flower(cfg.verbose)
-    cfg = prepare_ledgers(resolve_for_data(cfg))  # absolute ledger dir + policy, policy checked up front
+    cfg = prepare_ledgers(resolve_for_data(cfg), run_dir=Path(run_dir))  # absolute ledger dir + policy, checked up front
     # The partners' secret train/test split key for this run (clients/node.py:test_membership): fresh from the OS
     # CSPRNG, shared by the simulated nodes and the driver's baselines (same splits), never in the run config.
     split_key = secrets.token_bytes(32)
     cache_dir = new_cache_dir()
     loader = functools.partial(cached_partner, cache_dir=cache_dir, key=secrets.token_bytes(32))
-    with _sigterm_exits():
+    with _sigterm_exits(lambda: shutil.rmtree(cache_dir, ignore_errors=True)):
         try:
             t0 = time.perf_counter()
             partners = preflight(cfg, loader=loader, split_key=split_key)  # before Ray: one report or nothing
