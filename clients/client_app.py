@@ -79,12 +79,12 @@ def public_errors_mod(msg: Message, context: Context, call_next) -> Message:
         return Message(Error(code=ERR_NODE, reason=public_reason(exc)), reply_to=msg)
 
 
-def node_split_key(cfg: FedpropConfig, node_config: dict) -> bytes:
+def node_split_key(cfg: FedpropConfig, node_config: dict, *, deployment: bool = True) -> bytes:
     """Deployment: the node's secret train/test split key, from node config ``split-key`` (a key file), else
     derived from the node's ledger signing key (which never leaves the node either)."""
     if node_config.get("split-key"):
         return N.split_key_from_file(str(node_config["split-key"]))
-    node = LH.resolve_node_ledger(cfg, node_config)
+    node = LH.resolve_node_ledger(cfg, node_config, deployment=deployment)
     LH.open_ledger(node).close()  # creates the default key if needed (refuses a missing explicit node-key)
     return N.split_key_from_file(str(node.key_path))
 
@@ -102,7 +102,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
         node_config = dict(context.node_config)
         with times.phase("data-prep"):  # a cache hit after the first message of this partner in this process
-            key = split_key if split_key is not None else node_split_key(cfg, node_config)
+            key = split_key if split_key is not None else node_split_key(cfg, node_config, deployment=config is None)
             data = N.load_partner(cfg, node_config=node_config, loader=load, heads_key=str(heads), split_key=key)
         return cfg, data
 
@@ -115,7 +115,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             heads_tag = str(msg.content['config'].get('heads', ''))
             key = f"{STATE_KEY}.{heads_tag}"
             lkey = f"{LEDGER_STATE_KEY}.{heads_tag}"
-            node = LH.resolve_node_ledger(cfg, dict(context.node_config))
+            node = LH.resolve_node_ledger(cfg, dict(context.node_config), deployment=config is None)
             run_id, server_round = str(context.run_id), int(msg.content["config"]["server-round"])
             if lkey in context.state:  # the whole run was refused at preflight: nothing more to check
                 return Message(Error(code=ERR_BUDGET, reason=str(context.state[lkey]["run-refused"])), reply_to=msg)
@@ -200,7 +200,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             try:
                 with times.phase("ledger"):
                     LH.record_evaluation(
-                        LH.resolve_node_ledger(cfg, dict(context.node_config)), run_id=str(context.run_id),
+                        LH.resolve_node_ledger(cfg, dict(context.node_config), deployment=config is None),
+                        run_id=str(context.run_id),
                         round=int(msg.content["config"].get("server-round", 0)), mechanisms=mechanisms,
                         delta=privacy.delta, config_hash=config_hash(cfg),
                     )

@@ -23,20 +23,23 @@ server as ``num-examples`` by every participating node).
 
 Where things live:
 
-* Simulation: ``<privacy.ledger_dir>/<data.name>/partner-<partition-id>.sqlite`` (kept across runs, so the budget is
-  cumulative per policy period), key ``partner-<i>.key`` (+ ``.key.pub``) next to it, policy
-  ``privacy.policy``.
-* Deployment node config (``flower-supernode --node-config``): ``ledger-path`` (the ledger file),
-  ``node-key`` (Ed25519 private key PEM; must exist when given), ``budget-policy`` (policy YAML; overrides
-  ``privacy.policy`` of the run config: the partner's policy is the partner's to set).
+* Simulation: ``<privacy.ledger_dir>/<data.name>/<partner>.sqlite`` (``privacy.ledger_dir`` defaults to
+  ``<run_dir>/ledgers``: one set of ledgers per run; a shared folder simulates a partner's year), key
+  ``<privacy.ledger_dir>-keys/<data.name>/<partner>.key`` (+ ``.pub``), never in the ledger's folder; policy
+  ``privacy.policy``, else the default policy.
+* Deployment node config (``flower-supernode --node-config``): ``ledger-path`` and ``node-key`` (Ed25519 private
+  key PEM, outside the ledger's folder) are REQUIRED, ``budget-policy`` (policy YAML) defaults to fedprop's
+  default policy; nothing in the coordinator's run config (``privacy.ledger_dir``, ``privacy.policy``) is read:
+  the partner's ledger and policy are the partner's to set.
 
-A key at the default location is generated on first use (mode 0600, never overwritten).
+A simulation key is generated on first use (mode 0600, never overwritten); a deployment key must exist.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,7 +50,7 @@ from federation.config import FedpropConfig
 from federation.errors import ConfigError, PrivacyError
 from federation.privacy.events import PoissonSampledGaussian
 from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
-from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_round as _check_round, check_run, load_policy
+from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_round as _check_round, check_run, default_policy, load_policy
 
 __all__ = [
     "NodeLedger",
@@ -64,7 +67,8 @@ __all__ = [
     "NODE_CONFIG_KEYS",
 ]
 
-NODE_CONFIG_KEYS = ("ledger-path", "node-key", "budget-policy")
+NODE_CONFIG_KEYS = ("ledger-path", "node-key", "budget-policy", "partner")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class NodeLedger:
     partner: str
     ledger_path: Path
     key_path: Path
-    policy_path: Path | None
+    policy_path: Path | None  # None: the fedprop default policy (federation.privacy.policy.default_policy)
     key_explicit: bool = False  # given in the node config: must exist (a typo must not mint a new identity)
 
     @property
@@ -82,17 +86,50 @@ class NodeLedger:
         return Path(str(self.key_path) + ".pub")
 
 
-def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any]) -> NodeLedger:
-    """Node config keys win over the run config (see the module docstring)."""
-    pid = int(node_config.get("partition-id", 0))
-    partner = f"partner-{pid}"
-    if node_config.get("ledger-path"):
-        ledger_path = Path(str(node_config["ledger-path"]))
-    else:
-        # One ledger per (dataset, partner): partner-0 of telco_churn is not partner-0 of bank_marketing.
-        ledger_path = Path(cfg.privacy.ledger_dir) / cfg.data.name / f"{partner}.sqlite"
+def partner_name(node_config: Mapping[str, Any]) -> str:
+    """The partner's name: node config ``partner`` (set at onboarding), else ``partner-<partition-id>``."""
+    name = str(node_config.get("partner") or f"partner-{int(node_config.get('partition-id', 0))}")
+    if not _NAME.match(name):
+        raise ConfigError(f"node config partner={name!r}: use 1-64 letters, digits, '_', '.', '-' (it names files)")
+    return name
+
+
+def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any], *, deployment: bool = False) -> NodeLedger:
+    """Where this node's ledger, key and policy live.
+
+    Deployment (``deployment=True``: the run config comes from the coordinator): ONLY the node config counts.
+    ``ledger-path`` and ``node-key`` are required (a missing one is a refusal at the first message, not a fresh
+    ledger somewhere), the key must not sit in the ledger's folder, and ``budget-policy`` defaults to fedprop's
+    default policy (never to the run config's ``privacy.policy``).
+
+    Simulation (the data team's own typed config): ``<privacy.ledger_dir>/<data.name>/<partner>.sqlite``, the key
+    in the sibling folder ``<privacy.ledger_dir>-keys/<data.name>/<partner>.key``, policy ``privacy.policy`` (else
+    the default policy)."""
+    partner = partner_name(node_config)
+    if deployment:
+        missing = [k for k in ("ledger-path", "node-key") if not node_config.get(k)]
+        if missing:
+            raise ConfigError(
+                f"node config {' and '.join(missing)} not set: in a deployment the partner's ledger and its signing key "
+                "are named in the node's own --node-config, never by the coordinator's run config; e.g. "
+                "ledger-path='/var/lib/fedprop/ledger.sqlite' node-key='/etc/fedprop/keys/ledger.key' "
+                "(create the key with `fedprop certs node-key`)")
+        ledger_path, key_path = Path(str(node_config["ledger-path"])), Path(str(node_config["node-key"]))
+        if key_path.resolve().parent == ledger_path.resolve().parent:
+            raise ConfigError(
+                f"node config node-key={str(key_path)!r} lies in the ledger's folder: keep the ledger's signing key in "
+                "the node's key directory (0700), so that whoever can write the ledger's folder cannot re-sign it")
+        policy = str(node_config.get("budget-policy") or "")
+        return NodeLedger(partner, ledger_path, key_path, Path(policy) if policy else None, True)
+    if not cfg.privacy.ledger_dir and not node_config.get("ledger-path"):
+        raise ConfigError("privacy.ledger_dir is empty: a simulation sets it to <run_dir>/ledgers (prepare_ledgers)")
+    base = Path(cfg.privacy.ledger_dir)
+    # One ledger per (dataset, partner): partner-0 of telco_churn is not partner-0 of bank_marketing.
+    ledger_path = Path(str(node_config["ledger-path"])) if node_config.get("ledger-path") else (
+        base / cfg.data.name / f"{partner}.sqlite")
     explicit = bool(node_config.get("node-key"))
-    key_path = Path(str(node_config["node-key"])) if explicit else ledger_path.with_suffix(".key")
+    key_path = (Path(str(node_config["node-key"])) if explicit
+                else base.parent / f"{base.name}-keys" / cfg.data.name / f"{partner}.key")
     policy = str(node_config.get("budget-policy") or cfg.privacy.policy or "")
     return NodeLedger(partner, ledger_path, key_path, Path(policy) if policy else None, explicit)
 
@@ -120,8 +157,10 @@ def open_ledger(node: NodeLedger) -> Ledger:
     return Ledger.open(node.ledger_path, signing_key=node.key_path)
 
 
-def load_node_policy(node: NodeLedger) -> BudgetPolicy | None:
-    return None if node.policy_path is None else load_policy(node.policy_path)
+def load_node_policy(node: NodeLedger) -> BudgetPolicy:
+    """The node's policy file, else fedprop's default policy (a lifetime and a monthly cap). "Record only" is
+    never a default: it is a policy file with ``record_only: true``."""
+    return default_policy() if node.policy_path is None else load_policy(node.policy_path)
 
 
 def round_event(*, sampling_rate: float, noise_multiplier: float, steps: int) -> PoissonSampledGaussian:
@@ -131,6 +170,11 @@ def round_event(*, sampling_rate: float, noise_multiplier: float, steps: int) ->
 
 def _spent(ledger: Ledger, node: NodeLedger, policy: BudgetPolicy) -> list:
     return ledger.events(partner=node.partner, layer="customer", period=policy.period)
+
+
+def _lifetime(ledger: Ledger, node: NodeLedger) -> list:
+    """Every customer-level release this ledger ever recorded (the policy's lifetime cap)."""
+    return ledger.events(partner=node.partner, layer="customer")
 
 
 def record_refusal(
@@ -176,7 +220,7 @@ def preflight(
             try:
                 check = check_run(
                     policy, spent_events=_spent(ledger, node, policy), planned_events=[event] * rounds + list(planned_extra or []),
-                    planned_rounds=rounds,
+                    planned_rounds=rounds, lifetime_events=_lifetime(ledger, node),
                 )
             except PrivacyError as exc:
                 ledger.append(
@@ -185,7 +229,8 @@ def preflight(
                 )
                 raise
             plan.update({
-                "policy": str(node.policy_path), "policy_spent_epsilon": check.spent_epsilon,
+                "policy": str(node.policy_path) if node.policy_path else "fedprop default policy",
+                "policy_spent_epsilon": check.spent_epsilon,
                 "policy_planned_epsilon": check.planned_epsilon, "policy_total_epsilon": check.total_epsilon,
                 "policy_max_epsilon": check.max_epsilon, "policy_accountant": check.accountant,
             })
@@ -209,7 +254,8 @@ def check_round(
     event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
     with open_ledger(node) as ledger:
         try:
-            return _check_round(policy, spent_events=_spent(ledger, node, policy), round_event=event, round_number=round)
+            return _check_round(policy, spent_events=_spent(ledger, node, policy), round_event=event, round_number=round,
+                                lifetime_events=_lifetime(ledger, node))
         except PrivacyError as exc:
             ledger.append(
                 kind="refusal", partner=node.partner, run_id=run_id, round=round,
@@ -289,15 +335,15 @@ def record_evaluation(
     policy = load_node_policy(node)
     with open_ledger(node) as ledger:
         if policy is not None:
-            spent = _spent(ledger, node, policy)
+            spent, lifetime = _spent(ledger, node, policy), _lifetime(ledger, node)
             for ev in events:
                 try:
-                    _check_round(policy, spent_events=spent, round_event=ev, round_number=round)
+                    _check_round(policy, spent_events=spent, round_event=ev, round_number=round, lifetime_events=lifetime)
                 except PrivacyError as exc:
                     ledger.append(kind="refusal", partner=node.partner, run_id=run_id, round=round,
                                   extra={"scope": "evaluation", "reason": str(exc), "mechanism": ev.describe()})
                     raise
-                spent = spent + [ev]
+                spent, lifetime = spent + [ev], lifetime + [ev]
         for ev, m in zip(events, mechanisms):
             ledger.append(
                 kind="evaluation_release", partner=node.partner, run_id=run_id, round=round, delta=delta,

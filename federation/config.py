@@ -43,7 +43,9 @@ class PrivacyConfig:
     # ACROSS runs so a partner's budget is cumulative per policy period (relative paths: to the CWD).
     # Deployment nodes use their node config (ledger-path, node-key, budget-policy) instead.
     # The default can be moved with the FEDPROP_LEDGER_DIR environment variable (tests use a temp dir).
-    ledger_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_LEDGER_DIR", "runs/ledgers"))
+    # "" (default): a simulation keeps this run's ledgers in <run_dir>/ledgers; name a folder shared by several runs to
+    # simulate a partner's year. Deployment nodes never read it (their node config names their ledger).
+    ledger_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_LEDGER_DIR", ""))
     policy: str = ""  # budget policy YAML (federation/privacy/policy.py); "" = record only, no policy enforced
     # Where DP noise and Poisson sampling come from (clients/noise.py): "secure" (ChaCha20 keyed from the OS
     # CSPRNG per release + floating-point hardened Gaussian), "fast" (torch generator seeded from the OS CSPRNG),
@@ -198,8 +200,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         if not pv.max_grad_norm > 0:
             p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0")
         p += _allowed("privacy.accountant", pv.accountant, ACCOUNTANTS)
-        if not isinstance(pv.ledger_dir, str) or not pv.ledger_dir.strip():
-            p.append(f"privacy.ledger_dir={pv.ledger_dir!r} must be a directory path (partner ledgers live there)")
+        if not isinstance(pv.ledger_dir, str) or (pv.ledger_dir and not pv.ledger_dir.strip()):
+            p.append(f"privacy.ledger_dir={pv.ledger_dir!r} must be \"\" (per-run ledgers) or a directory path")
         if not isinstance(pv.policy, str) or (pv.policy and not pv.policy.endswith((".yaml", ".yml"))):
             p.append(f"privacy.policy={pv.policy!r} must be \"\" (no policy) or the path of a budget policy .yaml file")
     t = cfg.train

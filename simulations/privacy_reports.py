@@ -26,13 +26,19 @@ __all__ = ["prepare_ledgers", "write_privacy_reports", "render_privacy_section"]
 FORMATS = ("md", "json", "html")
 
 
-def prepare_ledgers(cfg: FedpropConfig) -> FedpropConfig:
+def prepare_ledgers(cfg: FedpropConfig, *, run_dir: Path | None = None) -> FedpropConfig:
+    """``privacy.ledger_dir=""`` (the default) gives this run its own ledgers under ``<run_dir>/ledgers``, so a
+    user's experiments do not spend each other's budget; a directory shared by several runs simulates a
+    partner's year (its budget is then cumulative)."""
     if not cfg.privacy.enabled:
         return cfg
     policy = str(Path(cfg.privacy.policy).resolve()) if cfg.privacy.policy else ""
     if policy:
         load_policy(policy)  # PolicyError (a ConfigError) naming every bad key, before any node starts
-    privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).resolve()), policy=policy)
+    ledger_dir = cfg.privacy.ledger_dir or (str(Path(run_dir) / "ledgers") if run_dir is not None else "")
+    if not ledger_dir:
+        raise ValueError("prepare_ledgers: privacy.ledger_dir is empty and no run directory was given")
+    privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(Path(ledger_dir).resolve()), policy=policy)
     return dataclasses.replace(cfg, privacy=privacy)
 
 
@@ -82,7 +88,7 @@ def render_privacy_section(index: dict[str, Any]) -> str:
     if not index.get("dir"):
         return ""
     lines = ["", "### Privacy budget reports", "",
-             f"Verified ledgers in {index['ledger_dir']} (cumulative across runs); reports in {index['dir']} "
+             f"Verified ledgers in {index['ledger_dir']} (per run unless privacy.ledger_dir names a shared folder); reports in {index['dir']} "
              f"(partner-<i>.md / .json / .html). Policy: {index['policy'] or 'none (spend recorded, not enforced)'}.",
              "", "| partner | rounds released (this run) | refusals (this run) | epsilon in period | remaining | policy |",
              "|---|---|---|---|---|---|"]

@@ -129,12 +129,22 @@ def test_failed_ledger_write_withholds_the_update(tmp_path, monkeypatch):
     assert [e.kind for e in _entries(cfg, 0)] == ["run_start"]
 
 
-def test_no_policy_records_but_does_not_enforce(tmp_path):
+def test_no_policy_file_means_the_default_policy_is_enforced(tmp_path):
+    """No policy file: fedprop's default policy (monthly and lifetime caps) applies; runs at epsilon 3 fit until
+    the cap, then the next run is refused before training. "Record only" is never a default."""
+    from federation.privacy.policy import default_policy
+
     cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=1)
     app = make_client_app(config=cfg, loader=load_partner)
-    for run in (1, 2):  # 2 x 3 is far above any 1.0 budget, but no policy: recorded, not refused
-        assert not app(train_msg(initial_arrays(cfg), 1), context(0, run_id=run)).has_error()
-    assert [e.kind for e in _entries(cfg, 0)] == ["run_start", "dpsgd_round"] * 2
+    cap = default_policy().max_epsilon
+    outcomes = [app(train_msg(initial_arrays(cfg), 1), context(0, run_id=run)).has_error() for run in range(1, 5)]
+    assert outcomes[0] is False and True in outcomes  # 4 x 3 > the monthly cap of the default policy
+    kinds = [e.kind for e in _entries(cfg, 0)]
+    assert "refusal" in kinds and kinds[:2] == ["run_start", "dpsgd_round"]
+    from federation.privacy.accountants import get_accountant
+
+    spent = [e.event for e in _entries(cfg, 0) if e.event is not None]
+    assert get_accountant("rdp").epsilon(spent, delta=1e-5) <= cap + 1e-6
 
 
 def test_node_config_keys_win_and_explicit_key_must_exist(tmp_path):
