@@ -142,6 +142,9 @@ class ReleaseConfig:
     # and kept ACROSS runs (relative paths: to the CWD); each run dir gets a copy of the public key.
     # The default can be moved with the FEDPROP_KEY_DIR environment variable (tests use a temp dir).
     key_dir: str = field(default_factory=lambda: os.environ.get("FEDPROP_KEY_DIR", "runs/keys"))
+    # A federation releases (saves, signs, writes model cards) only if at least this many rounds aggregated a
+    # partner's update; otherwise it releases nothing and the run exits non-zero.
+    min_rounds: int = 1
 
 
 @dataclass
@@ -243,6 +246,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
             f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"
             " need 1 <= min_customers <= max_customers"
         )
+    if not 1 <= cfg.release.min_rounds <= max(1, cfg.rounds):
+        p.append(f"release.min_rounds={cfg.release.min_rounds} must be in [1, rounds={cfg.rounds}]")
     if not isinstance(cfg.release.key_dir, str) or not cfg.release.key_dir.strip():
         p.append(f"release.key_dir={cfg.release.key_dir!r} must be a directory path (the server's signing key)")
     sa, cd = cfg.secagg, cfg.central_dp

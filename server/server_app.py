@@ -6,6 +6,7 @@ writes per-round metrics and the final model into the run directory.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from federation.atomicio import atomic_write_text
+from federation.errors import FedpropError
 from federation.config import FedpropConfig, config_hash, evaluation_rounds, from_run_config
 from federation.featurespec import feature_names
 from federation.models import build_model, federations
@@ -20,6 +23,31 @@ from server.outputs import RunOutputs, progress_line
 from server.release import release_model
 from server.secure_fedavg import run_secure_fedavg
 from server.strategy import RecordingStrategy, build_strategy, pooled_summaries
+
+
+class ReleaseRefused(FedpropError):
+    """Too few rounds aggregated anything: the federation's model is not a result and is not released."""
+
+
+def aggregated_rounds(rounds: list[dict]) -> int:
+    """Rounds in which at least one partner's update was aggregated (plain or securely summed)."""
+    return sum(1 for r in rounds if any("train" in p for p in r.get("partners", {}).values()))
+
+
+def _release_or_refuse(out: RunOutputs, cfg: FedpropConfig, *, tag: str, heads, names, final: ArrayRecord, pooled) -> None:
+    """Release nothing from nothing: fewer than ``release.min_rounds`` aggregated rounds -> no model file, no
+    signature, no model card; ``RELEASE_REFUSED_<tag>.json`` says why and the run exits non-zero."""
+    done = aggregated_rounds(out.rounds.get(tag, []))
+    if done < cfg.release.min_rounds:
+        reason = (f"federation {tag}: {done} of {cfg.rounds} round(s) aggregated any partner's update (release.min_rounds="
+                  f"{cfg.release.min_rounds}); the model is not a result, so nothing was saved, signed or released. "
+                  "See the refusals and errors in federated_rounds.json.")
+        atomic_write_text(out.dir / f"RELEASE_REFUSED_{tag}.json", json.dumps({"tag": tag, "aggregated_rounds": done,
+                                                                              "reason": reason}, indent=2))
+        print(f"fedprop: {reason}", flush=True)
+        raise ReleaseRefused(reason)
+    out.save_final(tag, final.to_torch_state_dict(), heads=heads, feature_names=names)
+    release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=pooled)
 
 
 def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], out: RunOutputs, run_id: str = "") -> None:
@@ -44,8 +72,8 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
             run_id=run_id or config_hash(cfg)[:16], on_round=on_round,
             checkpoint=lambda rnd, arrays: out.save_checkpoint(tag, rnd, arrays.to_torch_state_dict()),
         )
-        out.save_final(tag, final.to_torch_state_dict(), heads=heads, feature_names=names)
-        release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=pooled_summaries(last_eval))
+        _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final,
+                           pooled=pooled_summaries(last_eval) if last_eval else {})
         return
     strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round,
                                  evaluate_rounds=evaluation_rounds(cfg))
@@ -63,10 +91,8 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         evaluate_config=ConfigRecord({"heads": ",".join(heads)}),
         evaluate_fn=checkpoint,
     )
-    # No round aggregated anything (e.g. every partner refused): the released model is the initial one.
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
-    out.save_final(tag, final.to_torch_state_dict(), heads=heads, feature_names=names)
-    release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=strategy.pooled)
+    _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final, pooled=strategy.pooled)
 
 
 def make_server_app(*, config: FedpropConfig | None = None, run_dir: str | Path | None = None) -> ServerApp:
@@ -77,9 +103,15 @@ def make_server_app(*, config: FedpropConfig | None = None, run_dir: str | Path 
         cfg = config or from_run_config(context.run_config)
         out = RunOutputs(Path(run_dir or context.run_config.get("fedprop-run-dir", "") or f"runs/flwr-{context.run_id}"))
         out.write_config(cfg)
+        refused: list[str] = []
         for heads in federations(cfg.task, cfg.model.heads):
-            run_federation(grid, cfg, heads=heads, out=out, run_id=str(context.run_id))
+            try:
+                run_federation(grid, cfg, heads=heads, out=out, run_id=str(context.run_id))
+            except ReleaseRefused as exc:
+                refused.append(str(exc))
         out.finish()
+        if refused and config is None:  # deployment: the run fails (non-zero) when a federation released nothing
+            raise ReleaseRefused("; ".join(refused))
 
     return app
 

@@ -141,9 +141,15 @@ def test_vanished_partner_and_too_few_survivors(tmp_path):
     _, _, rounds = _federate(cfg, tmp_path, grid_kwargs={"vanish": {3: "unmask"}})
     assert rounds[0]["secagg"]["survivors"] == 4  # it sent its masked input, then vanished: still summed
     cfg = tiny_config(tmp_path / "b", partners=3, rounds=1, privacy=off)
-    _, out, rounds = _federate(cfg, tmp_path / "b", grid_kwargs={"vanish": {0: "masked_input", 1: "masked_input"}})
+    from server.server_app import ReleaseRefused
+
+    with pytest.raises(ReleaseRefused, match="0 of 1 round"):  # nothing aggregated: nothing is released
+        _federate(cfg, tmp_path / "b", grid_kwargs={"vanish": {0: "masked_input", 1: "masked_input"}})
+    rounds = json.loads((tmp_path / "b" / "run" / "federated_rounds.json").read_text())[TAG]
     assert "aborted" in rounds[0]["secagg"] and "survivors" not in rounds[0]["secagg"]
-    assert (out.dir / f"model_{TAG}.pt").exists()  # the run carries on with the unchanged model
+    run = tmp_path / "b" / "run"
+    assert not (run / f"model_{TAG}.pt").exists() and not list(run.glob("*.sig")) and not list(run.glob("model_card*"))
+    assert (run / f"RELEASE_REFUSED_{TAG}.json").exists()
 
 
 def test_central_dp_rounds_are_recorded_in_the_federation_ledger(tmp_path):
