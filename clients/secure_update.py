@@ -23,7 +23,7 @@ from federation.secagg.flower import STATE_KEY as SECAGG_STATE_KEY
 from federation.secagg.flower import register_secagg
 from federation.secagg.primitives import Entropy, SecAggError
 from federation.secagg.protocol import ClientState
-from federation.secure_fedavg import partner_vector, threshold_for
+from federation.secure_fedavg import partner_vector, plan_problems
 
 __all__ = ["ACTION", "flatten", "register_secure_update"]
 
@@ -49,11 +49,14 @@ def secure_update(
     cfg = config or from_run_config(context.run_config)
     state = ClientState.from_bytes(bytes(context.state[SECAGG_STATE_KEY]["state"]))  # type: ignore[arg-type]
     sa = state.config
-    # The noise share is sized for t survivors: never accept a threshold below what the run config requires.
-    required = threshold_for(cfg, len(state.participants))
-    if sa.threshold < required:
-        raise SecAggError(f"the server asked for SecAgg threshold {sa.threshold} with {len(state.participants)} "
-                          f"participants; the run config requires at least {required}; refusing to send an update")
+    # Recompute the round plan from this node's config: a lower threshold would shrink the noise share's
+    # protection, a tiny clip would cancel it; any difference refuses the round before training.
+    problems = plan_problems(cfg, threshold=sa.threshold, degree=sa.degree, vector_length=sa.vector_length,
+                             quantization=sa.quantization, num_params=int(flatten(message.content["arrays"]).size),
+                             participants_seen=len(state.participants))
+    if problems:
+        raise SecAggError("the server's secure-aggregation plan differs from this node's run config: "
+                          + "; ".join(problems) + "; refusing to send an update")
     reply = train(_as_train_message(message), context)
     if reply.has_error():  # refusal (privacy budget) or ledger failure: this partner drops out of the round
         raise BudgetExceededError(reply.error.reason or f"train refused (code {reply.error.code})")

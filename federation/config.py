@@ -256,6 +256,15 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
             p.append(f"secagg.threshold_fraction={sa.threshold_fraction} must be in (0.5, 1]: a minority must never unmask")
         if sa.degree != 0 and (sa.degree < 2 or sa.degree % 2):
             p.append(f"secagg.degree={sa.degree} must be 0 (complete graph) or an even number >= 2")
+        elif 0.5 < sa.threshold_fraction <= 1 and cfg.partners >= 2:  # t from the neighbourhood: h/2 < t <= h
+            from federation.secagg.protocol import SecAggError, holders_count, threshold_from_neighbourhood
+
+            n = cfg.partners
+            try:
+                threshold_from_neighbourhood(fraction=sa.threshold_fraction, holders=holders_count(
+                    participants=n, degree=sa.degree if 0 < sa.degree < n - 1 else None))
+            except SecAggError as exc:
+                p.append(str(exc))
         if not sa.clip > 0:
             p.append(f"secagg.clip={sa.clip} must be > 0 (per-coordinate range of an update delta)")
         if not 16 <= sa.modulus_bits <= 64:

@@ -72,10 +72,12 @@ INVENTORY: tuple[Field, ...] = (
     Field("evaluate", "metrics:metrics/*.hist.sum_logloss", NON_PRIVATE, "exact histogram (non-private runs only)"),
     Field("evaluate", "metrics:metrics/*.hist.sum_brier", NON_PRIVATE, "exact histogram (non-private runs only)"),
     # ---------------------------------------------------------------- any reply
+    Field("*", "configs:partner/name", PUBLIC, "the partner's name set at onboarding (node config partner)"),
     Field("*", "error:reason", PUBLIC, "an error or refusal reply: a code and a reason naming the privacy parameters "
           "and budget figures of the refusal (never data values: errors carry codes and column names)"),
     # ---------------------------------------------------------------- secure aggregation stages (query.secagg)
-    Field("query.secagg", "configs:secagg/payload.keys", PUBLIC, "advertise: the node's two fresh X25519 public keys"),
+    Field("query.secagg", "configs:secagg/payload.keys", PUBLIC, "advertise: the node's two fresh X25519 public keys, a "
+          "hash commitment to its fresh self-mask seed, and (with secagg-key) its Ed25519 identity key and signature"),
     Field("query.secagg", "configs:secagg/payload.shares", PUBLIC, "share_keys: Shamir shares of the node's secrets, "
           "each AEAD-encrypted to one neighbour (ciphertext to the server)"),
     Field("query.secagg", "configs:secagg/masked", DP, "masked_input: the node's quantized DP update plus pairwise and "
@@ -83,9 +85,11 @@ INVENTORY: tuple[Field, ...] = (
     Field("query.secagg", "configs:secagg/payload.b", PUBLIC, "unmask: shares of surviving neighbours' self-mask seeds "
           "(reveal only the sum)"),
     Field("query.secagg", "configs:secagg/payload.s", PUBLIC, "unmask: shares of dropped neighbours' mask keys"),
+    Field("query.secagg", "configs:secagg/payload.rejected", PUBLIC, "masked_input: ids of neighbours whose encrypted "
+          "shares failed authentication (they become dropouts)"),
 )
 
-_ALL_SECAGG_PAYLOAD = ("keys", "shares", "b", "s")
+_ALL_SECAGG_PAYLOAD = ("keys", "shares", "b", "s", "rejected")
 
 
 def lookup(message: str, field: str) -> Field | None:

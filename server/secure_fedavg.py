@@ -8,6 +8,10 @@ global + sum(w_i delta_i) / sum(w_i); record the release in the federation ledge
 usual ``evaluate`` messages, pooled from histograms exactly as in the plain strategy
 (``server.strategy.aggregate_eval_metrics``). A partner that refuses (privacy budget) or fails is a dropout;
 with fewer than the threshold t of survivors the round is aborted (no aggregate exists) and the model is kept.
+A partner whose reply is malformed or inconsistent is excluded (a dropout with a public reason code), and an
+unmasked sum that fails the range checks (``federation.secure_fedavg.aggregate_step``) rejects the round:
+nothing from it is applied or released. :class:`SecureFedAvgResult` says how many rounds aggregated; with
+``rounds_aggregated == 0`` the final model is the untrained initial one and must not be released.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +36,27 @@ from federation.errors import FedpropError
 from federation.privacy.accountants import get_accountant
 from federation.privacy.events import Gaussian
 from federation.secagg.flower import RECORD_KEY, secure_sum
-from federation.secagg.primitives import Entropy, InsufficientSurvivorsError
-from federation.secure_fedavg import aggregate_step, plan_round
+from federation.secagg.primitives import Entropy, RoundAbortedError
+from federation.secure_fedavg import aggregate_step, min_partner_weight, plan_round
 from server.strategy import HIST, aggregate_eval_metrics
 
-__all__ = ["ACTION", "LEDGER_FILE", "run_secure_fedavg"]
+__all__ = ["ACTION", "LEDGER_FILE", "SecureFedAvgResult", "run_secure_fedavg"]
 
 log = logging.getLogger(__name__)
 
 ACTION = "secagg"  # clients/secure_update.py registers query.secagg
 LEDGER_FILE = "federation_ledger.sqlite"
+
+
+@dataclass(frozen=True)
+class SecureFedAvgResult:
+    """The outcome of a secure FedAvg run. ``rounds_aggregated`` counts rounds whose checked aggregate was
+    applied; 0 means nothing trained (``arrays`` is the initial model): the caller must release nothing."""
+
+    arrays: ArrayRecord
+    last_eval: list[dict[str, Any]]
+    rounds_aggregated: int
+    rounds_aborted: dict[int, str] = field(default_factory=dict)  # round -> why (public text, no values)
 
 
 class _ErrorTap:
@@ -136,9 +152,9 @@ def run_secure_fedavg(
     on_round: Callable[[dict[str, Any]], None],
     checkpoint: Callable[[int, ArrayRecord], None],
     entropy: Entropy = os.urandom,
-) -> tuple[ArrayRecord, list[dict[str, Any]]]:
-    """Run ``cfg.rounds`` secure rounds; return the final global model and the partners' last evaluation
-    metric records (aggregates and histograms, as in the plain strategy)."""
+) -> SecureFedAvgResult:
+    """Run ``cfg.rounds`` secure rounds; return the final global model, the partners' last evaluation metric
+    records (aggregates and histograms, as in the plain strategy) and how many rounds aggregated."""
     arrays = initial
     num_params = int(_flatten(initial).size)
     rng = random.Random(cfg.seed)
@@ -147,6 +163,8 @@ def run_secure_fedavg(
     if cfg.strategy.name == "fedprox":
         config_base["proximal-mu"] = float(cfg.strategy.proximal_mu)
     released = 0
+    aggregated = 0
+    aborted: dict[int, str] = {}
     last_eval: list[dict[str, Any]] = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -164,12 +182,17 @@ def run_secure_fedavg(
                 quantization=plan.quantization, degree=plan.degree, timeout=cfg.secagg.timeout,
                 extra_content=content, action=ACTION, entropy=entropy,
             )
-        except InsufficientSurvivorsError as exc:
+            info["excluded"] = {str(u): why for u, why in sorted(result.excluded.items())}
+            step, weight = aggregate_step(result.total, value_range_=plan.quantization.clip,
+                                          survivors=len(result.survivors), min_weight=min_partner_weight(cfg),
+                                          error_bound=result.error_bound)
+        except RoundAbortedError as exc:
             info["aborted"] = str(exc)
+            aborted[rnd] = str(exc)
             log.warning("round %d: secure aggregation aborted (%s); the global model is unchanged", rnd, exc)
         else:
             survivors = result.survivors
-            step, weight = aggregate_step(result.total, value_range_=plan.quantization.clip)
+            aggregated += 1
             info.update(survivors=len(survivors), dropped=len(result.dropped), weight_sum=weight,
                         error_bound=result.error_bound / weight)
             if cfg.central_dp.enabled:
@@ -205,4 +228,7 @@ def run_secure_fedavg(
         last_eval = [dict(next(iter(c.metric_records.values()))) for c in flats]
         info["round_s"] = time.perf_counter() - t0
         on_round(rec)
-    return arrays, last_eval
+    if not aggregated:
+        log.error("no secure round aggregated (%d aborted): the model is the untrained initial one; release nothing",
+                  len(aborted))
+    return SecureFedAvgResult(arrays=arrays, last_eval=last_eval, rounds_aggregated=aggregated, rounds_aborted=aborted)

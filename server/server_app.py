@@ -67,11 +67,12 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         print(progress_line(tag, rec, rounds=cfg.rounds, heads=heads), flush=True)
 
     if cfg.secagg.enabled:  # the server sees only sums of updates: server/secure_fedavg.py
-        final, last_eval = run_secure_fedavg(
+        secure = run_secure_fedavg(
             grid, cfg, heads=heads, initial=ArrayRecord(model.state_dict()), run_dir=out.dir,
             run_id=run_id or config_hash(cfg)[:16], on_round=on_round,
             checkpoint=lambda rnd, arrays: out.save_checkpoint(tag, rnd, arrays.to_torch_state_dict()),
-        )
+        )  # secure.rounds_aggregated == 0: nothing trained (the no-release exit is wired here)
+        final, last_eval = secure.arrays, secure.last_eval
         _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final,
                            pooled=pooled_summaries(last_eval) if last_eval else {})
         return

@@ -14,8 +14,13 @@ Client side (one line in the ``ClientApp``)::
 Every stage is one round of ``query.<action>`` messages (default ``query.secagg``) whose ``"secagg"``
 ConfigRecord names the ``stage`` and carries a JSON ``payload``. The client keeps its protocol state, private
 keys included, in ``context.state`` (node-local, never sent), serialised to bytes. A node that does not answer
-within ``timeout``, or answers with an error, is treated as dropped at that stage. The masked-input message
-also carries ``extra_content`` (e.g. the global model) so that ``update_fn`` can compute the update then.
+within ``timeout``, answers with an error, or sends anything malformed or inconsistent (wrong types or
+lengths, unknown fields, deep nesting, oversized payloads, replayed or low-order keys) is a dropout at that
+stage: the driver never raises on a client's reply. ``secure_sum`` raises only RoundAbortedError (no
+aggregate: too few survivors, or a sum that fails its range check) or SecAggError for its own bad parameters.
+
+Identities (``federation.secagg.identity``): a node whose node config names ``secagg-key`` signs its advert;
+with ``secagg-peers`` it verifies every neighbour's advert against the pinned partner keys.
 """
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
+from federation.secagg.identity import load_identity
 from federation.secagg.primitives import Entropy, QuantizationSpec, SecAggError
 from federation.secagg.protocol import (
+    CIPHERTEXT_BYTES,
     AdvertisedKeys,
     ClientState,
     KeyBroadcast,
@@ -39,6 +46,8 @@ from federation.secagg.protocol import (
     SecAggResult,
     UnmaskRequest,
     UnmaskResponse,
+    advert_from_json,
+    advert_to_json,
     bytes_map_from_json,
     bytes_map_to_json,
     client_advertise,
@@ -47,10 +56,12 @@ from federation.secagg.protocol import (
     client_unmask,
     config_from_json,
     config_to_json,
+    expect_fields,
     ints_from_json,
     ints_to_json,
     keys_from_json,
     keys_to_json,
+    load_json,
     server_collect_keys,
     server_collect_masked,
     server_route_shares,
@@ -64,12 +75,60 @@ log = logging.getLogger(__name__)
 RECORD_KEY = "secagg"  # ConfigRecord in every SecAgg message and reply
 STATE_KEY = "secagg-state"  # ConfigRecord in context.state holding the serialised ClientState
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+_SHARE_BYTES = 66
+_PER_NODE_JSON = 512  # generous bound on one node's entry in a payload (a ciphertext is ~220 base64 chars)
 
 UpdateFn = Callable[[Message, Context], np.ndarray]
 """Returns the client's update as a 1-D float array; called once per round, at the masked-input stage."""
 
 
 # -------------------------------------------------------------------------------------------- server
+class _Reply:
+    """One reply's ``secagg`` record, checked: exactly the expected entries, each of the expected type."""
+
+    @staticmethod
+    def fields(rec: Any, expected: Mapping[str, type], max_payload: int) -> dict[str, Any]:
+        if not isinstance(rec, ConfigRecord):
+            raise SecAggError(f"the '{RECORD_KEY}' record must be a ConfigRecord")
+        if set(rec.keys()) != set(expected):
+            raise SecAggError(f"reply entries {sorted(rec.keys())[:8]} differ from the expected {sorted(expected)}")
+        out = {}
+        for k, typ in expected.items():
+            if not isinstance(rec[k], typ):
+                raise SecAggError(f"reply entry '{k}' must be {typ.__name__}")
+            out[k] = rec[k]
+        if "payload" in out:
+            out["payload"] = load_json(out["payload"], max_bytes=max_payload)
+        return out
+
+
+def _parse_advert(rec: Any, n: int) -> AdvertisedKeys:
+    d = _Reply.fields(rec, {"payload": bytes}, 2048)
+    return advert_from_json(expect_fields(d["payload"], ("keys",), "advertise payload")["keys"])
+
+
+def _parse_shares(rec: Any, n: int) -> dict[int, bytes]:
+    d = _Reply.fields(rec, {"payload": bytes}, 256 + _PER_NODE_JSON * n)
+    return bytes_map_from_json(expect_fields(d["payload"], ("shares",), "share_keys payload")["shares"],
+                               CIPHERTEXT_BYTES)
+
+
+def _parse_masked(rec: Any, n: int, vector_length: int) -> tuple[np.ndarray, list[int]]:
+    d = _Reply.fields(rec, {"masked": bytes, "payload": bytes}, 256 + 32 * n)
+    raw = d["masked"]
+    if len(raw) != 8 * vector_length:
+        raise SecAggError(f"masked input has {len(raw)} bytes, expected {8 * vector_length}")
+    rejected = ints_from_json(expect_fields(d["payload"], ("rejected",), "masked_input payload")["rejected"])
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64), rejected
+
+
+def _parse_unmask(rec: Any, n: int) -> UnmaskResponse:
+    d = _Reply.fields(rec, {"payload": bytes}, 256 + 2 * _PER_NODE_JSON * n)
+    p = expect_fields(d["payload"], ("b", "s"), "unmask payload")
+    return UnmaskResponse(b_shares=bytes_map_from_json(p["b"], _SHARE_BYTES),
+                          s_shares=bytes_map_from_json(p["s"], _SHARE_BYTES))
+
+
 def secure_sum(
     grid: Grid,
     *,
@@ -83,8 +142,8 @@ def secure_sum(
     action: str = "secagg",
     entropy: Entropy = os.urandom,
 ) -> SecAggResult:
-    """Securely sum the update vectors of ``node_ids``: four message rounds, dropouts tolerated down to
-    ``threshold`` survivors; raises InsufficientSurvivorsError (no aggregate released) below it."""
+    """Securely sum the update vectors of ``node_ids``: four message rounds, dropouts (and hostile replies)
+    tolerated down to ``threshold`` survivors; raises RoundAbortedError (no aggregate released) below it."""
     config = SecAggConfig(
         round_id=entropy(16),
         threshold=threshold,
@@ -93,30 +152,40 @@ def secure_sum(
         degree=degree,
         graph_seed=entropy(16),
     )
+    if extra_content is not None and RECORD_KEY in extra_content:
+        raise SecAggError(f"extra_content must not use the reserved key '{RECORD_KEY}'.")
     message_type = f"query.{action}"
     group_id = config.round_id.hex()
+    n = len(node_ids)
+    malformed: dict[int, str] = {}
 
-    def ask(stage: str, payloads: Mapping[int, bytes], extra: RecordDict | None = None) -> dict[int, ConfigRecord]:
+    def ask(stage: str, payloads: Mapping[int, bytes], parse: Callable[[Any], Any],
+            extra: RecordDict | None = None) -> dict[int, Any]:
         messages = []
         for node_id, payload in payloads.items():
             content = RecordDict({RECORD_KEY: ConfigRecord({"stage": stage, "payload": payload})})
-            if extra is not None:
-                for key, record in extra.items():
-                    if key == RECORD_KEY:
-                        raise SecAggError(f"extra_content must not use the reserved key '{RECORD_KEY}'.")
-                    content[key] = record
+            for key, record in (extra or {}).items():
+                content[key] = record
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type, group_id=group_id))
-        replies: dict[int, ConfigRecord] = {}
+        replies: dict[int, Any] = {}
+        seen: set[int] = set()
         for reply in grid.send_and_receive(messages, timeout=timeout):
             src = reply.metadata.src_node_id
-            if src not in payloads or src in replies:
-                log.warning("SecAgg %s: ignoring unexpected reply from node %s", stage, src)
-            elif reply.has_error():
-                log.warning("SecAgg %s: node %s dropped (%s)", stage, src, reply.error.reason)
-            elif RECORD_KEY not in reply.content:
-                log.warning("SecAgg %s: node %s replied without a '%s' record; dropped", stage, src, RECORD_KEY)
-            else:
-                replies[src] = reply.content[RECORD_KEY]
+            if src not in payloads or src in seen:
+                log.warning("SecAgg %s: ignoring unexpected or repeated reply from node %s", stage, src)
+                replies.pop(src, None)  # two replies from one node: neither is trusted
+                seen.add(src)
+                continue
+            seen.add(src)
+            if reply.has_error():
+                log.warning("SecAgg %s: node %s dropped (error code %s)", stage, src, reply.error.code)
+                continue
+            try:
+                replies[src] = parse(reply.content[RECORD_KEY] if RECORD_KEY in reply.content else None)
+            except (SecAggError, KeyError, TypeError, ValueError) as exc:
+                malformed[src] = f"{stage}-malformed"
+                log.warning("SecAgg %s: malformed reply from node %s (%s); dropped", stage, src,
+                            type(exc).__name__ if not isinstance(exc, SecAggError) else exc)
         missing = set(payloads) - set(replies)
         if missing:
             log.warning("SecAgg %s: %d of %d nodes dropped: %s", stage, len(missing), len(payloads), sorted(missing))
@@ -124,11 +193,7 @@ def secure_sum(
 
     # Stage 0: advertise keys.
     cfg_payload = _dump({"config": config_to_json(config)})
-    adverts: dict[int, AdvertisedKeys] = {}
-    for node_id, rec in ask("advertise", {int(n): cfg_payload for n in node_ids}).items():
-        parsed = _parse(_advert_from_record, rec, node_id, "advertise")
-        if parsed is not None:
-            adverts[node_id] = parsed
+    adverts = ask("advertise", {int(u): cfg_payload for u in node_ids}, lambda r: _parse_advert(r, n))
     server, broadcasts = server_collect_keys(config=config, adverts=adverts)
 
     # Stage 1: share keys.
@@ -136,42 +201,32 @@ def secure_sum(
         u: _dump({"round": group_id, "participants": ints_to_json(b.participants), "keys": keys_to_json(b.keys)})
         for u, b in broadcasts.items()
     }
-    shares: dict[int, dict[int, bytes]] = {}
-    for node_id, rec in ask("share_keys", payloads).items():
-        parsed_shares = _parse(lambda r: bytes_map_from_json(_load(r)["shares"]), rec, node_id, "share_keys")
-        if parsed_shares is not None:
-            shares[node_id] = parsed_shares
+    shares = ask("share_keys", payloads, lambda r: _parse_shares(r, n))
     server, routed = server_route_shares(state=server, shares=shares)
 
     # Stage 2: masked input.
     payloads = {v: _dump({"round": group_id, "ciphertexts": bytes_map_to_json(cts)}) for v, cts in routed.items()}
-    masked: dict[int, np.ndarray] = {}
-    for node_id, rec in ask("masked_input", payloads, extra_content).items():
-        y = _parse(lambda r: np.frombuffer(r["masked"], dtype="<u8").astype(np.uint64), rec, node_id, "masked_input")
-        if y is not None and y.shape == (vector_length,):
-            masked[node_id] = y
-        elif y is not None:
-            log.warning("SecAgg masked_input: node %s sent %s values, expected %s; dropped", node_id, y.shape, vector_length)
-    server, requests = server_collect_masked(state=server, masked=masked)
+    got = ask("masked_input", payloads, lambda r: _parse_masked(r, n, vector_length), extra_content)
+    server, requests = server_collect_masked(state=server, masked={u: y for u, (y, _) in got.items()},
+                                             rejected={u: r for u, (_, r) in got.items()})
 
     # Stage 3: unmask.
     payloads = {
         u: _dump({"round": group_id, "survivors": ints_to_json(r.survivors), "dropped": ints_to_json(r.dropped)})
         for u, r in requests.items()
     }
-    responses: dict[int, UnmaskResponse] = {}
-    for node_id, rec in ask("unmask", payloads).items():
-        resp = _parse(
-            lambda r: UnmaskResponse(b_shares=bytes_map_from_json(_load(r)["b"]),
-                                     s_shares=bytes_map_from_json(_load(r)["s"])),
-            rec, node_id, "unmask",
-        )
-        if resp is not None:
-            responses[node_id] = resp
-    return server_unmask(state=server, responses=responses)
+    responses = ask("unmask", payloads, lambda r: _parse_unmask(r, n))
+    result = server_unmask(state=server, responses=responses)
+    excluded = {**malformed, **result.excluded}
+    return SecAggResult(total=result.total, integer_total=result.integer_total, survivors=result.survivors,
+                        dropped=tuple(sorted(set(result.dropped) | (set(malformed) - set(result.survivors)))),
+                        error_bound=result.error_bound, excluded=excluded)
 
 
 # -------------------------------------------------------------------------------------------- client
+_MAX_SERVER_PAYLOAD = 64 << 20
+
+
 def handle_secagg(
     message: Message, context: Context, *, update_fn: UpdateFn, entropy: Entropy = os.urandom
 ) -> Message:
@@ -179,34 +234,41 @@ def handle_secagg(
     (Flower turns it into an error reply; the server then treats this node as dropped)."""
     rec = message.content[RECORD_KEY]
     stage = str(rec["stage"])
-    payload = _load(rec)
+    payload = load_json(rec["payload"], max_bytes=_MAX_SERVER_PAYLOAD)
+    if not isinstance(payload, dict):
+        raise SecAggError("SecAgg payload must be a JSON object")
+    identity = load_identity(context.node_config)
     if stage == "advertise":
-        config = config_from_json(payload["config"])
-        state, keys = client_advertise(config=config, node_id=context.node_id, entropy=entropy)
-        out: dict[str, Any] = {"payload": _dump({"keys": keys_to_json({0: keys})["0"]})}
+        config = config_from_json(expect_fields(payload, ("config",), "advertise request")["config"])
+        state, keys = client_advertise(config=config, node_id=context.node_id, entropy=entropy,
+                                       identity_key=identity.private)
+        out: dict[str, Any] = {"payload": _dump({"keys": advert_to_json(keys)})}
     else:
         state = _load_state(context, payload)
         if stage == "share_keys":
-            broadcast = KeyBroadcast(participants=tuple(ints_from_json(payload["participants"])),
-                                     keys=keys_from_json(payload["keys"]))
-            state, shares = client_share_keys(state=state, broadcast=broadcast, entropy=entropy)
+            p = expect_fields(payload, ("round", "participants", "keys"), "share_keys request")
+            broadcast = KeyBroadcast(participants=tuple(ints_from_json(p["participants"])),
+                                     keys=keys_from_json(p["keys"]))
+            state, shares = client_share_keys(state=state, broadcast=broadcast, entropy=entropy,
+                                              pinned=identity.pinned)
             out = {"payload": _dump({"shares": bytes_map_to_json(shares)})}
         elif stage == "masked_input":
+            p = expect_fields(payload, ("round", "ciphertexts"), "masked_input request")
+            ciphertexts = bytes_map_from_json(p["ciphertexts"])
             update = np.asarray(update_fn(message, context), dtype=np.float64)
             rng = None
             if state.config.quantization.rounding == "stochastic":
                 rng = np.random.default_rng(int.from_bytes(entropy(16), "big"))
-            state, y = client_masked_input(
-                state=state, ciphertexts=bytes_map_from_json(payload["ciphertexts"]), update=update, rng=rng
-            )
-            out = {"masked": y.astype("<u8").tobytes()}
+            state, y = client_masked_input(state=state, ciphertexts=ciphertexts, update=update, rng=rng)
+            out = {"masked": y.astype("<u8").tobytes(), "payload": _dump({"rejected": ints_to_json(state.rejected)})}
         elif stage == "unmask":
-            request = UnmaskRequest(survivors=frozenset(ints_from_json(payload["survivors"])),
-                                    dropped=frozenset(ints_from_json(payload["dropped"])))
+            p = expect_fields(payload, ("round", "survivors", "dropped"), "unmask request")
+            request = UnmaskRequest(survivors=frozenset(ints_from_json(p["survivors"])),
+                                    dropped=frozenset(ints_from_json(p["dropped"])))
             state, resp = client_unmask(state=state, request=request)
             out = {"payload": _dump({"b": bytes_map_to_json(resp.b_shares), "s": bytes_map_to_json(resp.s_shares)})}
         else:
-            raise SecAggError(f"Unknown SecAgg stage '{stage}'; expected one of {STAGES}.")
+            raise SecAggError(f"Unknown SecAgg stage; expected one of {STAGES}.")
     context.state[STATE_KEY] = ConfigRecord({"state": state.to_bytes()})
     return Message(RecordDict({RECORD_KEY: ConfigRecord(out)}), reply_to=message)
 
@@ -226,10 +288,6 @@ def _dump(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True).encode()
 
 
-def _load(rec: ConfigRecord) -> dict[str, Any]:
-    return json.loads(bytes(rec["payload"]))  # type: ignore[arg-type]
-
-
 def _load_state(context: Context, payload: Mapping[str, Any]) -> ClientState:
     if STATE_KEY not in context.state:
         raise SecAggError(f"Node {context.node_id} has no SecAgg state: the 'advertise' stage did not run here.")
@@ -237,18 +295,3 @@ def _load_state(context: Context, payload: Mapping[str, Any]) -> ClientState:
     if state.config.round_id.hex() != payload.get("round"):
         raise SecAggError(f"Node {context.node_id} got a message for another SecAgg round; refused.")
     return state
-
-
-def _advert_from_record(rec: ConfigRecord) -> AdvertisedKeys:
-    keys = keys_from_json({"0": _load(rec)["keys"]})[0]
-    if len(keys.c_public) != 32 or len(keys.s_public) != 32:
-        raise ValueError("public keys must be 32 bytes")
-    return keys
-
-
-def _parse(fn: Callable[[ConfigRecord], Any], rec: ConfigRecord, node_id: int, stage: str) -> Any:
-    try:
-        return fn(rec)
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("SecAgg %s: malformed reply from node %s (%s); dropped", stage, node_id, exc)
-        return None

@@ -38,7 +38,9 @@ __all__ = [
     "Entropy",
     "QuantizationSpec",
     "SecAggError",
+    "AggregateRejectedError",
     "InsufficientSurvivorsError",
+    "RoundAbortedError",
     "KeyPair",
     "agree",
     "decrypt_share",
@@ -68,8 +70,16 @@ class SecAggError(FedpropError):
     """Secure aggregation cannot proceed safely: invalid parameters, a bad message, or a failed check."""
 
 
-class InsufficientSurvivorsError(SecAggError):
+class RoundAbortedError(SecAggError):
+    """This round of secure aggregation ends without an aggregate (nothing is released); the next may succeed."""
+
+
+class InsufficientSurvivorsError(RoundAbortedError):
     """Too many participants dropped out: fewer than the threshold remain, so the round is aborted."""
+
+
+class AggregateRejectedError(RoundAbortedError):
+    """The unmasked aggregate fails a range check (a hostile client's input or share): it is not released."""
 
 
 # ----------------------------------------------------------------------------------------------- keys

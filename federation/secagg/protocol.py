@@ -1,12 +1,15 @@
 """SecAgg / SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) as pure client and server stage functions.
 
-Threat model: an honest-but-curious server and honest-but-curious clients, on authenticated channels
-(Flower's TLS + SuperNode authentication). The server learns only the sum of the survivors' quantized
-updates, provided it never obtains ``threshold`` shares of both the self-mask seed ``b_u`` and the masking key
-``s_u`` of the same client. Clients enforce that: each answers one unmasking request per round, reveals for
-each neighbour either a ``b`` share (survivor) or an ``s`` share (dropped), never both, and refuses requests
-whose survivor and dropped sets overlap. ``threshold > holders / 2`` is required, so no two disjoint groups of
-responders could each reconstruct a secret.
+Threat model (docs/secure-aggregation.md): the server (coordinator) learns only the sum of the survivors'
+quantized updates, provided it never obtains ``threshold`` shares of both the self-mask seed ``b_u`` and the
+masking key ``s_u`` of the same client. Clients enforce that: each answers one unmasking request per round,
+reveals for each neighbour either a ``b`` share (survivor) or an ``s`` share (dropped), never both, refuses
+requests whose sets overlap or whose survivor graph is disconnected, and ``threshold > holders / 2`` so no two
+disjoint groups of responders could each reconstruct a secret. With pinned partner identity keys, adverts are
+signed and verified, so a server that substitutes keys is caught. A hostile client can send anything: every
+malformed or inconsistent message turns its sender into a dropout (``ServerState.excluded``), a bad share is
+caught by the self-mask commitment or the public key, and an unmasked sum outside the quantization range is
+rejected (AggregateRejectedError) instead of released.
 
 Stages (each side's functions are called in this order; each returns a new state and the outgoing message)::
 
@@ -28,16 +31,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
+import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from federation.secagg import identity as _identity
 from federation.secagg.primitives import (
     PROTOCOL_LABEL,
+    AggregateRejectedError,
     Entropy,
     InsufficientSurvivorsError,
     QuantizationSpec,
@@ -46,8 +54,10 @@ from federation.secagg.primitives import (
     constant_time_equal,
     decrypt_share,
     dequantize_sum,
+    _encode_parts,
     encrypt_share,
     generate_keypair,
+    lagrange_at_zero,
     prg_words,
     public_key_of,
     quantize,
@@ -68,15 +78,21 @@ __all__ = [
     "client_masked_input",
     "client_share_keys",
     "client_unmask",
+    "commitment_of",
+    "connected",
+    "holders_count",
     "holders_of",
     "neighbour_graph",
     "server_collect_keys",
     "server_collect_masked",
     "server_route_shares",
     "server_unmask",
+    "threshold_from_neighbourhood",
 ]
 
 _SECRET_BYTES = 32
+_SHARE_BYTES = 66  # one Shamir share over GF(2**521 - 1)
+CIPHERTEXT_BYTES = 12 + 2 * _SHARE_BYTES + 16  # nonce | (s share | b share) | Poly1305 tag
 _PAIR_MASK = b"pair"
 _SELF_MASK = b"self"
 _ENC = b"share-encryption"
@@ -108,18 +124,26 @@ class SecAggConfig:
         if problems:
             raise SecAggError("Invalid SecAggConfig: " + "; ".join(problems))
 
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical config: signed in every advert, so all clients provably got the same one."""
+        return hashlib.sha256(json.dumps(config_to_json(self), sort_keys=True).encode()).digest()
+
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    """A client's two public keys: ``c`` for encrypting shares, ``s`` for agreeing pairwise mask seeds."""
+    """A client's advert: ``c`` for encrypting shares, ``s`` for pairwise mask seeds, a hash commitment to its
+    self-mask seed ``b``, and (with identities) its Ed25519 identity key and signature over all of it."""
 
     c_public: bytes
     s_public: bytes
+    commitment: bytes = b""
+    identity: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
 class KeyBroadcast:
-    """Server -> client after stage 0: all participants U1 and the public keys of the client's holders."""
+    """Server -> client after stage 0: all participants U1 and the adverts of the client's holders."""
 
     participants: tuple[int, ...]
     keys: Mapping[int, AdvertisedKeys]
@@ -143,13 +167,17 @@ class UnmaskResponse:
 
 @dataclass(frozen=True)
 class SecAggResult:
-    """The outcome of a secure sum: the float sum of the survivors' (clipped) updates and its bookkeeping."""
+    """The outcome of a secure sum: the float sum of the survivors' (clipped) updates and its bookkeeping.
+
+    ``excluded`` names the clients the server turned into dropouts for a malformed or inconsistent reply, with
+    a public reason code (never a value)."""
 
     total: np.ndarray
     integer_total: np.ndarray
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     error_bound: float
+    excluded: Mapping[int, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- neighbours
@@ -181,6 +209,43 @@ def neighbour_graph(
 def holders_of(graph: Mapping[int, frozenset[int]], u: int) -> frozenset[int]:
     """The clients holding shares of u's secrets: u's neighbours and u itself."""
     return graph[u] | {u}
+
+
+def holders_count(*, participants: int, degree: int | None) -> int:
+    """Share holders per client (neighbours + itself) for ``participants`` clients: degree + 1, or n."""
+    if degree is None or degree >= participants - 1:
+        return participants
+    return degree + 1
+
+
+def threshold_from_neighbourhood(*, holders: int, fraction: float) -> int:
+    """SecAgg(+) threshold t = max(2, ceil(fraction * holders)); requires holders/2 < t <= holders.
+
+    The threshold counts shares *within one neighbourhood* (its holders), never all participants: SecAgg+
+    with degree k has k + 1 holders per client, so t > k + 1 could never be met."""
+    t = max(2, math.ceil(fraction * holders - 1e-9))
+    if not (2 * t > holders and t <= holders):
+        raise SecAggError(
+            f"secagg.threshold_fraction={fraction} gives threshold {t} for {holders} share holders per client "
+            f"(secagg.degree + 1, or all participants for the complete graph); need {holders // 2 + 1} <= t <= "
+            f"{holders}: raise secagg.threshold_fraction above 0.5 (at most 1) or change secagg.degree."
+        )
+    return t
+
+
+def connected(graph: Mapping[int, frozenset[int]], members: Iterable[int]) -> bool:
+    """Whether the subgraph of ``graph`` induced by ``members`` is connected."""
+    nodes = set(members)
+    if not nodes:
+        return False
+    seen, todo = set(), [next(iter(nodes))]
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        todo.extend((graph[u] & nodes) - seen)
+    return seen == nodes
 
 
 def _check_threshold(*, config: SecAggConfig, graph: Mapping[int, frozenset[int]]) -> None:
@@ -216,6 +281,40 @@ def _share_ad(config: SecAggConfig, sender: int, recipient: int) -> bytes:
     return b"|".join([PROTOCOL_LABEL, config.round_id.hex().encode(), str(sender).encode(), str(recipient).encode()])
 
 
+def commitment_of(*, config: SecAggConfig, node_id: int, b_seed: bytes) -> bytes:
+    """Hash commitment to a self-mask seed (hiding: the seed is 256 uniform bits; binding: SHA-256)."""
+    return hashlib.sha256(_encode_parts(PROTOCOL_LABEL, b"b-commit", config.round_id, str(node_id).encode(),
+                                        b_seed)).digest()
+
+
+def advert_message(*, config: SecAggConfig, node_id: int, keys: AdvertisedKeys) -> bytes:
+    """The bytes an identity key signs: round, node id, config digest, both keys, commitment, identity."""
+    return _encode_parts(PROTOCOL_LABEL, b"advert", config.round_id, str(node_id).encode(), config.digest(),
+                         keys.c_public, keys.s_public, keys.commitment, keys.identity)
+
+
+def advert_problem(*, config: SecAggConfig, node_id: int, keys: AdvertisedKeys) -> str | None:
+    """A public reason code if an advert is malformed, else None. Keys are checked with throwaway exchanges
+    (an all-zero or low-order X25519 key gives an all-zero secret and is refused); a present signature must
+    verify under the advert's own identity key (pinning is checked by the clients)."""
+    if len(keys.c_public) != 32 or len(keys.s_public) != 32 or len(keys.commitment) != 32:
+        return "advert-length"
+    if keys.c_public == keys.s_public:
+        return "advert-key-reuse"
+    if (len(keys.identity), len(keys.signature)) not in ((0, 0), (32, 64)):
+        return "advert-identity-length"
+    probe = generate_keypair()
+    for k in (keys.c_public, keys.s_public):
+        try:
+            agree(private_key=probe.private, peer_public_key=k, purpose=b"probe", round_id=config.round_id)
+        except SecAggError:
+            return "advert-low-order-key"
+    if keys.identity and not _identity.verify(keys.identity, keys.signature,
+                                              advert_message(config=config, node_id=node_id, keys=keys)):
+        return "advert-bad-signature"
+    return None
+
+
 def _words(seed: bytes, domain: bytes, config: SecAggConfig) -> np.ndarray:
     return prg_words(
         seed=seed,
@@ -247,6 +346,7 @@ class ClientState:
     b_seed: bytes = field(default=b"", repr=False)
     held_shares: Mapping[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     mask_partners: tuple[int, ...] = ()
+    rejected: tuple[int, ...] = ()  # senders whose encrypted shares failed authentication (reported)
 
     def to_bytes(self) -> bytes:
         """Serialise (for Flower's node-local ``context.state``)."""
@@ -266,10 +366,18 @@ def _expect_stage(state: ClientState, expected: str, action: str) -> None:
 
 
 def client_advertise(
-    *, config: SecAggConfig, node_id: int, entropy: Entropy = os.urandom
+    *, config: SecAggConfig, node_id: int, entropy: Entropy = os.urandom, identity_key: bytes | None = None
 ) -> tuple[ClientState, AdvertisedKeys]:
-    """Stage 0: generate the encryption (c) and masking (s) X25519 key pairs and advertise the public halves."""
+    """Stage 0: generate the encryption (c) and masking (s) X25519 key pairs and the self-mask seed b;
+    advertise the public keys and a commitment to b, signed with ``identity_key`` (raw Ed25519) if given."""
     c, s = generate_keypair(entropy=entropy), generate_keypair(entropy=entropy)
+    b_seed = entropy(_SECRET_BYTES)
+    keys = AdvertisedKeys(c_public=c.public, s_public=s.public,
+                          commitment=commitment_of(config=config, node_id=node_id, b_seed=b_seed))
+    if identity_key is not None:
+        keys = replace(keys, identity=_identity.public_of(identity_key))
+        keys = replace(keys, signature=_identity.sign(identity_key, advert_message(config=config, node_id=node_id,
+                                                                                   keys=keys)))
     state = ClientState(
         config=config,
         node_id=node_id,
@@ -278,19 +386,26 @@ def client_advertise(
         s_private=s.private,
         c_public=c.public,
         s_public=s.public,
+        b_seed=b_seed,
     )
-    return state, AdvertisedKeys(c_public=c.public, s_public=s.public)
+    return state, keys
 
 
 def client_share_keys(
-    *, state: ClientState, broadcast: KeyBroadcast, entropy: Entropy = os.urandom
+    *, state: ClientState, broadcast: KeyBroadcast, entropy: Entropy = os.urandom,
+    pinned: Mapping[bytes, str] | None = None,
 ) -> tuple[ClientState, dict[int, bytes]]:
-    """Stage 1: Shamir-share ``s_u`` and a fresh self-mask seed ``b_u`` among the holders, encrypted per holder."""
+    """Stage 1: Shamir-share ``s_u`` and the self-mask seed ``b_u`` among the holders, encrypted per holder.
+
+    With ``pinned`` (partner identity keys fixed at onboarding) every holder's advert must be signed by a
+    distinct pinned key over this round's config: a server that substitutes keys is caught here."""
     _expect_stage(state, "advertised", "share keys")
     config, u = state.config, state.node_id
-    participants = tuple(sorted(broadcast.participants))
-    if u not in participants:
-        raise SecAggError(f"Client {u} is not among the round's participants.")
+    participants = tuple(sorted(set(broadcast.participants)))
+    if len(participants) != len(broadcast.participants) or u not in participants:
+        raise SecAggError(f"Client {u} is not among the round's participants, or they repeat.")
+    if len(participants) > config.quantization.max_summands:
+        raise SecAggError(f"{len(participants)} participants exceed max_summands; the sum could wrap. Refused.")
     graph = neighbour_graph(participants=participants, degree=config.degree, seed=config.graph_seed)
     _check_threshold(config=config, graph=graph)
     holders = holders_of(graph, u)
@@ -300,16 +415,28 @@ def client_share_keys(
             f"{sorted(holders)}; the server's broadcast is inconsistent."
         )
     own = broadcast.keys[u]
-    if own.c_public != state.c_public or own.s_public != state.s_public:
-        raise SecAggError(f"The server echoed different public keys for client {u}; aborting.")
+    if own.c_public != state.c_public or own.s_public != state.s_public or own.commitment != commitment_of(
+            config=config, node_id=u, b_seed=state.b_seed):
+        raise SecAggError(f"The server echoed a different advert for client {u}; aborting.")
     all_keys = [k for ks in broadcast.keys.values() for k in (ks.c_public, ks.s_public)]
     if len(set(all_keys)) != len(all_keys):
         raise SecAggError("Two advertised public keys are equal; every key must be fresh and distinct.")
+    for v, ks in broadcast.keys.items():
+        problem = advert_problem(config=config, node_id=v, keys=ks)
+        if problem:
+            raise SecAggError(f"The server forwarded a malformed advert for client {v} ({problem}); aborting.")
+    if pinned is not None:
+        identities = [ks.identity for ks in broadcast.keys.values()]
+        unpinned = sorted(v for v, ks in broadcast.keys.items() if not ks.identity or ks.identity not in pinned)
+        if unpinned or len(set(identities)) != len(identities):
+            raise SecAggError(
+                f"Key adverts of {unpinned or 'two holders'} are not signed by distinct pinned partner keys "
+                "(node config secagg-peers): the coordinator may have substituted keys. Refusing to share secrets."
+            )
 
-    b_seed = entropy(_SECRET_BYTES)
     xs = {v: _x_of(participants, v) for v in holders}
     s_shares = shamir_split(secret=state.s_private, threshold=config.threshold, xs=list(xs.values()), entropy=entropy)
-    b_shares = shamir_split(secret=b_seed, threshold=config.threshold, xs=list(xs.values()), entropy=entropy)
+    b_shares = shamir_split(secret=state.b_seed, threshold=config.threshold, xs=list(xs.values()), entropy=entropy)
     out: dict[int, bytes] = {}
     for v in sorted(holders - {u}):
         key = agree(private_key=state.c_private, peer_public_key=broadcast.keys[v].c_public, purpose=_ENC,
@@ -321,7 +448,6 @@ def client_share_keys(
         stage="shared",
         participants=participants,
         neighbour_keys=dict(broadcast.keys),
-        b_seed=b_seed,
         held_shares={u: (s_shares[xs[u]], b_shares[xs[u]])},
     )
     return new_state, out
@@ -336,44 +462,58 @@ def client_masked_input(
 ) -> tuple[ClientState, np.ndarray]:
     """Stage 2: decrypt the shares received from neighbours (U2) and send the masked, quantized update.
 
-    ``y_u = quantize(update) + PRG(b_u) + sum_{v in U2 neighbours} sign(u, v) PRG(s_uv)  (mod 2^k)``.
-    ``rng`` is needed only for stochastic rounding.
+    ``y_u = quantize(update) + PRG(b_u) + sum_{v accepted} sign(u, v) PRG(s_uv)  (mod 2^k)``. A share that
+    fails authentication does not stop this client: its sender is left out of the masks and reported in
+    ``state.rejected`` (the server then treats that sender as dropped). ``rng``: stochastic rounding only.
     """
     _expect_stage(state, "shared", "send a masked input")
     config, u = state.config, state.node_id
     senders = set(ciphertexts)
     if not senders <= set(state.neighbour_keys) - {u}:
         raise SecAggError(f"Client {u} received shares from non-neighbours {sorted(senders - set(state.neighbour_keys))}.")
-    if len(senders) + 1 < config.threshold:
-        raise InsufficientSurvivorsError(
-            f"Client {u} has {len(senders)} neighbours left, fewer than threshold-1 = {config.threshold - 1}."
-        )
     vec = np.asarray(update, dtype=np.float64)
     if vec.shape != (config.vector_length,):
         raise SecAggError(f"Client {u}'s update has shape {vec.shape}, expected ({config.vector_length},).")
 
     held = dict(state.held_shares)
+    rejected = []
     for v in sorted(senders):
         key = agree(private_key=state.c_private, peer_public_key=state.neighbour_keys[v].c_public, purpose=_ENC,
                     round_id=config.round_id)
-        plaintext = decrypt_share(key=key, ciphertext=ciphertexts[v], associated_data=_share_ad(config, v, u))
-        if len(plaintext) != 2 * 66:
-            raise SecAggError(f"Share from client {v} has the wrong length.")
-        held[v] = (plaintext[:66], plaintext[66:])
+        try:
+            plaintext = decrypt_share(key=key, ciphertext=ciphertexts[v], associated_data=_share_ad(config, v, u))
+        except SecAggError:
+            rejected.append(v)
+            continue
+        if len(plaintext) != 2 * _SHARE_BYTES:
+            rejected.append(v)
+            continue
+        held[v] = (plaintext[:_SHARE_BYTES], plaintext[_SHARE_BYTES:])
+    accepted = sorted(senders - set(rejected))
+    if len(accepted) + 1 < config.threshold:
+        raise InsufficientSurvivorsError(
+            f"Client {u} has {len(accepted)} neighbours left, fewer than threshold-1 = {config.threshold - 1}."
+        )
 
     mod = _mod(config)
     y = quantize(values=vec, spec=config.quantization, rng=rng)
     y = (y + _words(state.b_seed, _SELF_MASK, config)) & mod
-    for v in sorted(senders):
+    for v in accepted:
         seed = _pair_seed(private_key=state.s_private, peer_public_key=state.neighbour_keys[v].s_public, config=config)
         p = _words(seed, _PAIR_MASK, config)
         y = ((y + p) if _sign(u, v) > 0 else (y - p)) & mod
-    return replace(state, stage="masked", held_shares=held, mask_partners=tuple(sorted(senders))), y
+    new_state = replace(state, stage="masked", held_shares=held, mask_partners=tuple(accepted),
+                        rejected=tuple(rejected))
+    return new_state, y
 
 
 def client_unmask(*, state: ClientState, request: UnmaskRequest) -> tuple[ClientState, UnmaskResponse]:
     """Stage 3: reveal, for each holder-group it belongs to, a ``b`` share (owner survived) or an ``s`` share
-    (owner dropped), never both; answered once per round."""
+    (owner dropped), never both; answered once per round.
+
+    Refused: overlapping sets, fewer survivors than the threshold, a survivor neighbour whose pair mask this
+    client did not add, and a survivor set whose induced neighbour graph is disconnected (the server could
+    then unmask the partial sum of each component)."""
     _expect_stage(state, "masked", "unmask")
     config, u = state.config, state.node_id
     survivors, dropped = set(request.survivors), set(request.dropped)
@@ -384,10 +524,20 @@ def client_unmask(*, state: ClientState, request: UnmaskRequest) -> tuple[Client
         )
     if u not in survivors:
         raise SecAggError(f"Client {u} is asked to unmask but is not listed among the survivors.")
+    if not (survivors | dropped) <= set(state.participants):
+        raise SecAggError("Unmask request names clients outside the round's participants. Refused.")
     if len(survivors) < config.threshold:
         raise InsufficientSurvivorsError(
             f"Only {len(survivors)} survivors, fewer than the threshold {config.threshold}; refusing to unmask."
         )
+    graph = neighbour_graph(participants=state.participants, degree=config.degree, seed=config.graph_seed)
+    unmasked = sorted((graph[u] & survivors) - set(state.mask_partners))
+    if unmasked:
+        raise SecAggError(f"Unmask request lists neighbours {unmasked} as survivors, but this client never added "
+                          "a pair mask with them. Refused.")
+    if not connected(graph, survivors):
+        raise SecAggError("The survivors' neighbour graph is disconnected: the server could unmask the partial sum "
+                          "of each component. Refused.")
     known = set(state.mask_partners) | {u}
     b_out: dict[int, bytes] = {}
     s_out: dict[int, bytes] = {}
@@ -405,7 +555,9 @@ def client_unmask(*, state: ClientState, request: UnmaskRequest) -> tuple[Client
 # -------------------------------------------------------------------------------------------- server
 @dataclass(frozen=True)
 class ServerState:
-    """The server's view of a round. Contains only public keys, ciphertexts routed through it and masked inputs."""
+    """The server's view of a round. Contains only public keys, ciphertexts routed through it and masked inputs.
+
+    ``excluded``: clients turned into dropouts for a malformed or inconsistent message (reason codes)."""
 
     config: SecAggConfig
     stage: str
@@ -414,6 +566,8 @@ class ServerState:
     graph: Mapping[int, frozenset[int]] = field(default_factory=dict)
     shared: tuple[int, ...] = ()  # U2
     masked: Mapping[int, np.ndarray] = field(default_factory=dict, repr=False)  # y_u for u in U3
+    rejected: Mapping[int, frozenset[int]] = field(default_factory=dict)  # survivor -> senders it left out
+    excluded: Mapping[int, str] = field(default_factory=dict)
 
 
 def _require(count: int, config: SecAggConfig, what: str) -> None:
@@ -427,24 +581,39 @@ def _require(count: int, config: SecAggConfig, what: str) -> None:
 def server_collect_keys(
     *, config: SecAggConfig, adverts: Mapping[int, AdvertisedKeys]
 ) -> tuple[ServerState, dict[int, KeyBroadcast]]:
-    """After stage 0: fix U1, the neighbour graph, and send each client its holders' public keys."""
-    participants = tuple(sorted(adverts))
-    _require(len(participants), config, "advertised keys")
+    """After stage 0: fix U1, the neighbour graph, and send each client its holders' adverts.
+
+    A malformed advert (lengths, low-order key, bad signature) excludes its sender; a public key or identity
+    that appears in two adverts (a replay) excludes every advert carrying it."""
+    excluded: dict[int, str] = {}
+    for u in sorted(adverts):
+        problem = advert_problem(config=config, node_id=u, keys=adverts[u])
+        if problem:
+            excluded[u] = problem
+    owners: dict[bytes, set[int]] = {}
+    for u, ks in adverts.items():
+        if u not in excluded:
+            for k in (ks.c_public, ks.s_public, ks.identity):
+                if k:
+                    owners.setdefault(k, set()).add(u)
+    for us in owners.values():
+        if len(us) > 1:
+            excluded.update({u: "advert-replayed-key" for u in us})
+    participants = tuple(sorted(set(adverts) - set(excluded)))
+    _require(len(participants), config, "advertised valid keys")
     if len(participants) > config.quantization.max_summands:
         raise SecAggError(
             f"{len(participants)} participants exceed quantization.max_summands="
             f"{config.quantization.max_summands}; the integer sum could wrap. Raise max_summands."
         )
-    all_keys = [k for ks in adverts.values() for k in (ks.c_public, ks.s_public)]
-    if len(set(all_keys)) != len(all_keys) or any(len(k) != 32 for k in all_keys):
-        raise SecAggError("Advertised public keys must be distinct 32-byte X25519 keys.")
     graph = neighbour_graph(participants=participants, degree=config.degree, seed=config.graph_seed)
     _check_threshold(config=config, graph=graph)
     out = {
         u: KeyBroadcast(participants=participants, keys={v: adverts[v] for v in holders_of(graph, u)})
         for u in participants
     }
-    state = ServerState(config=config, stage="keys", participants=participants, keys=dict(adverts), graph=graph)
+    state = ServerState(config=config, stage="keys", participants=participants,
+                        keys={u: adverts[u] for u in participants}, graph=graph, excluded=excluded)
     return state, out
 
 
@@ -453,19 +622,24 @@ def server_route_shares(
 ) -> tuple[ServerState, dict[int, dict[int, bytes]]]:
     """After stage 1: fix U2 and forward each ciphertext to its recipient.
 
-    A client whose holders in U2 number fewer than the threshold could not be unmasked if it later dropped,
-    so it is excluded (repeatedly, until stable) before anything is forwarded.
+    A client that did not send exactly one well-sized ciphertext to each neighbour is excluded. A client whose
+    holders in U2 number fewer than the threshold could not be unmasked if it later dropped, so it is excluded
+    too (repeatedly, until stable) before anything is forwarded.
     """
     if state.stage != "keys":
         raise SecAggError(f"server_route_shares called in stage '{state.stage}'.")
     graph = state.graph
-    unknown = set(shares) - set(state.participants)
-    if unknown:
-        raise SecAggError(f"Shares from non-participants {sorted(unknown)}.")
+    excluded = dict(state.excluded)
+    u2 = set()
     for u, by_recipient in shares.items():
+        if u not in graph:
+            continue
         if set(by_recipient) != set(graph[u]):
-            raise SecAggError(f"Client {u} sent shares to {sorted(by_recipient)}, expected its neighbours {sorted(graph[u])}.")
-    u2 = set(shares)
+            excluded[u] = "shares-wrong-recipients"
+        elif any(not isinstance(ct, bytes) or len(ct) != CIPHERTEXT_BYTES for ct in by_recipient.values()):
+            excluded[u] = "shares-wrong-length"
+        else:
+            u2.add(u)
     while True:
         weak = {u for u in u2 if len(holders_of(graph, u) & u2) < state.config.threshold}
         if not weak:
@@ -473,98 +647,220 @@ def server_route_shares(
         u2 -= weak
     _require(len(u2), state.config, "shared their keys")
     routed = {v: {u: shares[u][v] for u in sorted(graph[v] & u2)} for v in sorted(u2)}
-    return replace(state, stage="shares", shared=tuple(sorted(u2))), routed
+    return replace(state, stage="shares", shared=tuple(sorted(u2)), excluded=excluded), routed
 
 
 def server_collect_masked(
-    *, state: ServerState, masked: Mapping[int, np.ndarray]
+    *, state: ServerState, masked: Mapping[int, np.ndarray], rejected: Mapping[int, Iterable[int]] | None = None
 ) -> tuple[ServerState, dict[int, UnmaskRequest]]:
-    """After stage 2: fix U3 (survivors); ask each survivor for its shares."""
+    """After stage 2: fix U3 (survivors); ask each survivor for its shares.
+
+    A malformed masked input (dtype, length, a word >= 2^k) or a rejection list naming non-neighbours excludes
+    its sender. A sender whose encrypted shares a survivor rejected is treated as dropped (its masks are then
+    removed with its reconstructed masking key; the survivor never added the pair mask with it)."""
     if state.stage != "shares":
         raise SecAggError(f"server_collect_masked called in stage '{state.stage}'.")
-    config = state.config
-    u3 = set(masked) & set(state.shared)
-    if set(masked) - set(state.shared):
-        raise SecAggError(f"Masked inputs from clients outside U2: {sorted(set(masked) - set(state.shared))}.")
+    config, graph = state.config, state.graph
+    shared = set(state.shared)
+    excluded = dict(state.excluded)
+    rejected = rejected or {}
     limit = (1 << config.quantization.modulus_bits) - 1
     clean: dict[int, np.ndarray] = {}
-    for u in sorted(u3):
-        y = np.asarray(masked[u])
-        if y.dtype != np.uint64 or y.shape != (config.vector_length,) or (y.size and int(y.max()) > limit):
-            raise SecAggError(f"Masked input of client {u} is malformed (dtype {y.dtype}, shape {y.shape}).")
-        clean[u] = y
+    rej: dict[int, frozenset[int]] = {}
+    for u in sorted(set(masked) & shared):
+        y = masked[u]
+        r = frozenset(rejected.get(u, ()))
+        if (not isinstance(y, np.ndarray) or y.dtype != np.uint64 or y.shape != (config.vector_length,)
+                or (y.size and int(y.max()) > limit)):
+            excluded[u] = "masked-malformed"
+        elif not r <= graph[u] & shared:
+            excluded[u] = "masked-bad-rejection-list"
+        else:
+            clean[u] = y
+            rej[u] = r
+    accused = set().union(*rej.values()) if rej else set()
+    for v in accused & set(clean):
+        excluded[v] = "shares-rejected-by-neighbour"
+    u3 = set(clean) - accused
     _require(len(u3), config, "sent masked inputs")
-    request = UnmaskRequest(survivors=frozenset(u3), dropped=frozenset(set(state.shared) - u3))
-    return replace(state, stage="masked", masked=clean), {u: request for u in sorted(u3)}
+    request = UnmaskRequest(survivors=frozenset(u3), dropped=frozenset(shared - u3))
+    new = replace(state, stage="masked", masked={u: clean[u] for u in u3}, rejected={u: rej[u] for u in u3},
+                  excluded=excluded)
+    return new, {u: request for u in sorted(u3)}
+
+
+def _consistent_secret(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes], bool]) -> bytes | None:
+    """A secret reconstructed from ``threshold`` of the ``shares`` that passes ``check`` (commitment or public
+    key), tolerating bad shares: the first t, then every leave-one-out, then leave-two-out (bounded)."""
+    xs = sorted(shares)
+    if len(xs) < threshold:
+        return None
+    candidates: list[tuple[int, ...]] = [tuple(xs[:threshold])]
+    if len(xs) > threshold:
+        candidates += [tuple([x for x in xs if x != bad][:threshold]) for bad in xs]
+    if len(xs) > threshold + 1:
+        candidates += [tuple([x for x in xs if x not in pair][:threshold])
+                       for pair in itertools.islice(itertools.combinations(xs, 2), 256)]
+    for subset in dict.fromkeys(candidates):
+        value = lagrange_at_zero({x: shares[x] for x in subset})
+        if value >> (8 * _SECRET_BYTES):
+            continue
+        secret = value.to_bytes(_SECRET_BYTES, "big")
+        if check(secret):
+            return secret
+    return None
 
 
 def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]) -> SecAggResult:
-    """After stage 3: reconstruct self-mask seeds of survivors and masking keys of dropped clients; remove masks."""
+    """After stage 3: reconstruct self-mask seeds of survivors (checked against their commitments) and masking
+    keys of dropped clients (checked against their public keys), remove the masks, and check the range.
+
+    A response with malformed or unexpected shares is ignored (its sender's input still counts); a bad share
+    is detected by the commitment and left out. Raises InsufficientSurvivorsError when a secret cannot be
+    reconstructed and AggregateRejectedError when the sum lies outside the quantization range."""
     if state.stage != "masked":
         raise SecAggError(f"server_unmask called in stage '{state.stage}'.")
     config, graph = state.config, state.graph
+    excluded = dict(state.excluded)
     survivors = set(state.masked)
     dropped = set(state.shared) - survivors
-    responders = set(responses) & survivors
-    _require(len(responders), config, "answered the unmasking request")
     b_shares: dict[int, dict[int, bytes]] = {u: {} for u in survivors}
     s_shares: dict[int, dict[int, bytes]] = {v: {} for v in dropped}
-    for w in sorted(responders):
+    responders = 0
+    for w in sorted(set(responses) & survivors):
         resp, x = responses[w], _x_of(state.participants, w)
-        if set(resp.b_shares) & set(resp.s_shares):
-            raise SecAggError(f"Client {w} returned both share kinds for the same client; response rejected.")
-        for v, share in resp.b_shares.items():
-            if v not in survivors or w not in holders_of(graph, v):
-                raise SecAggError(f"Client {w} returned an unexpected b share for client {v}.")
+        b, s = dict(resp.b_shares), dict(resp.s_shares)
+        bad = (set(b) & set(s)
+               or any(v not in survivors or w not in holders_of(graph, v) for v in b)
+               or any(v not in dropped or w not in holders_of(graph, v) for v in s)
+               or any(not isinstance(sh, bytes) or len(sh) != _SHARE_BYTES for sh in [*b.values(), *s.values()]))
+        if bad:
+            excluded[w] = "unmask-malformed"
+            continue
+        responders += 1
+        for v, share in b.items():
             b_shares[v][x] = share
-        for v, share in resp.s_shares.items():
-            if v not in dropped or w not in holders_of(graph, v):
-                raise SecAggError(f"Client {w} returned an unexpected s share for client {v}.")
+        for v, share in s.items():
             s_shares[v][x] = share
+    _require(responders, config, "answered the unmasking request")
 
     mod = _mod(config)
     total = np.zeros(config.vector_length, dtype=np.uint64)
     for u in sorted(survivors):
         total = (total + state.masked[u]) & mod
-        b_seed = _reconstruct(b_shares[u], config, f"self-mask seed of surviving client {u}")
+        commit = state.keys[u].commitment
+        b_seed = _consistent_secret(
+            b_shares[u], config.threshold,
+            lambda sd, u=u, commit=commit: constant_time_equal(commitment_of(config=config, node_id=u, b_seed=sd), commit))
+        if b_seed is None:
+            raise InsufficientSurvivorsError(
+                f"Secure aggregation aborted: cannot reconstruct the self-mask seed of surviving client {u} "
+                f"({len(b_shares[u])} shares, threshold {config.threshold}) consistently with its commitment. "
+                "No aggregate is released."
+            )
         total = (total - _words(b_seed, _SELF_MASK, config)) & mod
-    shared = set(state.shared)
     for v in sorted(dropped):
-        s_private = _reconstruct(s_shares[v], config, f"masking key of dropped client {v}")
-        if not constant_time_equal(public_key_of(private_key=s_private), state.keys[v].s_public):
-            raise SecAggError(f"Reconstructed masking key of dropped client {v} does not match its public key.")
-        for u in sorted(graph[v] & survivors & shared):
+        pub = state.keys[v].s_public
+        s_private = _consistent_secret(
+            s_shares[v], config.threshold,
+            lambda sk, pub=pub: constant_time_equal(public_key_of(private_key=sk), pub))
+        if s_private is None:
+            raise InsufficientSurvivorsError(
+                f"Secure aggregation aborted: cannot reconstruct the masking key of dropped client {v} "
+                f"({len(s_shares[v])} shares, threshold {config.threshold}) consistently with its public key. "
+                "No aggregate is released."
+            )
+        for u in sorted(graph[v] & survivors):
+            if v in state.rejected.get(u, frozenset()):
+                continue  # u never added the pair mask with v
             seed = _pair_seed(private_key=s_private, peer_public_key=state.keys[u].s_public, config=config)
             p = _words(seed, _PAIR_MASK, config)
             # y_u contains sign(u, v) * PRG(s_uv); remove it.
             total = ((total - p) if _sign(u, v) > 0 else (total + p)) & mod
     n = len(survivors)
+    top = n * config.quantization.levels
+    if total.size and int(total.max()) > top:
+        raise AggregateRejectedError(
+            f"Secure aggregation rejected: the unmasked sum of {n} clients has coordinates outside the "
+            f"quantization range [0, {n} * levels]; a client sent an inconsistent masked input or share. "
+            "No aggregate is released."
+        )
     return SecAggResult(
         total=dequantize_sum(total=total, num_summands=n, spec=config.quantization),
         integer_total=total,
         survivors=tuple(sorted(survivors)),
-        dropped=tuple(sorted(dropped | (set(state.participants) - shared))),
+        dropped=tuple(sorted(dropped | (set(state.participants) - set(state.shared)) | set(excluded))),
         error_bound=config.quantization.sum_error_bound(n),
+        excluded=excluded,
     )
 
 
-def _reconstruct(shares: dict[int, bytes], config: SecAggConfig, what: str) -> bytes:
-    try:
-        return shamir_reconstruct(shares=shares, threshold=config.threshold, secret_length=_SECRET_BYTES)
-    except InsufficientSurvivorsError as exc:
-        raise InsufficientSurvivorsError(
-            f"Secure aggregation aborted: cannot reconstruct the {what} ({len(shares)} shares, threshold "
-            f"{config.threshold}). Too many of its neighbours dropped out; no aggregate is released."
-        ) from exc
-
-
 # ------------------------------------------------------------------------------------- serialisation
+# Strict parsing: every field of a peer's message has one type and one length; anything else raises
+# SecAggError (the server then treats the sender as a dropout). Error texts name fields, never values.
+MAX_JSON_DEPTH = 6
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def load_json(data: Any, *, max_bytes: int) -> Any:
+    """``json.loads`` with a size bound, a nesting bound (checked before parsing) and no NaN/Infinity."""
+    if not isinstance(data, bytes):
+        raise SecAggError(f"payload must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise SecAggError(f"payload of {len(data)} bytes exceeds the bound of {max_bytes}")
+    depth = 0
+    for m in _BRACKETS.finditer(_STRING.sub(b"", data)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > MAX_JSON_DEPTH:
+            raise SecAggError(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"non-finite constant {name}")
+
+    try:
+        return json.loads(data, parse_constant=no_constants)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise SecAggError(f"payload is not valid JSON ({type(exc).__name__})") from None
+
+
+def expect_fields(d: Any, required: Iterable[str], what: str) -> Mapping[str, Any]:
+    """``d`` must be a JSON object with exactly the ``required`` fields (no unknown field)."""
+    req = set(required)
+    if not isinstance(d, dict):
+        raise SecAggError(f"{what} must be a JSON object, got {type(d).__name__}")
+    if set(d) != req:
+        raise SecAggError(f"{what} fields {sorted(map(str, d))[:8]} differ from the expected {sorted(req)}")
+    return d
+
+
 def _b(x: bytes) -> str:
     return base64.b64encode(x).decode()
 
 
-def _ub(x: str) -> bytes:
-    return base64.b64decode(x.encode(), validate=True)
+def _ub(x: Any, length: int | None = None, *, max_len: int = 1 << 16) -> bytes:
+    if not isinstance(x, str) or len(x) > 4 * (max_len // 3 + 2):
+        raise SecAggError(f"expected a base64 string, got {type(x).__name__}")
+    try:
+        out = base64.b64decode(x.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise SecAggError("invalid base64") from None
+    if length is not None and len(out) != length:
+        raise SecAggError(f"expected {length} bytes, got {len(out)}")
+    return out
+
+
+def _uint(x: Any, what: str, *, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        raise SecAggError(f"{what} must be an integer in [{lo}, {hi}]")
+    return x
+
+
+def node_from_json(x: Any) -> int:
+    """A Flower node id (uint64) sent as a decimal string."""
+    if not isinstance(x, str) or not x.isascii() or not x.isdigit() or len(x) > 20 or int(x) >= 1 << 64:
+        raise SecAggError("a node id must be a decimal string of a uint64")
+    return int(x)
 
 
 def config_to_json(config: SecAggConfig) -> dict[str, Any]:
@@ -580,33 +876,54 @@ def config_to_json(config: SecAggConfig) -> dict[str, Any]:
     }
 
 
-def config_from_json(d: Mapping[str, Any]) -> SecAggConfig:
-    q = d["quantization"]
+def config_from_json(d: Any) -> SecAggConfig:
+    d = expect_fields(d, ("round_id", "threshold", "vector_length", "degree", "graph_seed", "quantization"), "config")
+    q = expect_fields(d["quantization"], ("clip", "modulus_bits", "max_summands", "rounding"), "quantization")
+    if isinstance(q["clip"], bool) or not isinstance(q["clip"], (int, float)) or q["rounding"] not in (
+            "nearest", "stochastic"):
+        raise SecAggError("quantization.clip must be a number and rounding 'nearest' or 'stochastic'")
     return SecAggConfig(
-        round_id=_ub(d["round_id"]),
-        threshold=int(d["threshold"]),
-        vector_length=int(d["vector_length"]),
-        degree=None if d["degree"] is None else int(d["degree"]),
-        graph_seed=_ub(d["graph_seed"]),
-        quantization=QuantizationSpec(clip=float(q["clip"]), modulus_bits=int(q["modulus_bits"]),
-                                      max_summands=int(q["max_summands"]), rounding=q["rounding"]),
+        round_id=_ub(d["round_id"], max_len=64),
+        threshold=_uint(d["threshold"], "threshold", hi=1 << 20),
+        vector_length=_uint(d["vector_length"], "vector_length", hi=1 << 31),
+        degree=None if d["degree"] is None else _uint(d["degree"], "degree", hi=1 << 20),
+        graph_seed=_ub(d["graph_seed"], max_len=64),
+        quantization=QuantizationSpec(clip=float(q["clip"]), modulus_bits=_uint(q["modulus_bits"], "modulus_bits"),
+                                      max_summands=_uint(q["max_summands"], "max_summands", hi=1 << 20),
+                                      rounding=q["rounding"]),
     )
 
 
+def advert_to_json(k: AdvertisedKeys) -> list[str]:
+    return [_b(k.c_public), _b(k.s_public), _b(k.commitment), _b(k.identity), _b(k.signature)]
+
+
+def advert_from_json(v: Any) -> AdvertisedKeys:
+    if not isinstance(v, list) or len(v) != 5:
+        raise SecAggError("an advert must be a list of 5 base64 strings")
+    c, s, commit, ident, sig = (_ub(x, max_len=64) for x in v)
+    return AdvertisedKeys(c_public=c, s_public=s, commitment=commit, identity=ident, signature=sig)
+
+
 def keys_to_json(keys: Mapping[int, AdvertisedKeys]) -> dict[str, list[str]]:
-    return {str(k): [_b(v.c_public), _b(v.s_public)] for k, v in keys.items()}
+    return {str(k): advert_to_json(v) for k, v in keys.items()}
 
 
-def keys_from_json(d: Mapping[str, Sequence[str]]) -> dict[int, AdvertisedKeys]:
-    return {int(k): AdvertisedKeys(c_public=_ub(v[0]), s_public=_ub(v[1])) for k, v in d.items()}
+def keys_from_json(d: Any) -> dict[int, AdvertisedKeys]:
+    if not isinstance(d, dict):
+        raise SecAggError("keys must be a JSON object")
+    return {node_from_json(k): advert_from_json(v) for k, v in d.items()}
 
 
 def bytes_map_to_json(m: Mapping[int, bytes]) -> dict[str, str]:
     return {str(k): _b(v) for k, v in m.items()}
 
 
-def bytes_map_from_json(d: Mapping[str, str]) -> dict[int, bytes]:
-    return {int(k): _ub(v) for k, v in d.items()}
+def bytes_map_from_json(d: Any, length: int | None = None) -> dict[int, bytes]:
+    """{node id: bytes}; ``length`` pins each value's size (a share, a ciphertext)."""
+    if not isinstance(d, dict):
+        raise SecAggError("expected a JSON object of node id -> base64")
+    return {node_from_json(k): _ub(v, length) for k, v in d.items()}
 
 
 def ints_to_json(xs: Iterable[int]) -> list[str]:
@@ -614,8 +931,13 @@ def ints_to_json(xs: Iterable[int]) -> list[str]:
     return [str(x) for x in sorted(xs)]
 
 
-def ints_from_json(xs: Iterable[str]) -> list[int]:
-    return [int(x) for x in xs]
+def ints_from_json(xs: Any) -> list[int]:
+    if not isinstance(xs, list):
+        raise SecAggError("expected a JSON list of node ids")
+    out = [node_from_json(x) for x in xs]
+    if len(set(out)) != len(out):
+        raise SecAggError("a list of node ids repeats an id")
+    return out
 
 
 def _client_state_to_json(s: ClientState) -> dict[str, Any]:
@@ -632,6 +954,7 @@ def _client_state_to_json(s: ClientState) -> dict[str, Any]:
         "b_seed": _b(s.b_seed),
         "held_shares": {str(k): [_b(a), _b(b)] for k, (a, b) in s.held_shares.items()},
         "mask_partners": ints_to_json(s.mask_partners),
+        "rejected": ints_to_json(s.rejected),
     }
 
 
@@ -649,4 +972,5 @@ def _client_state_from_json(d: Mapping[str, Any]) -> ClientState:
         b_seed=_ub(d["b_seed"]),
         held_shares={int(k): (_ub(v[0]), _ub(v[1])) for k, v in d["held_shares"].items()},
         mask_partners=tuple(ints_from_json(d["mask_partners"])),
+        rejected=tuple(ints_from_json(d["rejected"])),
     )

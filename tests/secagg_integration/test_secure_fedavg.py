@@ -37,7 +37,8 @@ def test_weighted_vectors_sum_to_plain_fedavg(tmp_path):
     plan = plan_round(cfg, num_params=50, participants=4)
     vecs = [partner_vector(cfg, delta=d, num_examples=n, threshold=plan.threshold,
                            value_range_=plan.quantization.clip, rng=rng) for d, n in zip(deltas, ns)]
-    step, weight = aggregate_step(np.sum(vecs, axis=0), value_range_=plan.quantization.clip)
+    step, weight = aggregate_step(np.sum(vecs, axis=0), value_range_=plan.quantization.clip, survivors=4,
+                                  min_weight=1 / cfg.secagg.weight_cap, error_bound=1e-9)
     expected = np.sum([n * d for n, d in zip(ns, deltas)], axis=0) / sum(ns)
     assert np.allclose(step, expected, atol=1e-12) and math.isclose(weight, sum(ns) / cfg.secagg.weight_cap)
     assert all(v[-1] <= plan.quantization.clip and np.abs(v).max() <= plan.quantization.clip for v in vecs)
