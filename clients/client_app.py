@@ -79,6 +79,13 @@ def public_errors_mod(msg: Message, context: Context, call_next) -> Message:
         return Message(Error(code=ERR_NODE, reason=public_reason(exc)), reply_to=msg)
 
 
+def _add_partner_name(content: RecordDict, context: Context) -> None:
+    """A deployment partner's name (node config ``partner``, set at onboarding): public, it names the partner in the
+    server's records, the model card and its reports. Absent in simulations (partners are their partition id)."""
+    if context.node_config.get("partner"):
+        content["partner"] = ConfigRecord({"name": LH.partner_name(dict(context.node_config))})
+
+
 def node_split_key(cfg: FedpropConfig, node_config: dict, *, deployment: bool = True) -> bytes:
     """Deployment: the node's secret train/test split key, from node config ``split-key`` (a key file), else
     derived from the node's ledger signing key (which never leaves the node either)."""
@@ -167,6 +174,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                 return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
         metrics.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        _add_partner_name(content, context)
         if entry is not None:
             content["ledger"] = ConfigRecord(
                 {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash}
@@ -215,7 +223,9 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         with times.phase("serialize"):
             record = MetricRecord(metrics)
         record.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
-        return Message(content=RecordDict({"metrics": record}), reply_to=msg)
+        content = RecordDict({"metrics": record})
+        _add_partner_name(content, context)
+        return Message(content=content, reply_to=msg)
 
     register_secure_update(app, train=train, config=config)  # secagg rounds run this same train handler
     return app

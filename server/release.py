@@ -84,7 +84,7 @@ def privacy_guarantees(cfg: FedpropConfig, rounds: Sequence[Mapping[str, Any]]) 
     named = {k: v for k, v in last.items() if not k.startswith("node-")}
     if named and len(last) > cfg.partners:  # secure rounds before the evaluated one know partners only by node id
         last = named
-    return [PrivacyGuarantee(partner=f"partner-{pid}" if not pid.startswith("node-") else pid, epsilon=eps,
+    return [PrivacyGuarantee(partner=f"partner-{pid}" if pid.isdigit() else pid, epsilon=eps,
                              delta=delta, accountant=ACCOUNTANT, unit="customer")
             for pid, (eps, delta) in sorted(last.items(), key=lambda kv: kv[0]) if eps > 0]
 

@@ -101,6 +101,15 @@ def build_strategy(cfg: FedpropConfig, *, heads: tuple[str, ...], num_partners: 
     raise ValueError(f"strategy.name={name!r} is not allowed; use one of fedavg, fedprox, fedadam")
 
 
+def partner_id(msg: Message) -> str:
+    """How the server names the partner of a reply: its onboarding name (``partner`` record) when it sends one,
+    else its partition id (simulations)."""
+    if "partner" in msg.content.config_records:
+        return str(msg.content["partner"]["name"])
+    metrics = next(iter(msg.content.metric_records.values()), {})
+    return str(int(metrics.get("partition-id", -1)))
+
+
 def _reply_key(msg: Message) -> tuple:
     """Order-independent sort key: partition id reported by the partner, then a digest of its arrays."""
     if msg.has_error():
@@ -111,7 +120,7 @@ def _reply_key(msg: Message) -> tuple:
         for name in sorted(rec.keys()):
             digest.update(name.encode())
             digest.update(rec[name].data)
-    return (0, int(metrics.get("partition-id", -1)), digest.hexdigest())
+    return (0, partner_id(msg), digest.hexdigest())
 
 
 class RecordingStrategy(Strategy):
@@ -155,7 +164,12 @@ class RecordingStrategy(Strategy):
                 self._current["refusals"].append({"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason})
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
-            self._current["partners"][str(int(m.get("partition-id", -1)))] = {"train": m}
+            rec: dict[str, Any] = {"train": m}
+            if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
+                led = msg.content["ledger"]  # the server's witness against a later rollback of that ledger
+                rec["ledger"] = {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
+                                 "update-hash": str(led["update-hash"]), "node": int(msg.metadata.src_node_id)}
+            self._current["partners"][partner_id(msg)] = rec
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -176,7 +190,7 @@ class RecordingStrategy(Strategy):
                     {"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason})
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
-            pid = str(int(m.get("partition-id", -1)))
+            pid = partner_id(msg)
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
             self._current["partners"].setdefault(pid, {})["evaluate"] = ev
