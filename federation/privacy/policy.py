@@ -8,16 +8,23 @@ Example ``policy.yaml``::
     delta: 1.0e-5
     min_noise_multiplier: 0.5
     max_rounds: 50                  # per run; null for no limit
-    allowed_accountants: [rdp, dp_pld]
+    lifetime_max_epsilon: 10.0      # optional: cap over ALL recorded time, on top of the per-period cap
+    allowed_accountants: [tight]    # optional, default [tight]
+    record_only: false              # true: record every release, enforce NOTHING (printed in every report)
 
 Enforcement is conservative: the spend that counts is the MAXIMUM over ``allowed_accountants``, each
-composing the ledger's mechanisms in the period with the planned ones (epsilons are not added).
+composing the ledger's mechanisms in the period (and, for the lifetime cap, in all recorded time) with the
+planned ones (epsilons are not added). ``tight`` is itself the larger of two independent tight accountants
+(dp-accounting PLD, PRV), each taken as an upper bound.
+
+``default_policy()`` is what a deployment node enforces when it has no policy file (``resolve_policy``).
+"Record only" is never a default: it must be chosen with ``record_only: true``.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping, Sequence
 
@@ -34,11 +41,16 @@ __all__ = [
     "PolicyViolationError",
     "load_policy",
     "policy_from_mapping",
+    "default_policy",
+    "resolve_policy",
+    "DEFAULT_ACCOUNTANTS",
     "check_run",
     "check_round",
 ]
 
 PRIVACY_UNITS = ("customer",)
+#: Accountants a policy enforces when it names none: the larger of two independent tight accountants.
+DEFAULT_ACCOUNTANTS = ("tight",)
 
 
 class PolicyError(ConfigError, PrivacyError):
@@ -113,23 +125,34 @@ class BudgetPolicy:
     delta: float
     min_noise_multiplier: float
     max_rounds: int | None
-    allowed_accountants: tuple[str, ...]
+    allowed_accountants: tuple[str, ...] = DEFAULT_ACCOUNTANTS
     privacy_unit: str = "customer"
+    #: cap over all recorded time (None: none); enforced together with the per-period ``max_epsilon``
+    lifetime_max_epsilon: float | None = None
+    #: True: nothing is enforced, every release is still recorded; every report says so
+    record_only: bool = False
+    #: where the policy came from (a file path, "default policy", ...); shown in reports
+    source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "privacy_unit": self.privacy_unit,
-            "max_epsilon": self.max_epsilon,
+            "max_epsilon": None if math.isinf(self.max_epsilon) else self.max_epsilon,
             "period": self.period.to_yaml_value(),
             "delta": self.delta,
             "min_noise_multiplier": self.min_noise_multiplier,
             "max_rounds": self.max_rounds,
             "allowed_accountants": list(self.allowed_accountants),
+            "lifetime_max_epsilon": self.lifetime_max_epsilon,
+            "record_only": self.record_only,
         }
 
 
-_KEYS = ("privacy_unit", "max_epsilon", "period", "delta", "min_noise_multiplier", "max_rounds", "allowed_accountants")
-_REQUIRED = ("max_epsilon", "period", "delta", "min_noise_multiplier", "allowed_accountants")
+_KEYS = (
+    "privacy_unit", "max_epsilon", "period", "delta", "min_noise_multiplier", "max_rounds", "allowed_accountants",
+    "lifetime_max_epsilon", "record_only",
+)
+_REQUIRED = ("max_epsilon", "period", "delta", "min_noise_multiplier")
 
 
 def _number(value: Any) -> float | None:
@@ -153,6 +176,15 @@ def policy_from_mapping(data: Any, *, source: str = "policy") -> BudgetPolicy:
     problems: list[str] = []
     for key in sorted(set(data) - set(_KEYS), key=str):
         problems.append(f"{key}: unknown key; allowed keys: {', '.join(_KEYS)}.")
+    record_only = data.get("record_only", False)
+    if not isinstance(record_only, bool):
+        problems.append(f"record_only: must be true or false, got {record_only!r}.")
+        record_only = False
+    if record_only:  # nothing is enforced: the caps may be omitted, the delta defaults to 1e-5
+        data = {
+            "max_epsilon": math.inf, "period": "all-time", "delta": 1e-5, "min_noise_multiplier": 1e-12,
+            **{k: v for k, v in data.items() if v is not None},
+        }
     for key in _REQUIRED:
         if key not in data:
             problems.append(f"{key}: required key is missing.")
@@ -162,8 +194,17 @@ def policy_from_mapping(data: Any, *, source: str = "policy") -> BudgetPolicy:
         problems.append(f"privacy_unit: must be one of {list(PRIVACY_UNITS)}, got {unit!r}.")
 
     max_eps = _number(data.get("max_epsilon"))
-    if "max_epsilon" in data and (max_eps is None or not 0 < max_eps < math.inf):
+    if "max_epsilon" in data and (max_eps is None or not 0 < max_eps < math.inf) and not (record_only and max_eps == math.inf):
         problems.append(f"max_epsilon: must be a finite number > 0, got {data.get('max_epsilon')!r}.")
+    lifetime = data.get("lifetime_max_epsilon")
+    if lifetime is not None:
+        lifetime = _number(lifetime)
+        if lifetime is None or not 0 < lifetime < math.inf:
+            problems.append(
+                f"lifetime_max_epsilon: must be a finite number > 0 or null, got {data.get('lifetime_max_epsilon')!r}."
+            )
+        elif max_eps is not None and math.isfinite(max_eps) and lifetime < max_eps:
+            problems.append(f"lifetime_max_epsilon: {lifetime:g} is below the per-period max_epsilon {max_eps:g}.")
 
     period = None
     if "period" in data:
@@ -186,7 +227,7 @@ def policy_from_mapping(data: Any, *, source: str = "policy") -> BudgetPolicy:
     if max_rounds is not None and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1):
         problems.append(f"max_rounds: must be an integer >= 1 or null, got {max_rounds!r}.")
 
-    accountants = data.get("allowed_accountants")
+    accountants = data.get("allowed_accountants", list(DEFAULT_ACCOUNTANTS))
     if "allowed_accountants" in data:
         if not isinstance(accountants, list) or not accountants or not all(isinstance(a, str) for a in accountants):
             problems.append(
@@ -209,7 +250,35 @@ def policy_from_mapping(data: Any, *, source: str = "policy") -> BudgetPolicy:
         max_rounds=max_rounds,
         allowed_accountants=tuple(dict.fromkeys(accountants)),  # type: ignore[arg-type]
         privacy_unit=unit,
+        lifetime_max_epsilon=lifetime,
+        record_only=record_only,
+        source=source,
     )
+
+
+def default_policy() -> BudgetPolicy:
+    """What a partner node enforces when it configures no policy file.
+
+    * ``max_epsilon`` 5 per calendar month: room for one default run (target epsilon 3) plus a second one
+      or a few evaluation releases in the same month; two default runs compose to about 4.3 under the tight
+      accountants, so they fit, a third does not.
+    * ``lifetime_max_epsilon`` 10 over all recorded time: monthly caps alone leave the spend unbounded
+      (12 months x 5 = 60 a year). 10 is the upper end of what published DP deployments claim for a whole
+      data release; a partner that needs more must say so in its own policy file.
+    * ``delta`` 1e-5 (the run default), ``min_noise_multiplier`` 0.3 (the default runs use 0.6 to 1.5),
+      enforced with the ``tight`` accountants.
+    """
+    return BudgetPolicy(
+        max_epsilon=5.0, period=Period("calendar-month"), delta=1e-5, min_noise_multiplier=0.3, max_rounds=None,
+        allowed_accountants=DEFAULT_ACCOUNTANTS, lifetime_max_epsilon=10.0, source="fedprop default policy",
+    )
+
+
+def resolve_policy(path: str | os.PathLike[str] | None) -> BudgetPolicy:
+    """The policy file at ``path``, or ``default_policy()`` when none is given (never "no policy")."""
+    if path is None or str(path) == "":
+        return default_policy()
+    return load_policy(path)
 
 
 def load_policy(path: str | os.PathLike[str]) -> BudgetPolicy:
@@ -234,6 +303,10 @@ class BudgetCheck:
     delta: float
     accountant: str  # the accountant that gave the maximum total
     per_accountant_total: Mapping[str, float]
+    #: all-time figures (None when the policy has no lifetime cap)
+    lifetime_total_epsilon: float | None = None
+    lifetime_max_epsilon: float | None = None
+    record_only: bool = False
 
     @property
     def remaining_after(self) -> float:
@@ -275,11 +348,34 @@ def _rule_problems(policy: BudgetPolicy, planned: Sequence[Any], privacy_unit: s
     return problems
 
 
-def _enforce(policy: BudgetPolicy, spent, planned, problems: list[str], what: str) -> BudgetCheck:
+def _enforce(policy: BudgetPolicy, spent, planned, problems: list[str], what: str, lifetime=None) -> BudgetCheck:
     if not planned:
         raise PrivacyError(f"{what}: no planned events to check.")
     delta = validate_delta(policy.delta)
+    if policy.record_only:  # explicitly chosen: nothing is enforced (the report says so)
+        return BudgetCheck(
+            spent_epsilon=0.0, planned_epsilon=0.0, total_epsilon=0.0, max_epsilon=math.inf, delta=delta,
+            accountant="(record only)", per_accountant_total={}, record_only=True,
+        )
+    if policy.lifetime_max_epsilon is not None and lifetime is None:
+        raise PrivacyError(
+            f"{what}: the policy has a lifetime cap ({policy.lifetime_max_epsilon:g}) but no all-time spend was "
+            "given (lifetime_events); refusing to check only the period."
+        )
     check = _spend(policy, spent, planned)
+    if policy.lifetime_max_epsilon is not None:
+        life = _spend(policy, lifetime, planned)
+        check = replace(
+            check, lifetime_total_epsilon=life.total_epsilon, lifetime_max_epsilon=policy.lifetime_max_epsilon
+        )
+        if life.total_epsilon > policy.lifetime_max_epsilon:
+            raise BudgetExceededError(
+                f"{what} refused: it would bring the all-time spend to epsilon {life.total_epsilon:.4f} (already "
+                f"spent {life.spent_epsilon:.4f}, composed by {life.accountant}) against the lifetime limit of "
+                f"{policy.lifetime_max_epsilon:g} at delta={delta:g}; remaining lifetime budget "
+                f"{max(0.0, policy.lifetime_max_epsilon - life.spent_epsilon):.4f}."
+                + ("".join(f"\n  - also: {p}" for p in problems))
+            )
     if check.total_epsilon > policy.max_epsilon:
         raise BudgetExceededError(
             f"{what} refused: it would spend epsilon {check.total_epsilon:.4f} in the {policy.period.label()} "
@@ -300,15 +396,17 @@ def check_run(
     planned_events: Sequence[Any],
     planned_rounds: int,
     privacy_unit: str = "customer",
+    lifetime_events: Sequence[Any] | None = None,
 ) -> BudgetCheck:
     """Before touching data: refuse a run whose planned mechanisms, composed with those already recorded in
-    the current period (``spent_events``), would exceed ``max_epsilon``, or which breaks another rule."""
+    the current period (``spent_events``), would exceed ``max_epsilon``, or which breaks another rule.
+    ``lifetime_events`` (every release ever recorded) is required when the policy has a lifetime cap."""
     problems = _rule_problems(policy, planned_events, privacy_unit)
     if isinstance(planned_rounds, bool) or not isinstance(planned_rounds, int) or planned_rounds < 1:
         raise PrivacyError(f"planned_rounds must be an integer >= 1, got {planned_rounds!r}.")
     if policy.max_rounds is not None and planned_rounds > policy.max_rounds:
         problems.append(f"planned_rounds {planned_rounds} > policy max_rounds {policy.max_rounds}")
-    return _enforce(policy, spent_events, planned_events, problems, "run")
+    return _enforce(policy, spent_events, planned_events, problems, "run", lifetime_events)
 
 
 def check_round(
@@ -318,6 +416,7 @@ def check_round(
     round_event: Any,
     round_number: int,
     privacy_unit: str = "customer",
+    lifetime_events: Sequence[Any] | None = None,
 ) -> BudgetCheck:
     """Before releasing round ``round_number`` (1-based): refuse if it would exceed the remaining budget."""
     problems = _rule_problems(policy, [round_event], privacy_unit)
@@ -325,4 +424,4 @@ def check_round(
         raise PrivacyError(f"round_number must be an integer >= 1, got {round_number!r}.")
     if policy.max_rounds is not None and round_number > policy.max_rounds:
         problems.append(f"round {round_number} > policy max_rounds {policy.max_rounds}")
-    return _enforce(policy, spent_events, [round_event], problems, f"round {round_number}")
+    return _enforce(policy, spent_events, [round_event], problems, f"round {round_number}", lifetime_events)

@@ -4,7 +4,7 @@ import itertools
 import math
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 import federation.privacy.accountants as accountants_mod
@@ -12,11 +12,14 @@ from federation.errors import PrivacyError
 from federation.privacy.accountants import (
     Accountant,
     available_accountants,
+    DP_RDP_ORDERS,
     calibrate_noise_multiplier,
     get_accountant,
+    prv_bounds,
+    rdp_epsilon_on_orders,
     register_accountant,
 )
-from federation.privacy.events import Gaussian, Laplace, PoissonSampledGaussian
+from federation.privacy.events import DiscreteGaussian, Gaussian, Laplace, PoissonSampledGaussian
 
 ACCOUNTANTS = available_accountants()
 
@@ -29,13 +32,13 @@ def eps(name, events, delta=1e-5):
     return get_accountant(name).epsilon(events, delta=delta)
 
 
-def test_registry_holds_the_three_accountants():
-    assert set(ACCOUNTANTS) >= {"rdp", "dp_rdp", "dp_pld"}
+def test_registry_holds_two_rdp_two_tight_and_the_tight_maximum():
+    assert set(ACCOUNTANTS) >= {"rdp", "dp_rdp", "dp_pld", "prv", "tight"}
 
 
 def test_unknown_accountant_lists_the_allowed_names():
-    with pytest.raises(PrivacyError, match="Unknown accountant 'prv'.*dp_pld, dp_rdp, rdp"):
-        get_accountant("prv")
+    with pytest.raises(PrivacyError, match="Unknown accountant 'nope'.*dp_pld, dp_rdp, prv, rdp, tight"):
+        get_accountant("nope")
 
 
 def test_register_refuses_a_duplicate_name(monkeypatch):
@@ -128,7 +131,9 @@ def test_gaussian_equals_full_batch_sampled_gaussian(name):
 def test_laplace_is_bounded_by_pure_dp(name):
     # Laplace with b = 10 is (0.1, 0)-DP; twice composed (0.2, 0)-DP.
     value = eps(name, [Laplace(noise_multiplier=10.0, count=2)])
-    assert 0.19 < value <= 0.2 * 1.02  # RDP conversions may be slightly looser than pure DP
+    # RDP conversions may be slightly looser than pure DP; PRV's upper bound adds its eps_error 0.01
+    slack = 0.01 if name in ("prv", "tight") else 0.0
+    assert 0.19 < value <= 0.2 * 1.02 + slack
 
 
 @pytest.mark.parametrize("name", ACCOUNTANTS)
@@ -166,14 +171,20 @@ SERVER = [Gaussian(noise_multiplier=5.0, count=10)]
 
 GOLDEN = [
     ("rdp", OPACUS_CASE, 1e-5, 7.3291111714386545, 1e-9),
-    ("dp_rdp", OPACUS_CASE, 1e-5, 7.329334702381698, 1e-6),
+    ("dp_rdp", OPACUS_CASE, 1e-5, 7.329876773834711, 1e-6),  # integer orders only
     ("dp_pld", OPACUS_CASE, 1e-5, 6.769478652067367, 1e-6),
+    ("prv", OPACUS_CASE, 1e-5, 6.7791320762541, 1e-9),  # = opacus PRVAccountant (checked below too)
+    ("tight", OPACUS_CASE, 1e-5, 6.7791320762541, 1e-9),
     ("rdp", MIXED, 1e-6, 3.1453026645707993, 1e-9),
-    ("dp_rdp", MIXED, 1e-6, 3.145331549898846, 1e-6),
+    ("dp_rdp", MIXED, 1e-6, 3.169053319267336, 1e-6),
     ("dp_pld", MIXED, 1e-6, 2.6158141008482283, 1e-6),
+    ("prv", MIXED, 1e-6, 2.625812957013416, 1e-6),
+    ("tight", MIXED, 1e-6, 2.625812957013416, 1e-6),
     ("rdp", SERVER, 1e-5, 2.8136532471298397, 1e-9),
-    ("dp_rdp", SERVER, 1e-5, 2.8136532471298397, 1e-6),
+    ("dp_rdp", SERVER, 1e-5, 2.814109167845533, 1e-6),
     ("dp_pld", SERVER, 1e-5, 2.594384245355031, 1e-6),
+    ("prv", SERVER, 1e-5, 2.604536375535605, 1e-6),  # = opacus PRVAccountant with q=1
+    ("tight", SERVER, 1e-5, 2.604536375535605, 1e-6),
 ]
 
 
@@ -228,14 +239,16 @@ def test_calibration_round_trip(name):
 
 
 def test_calibration_matches_opacus_get_noise_multiplier():
-    ours = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500)
+    ours = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500, accountant="rdp")
     theirs = get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5, sample_rate=0.02, steps=500)
     assert ours == pytest.approx(theirs, rel=1e-12)
 
 
 def test_pld_needs_less_noise_than_rdp_for_the_same_target():
     kwargs = dict(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500)
-    assert calibrate_noise_multiplier(**kwargs, accountant="dp_pld") < calibrate_noise_multiplier(**kwargs)
+    rdp_sigma = calibrate_noise_multiplier(**kwargs, accountant="rdp")
+    assert calibrate_noise_multiplier(**kwargs, accountant="dp_pld") < rdp_sigma
+    assert calibrate_noise_multiplier(**kwargs) < rdp_sigma  # default: tight
 
 
 @pytest.mark.parametrize(
@@ -275,3 +288,65 @@ def test_cached_sampled_gaussian_path_equals_the_dp_accounting_accountant(name):
     for e in events:
         acc.compose(e.to_dp_accounting())
     assert fast == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+
+
+# ---- PRV (port of opacus PRVAccountant), tight, the RDP cross-check and dp_rdp's order grid
+
+
+def _opacus_prv(history, delta):
+    acc = PRVAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("history, delta", [
+    ([(1.5, 0.04, 2250)], 1e-5),
+    ([(1.0, 128 / 480, 80)], 1e-5),
+    ([(1.1, 0.01, 300), (0.9, 0.02, 100)], 1e-6),
+    ([(2.0, 0.01, 100)], 1e-5),
+])
+def test_prv_equals_opacus_prv_accountant(history, delta):
+    ours = eps("prv", [psg(q=q, sigma=s, steps=n) for s, q, n in history], delta)
+    assert ours == pytest.approx(_opacus_prv(history, delta), rel=1e-9)
+
+
+@pytest.mark.parametrize("event", [
+    psg(q=0.0267, sigma=1.28, steps=750), Gaussian(noise_multiplier=3.0, count=2),
+    DiscreteGaussian(noise_multiplier=5.0, count=4), DiscreteGaussian(noise_multiplier=0.8),
+    Laplace(noise_multiplier=10.0, count=3),
+], ids=lambda e: e.kind)
+def test_the_two_tight_accountants_agree_within_the_prv_error_bounds(event):
+    lower, estimate, upper = prv_bounds([event], delta=1e-5)
+    pld = eps("dp_pld", [event])
+    assert lower <= pld <= upper
+    assert 0.02 <= upper - lower < 0.03  # eps_error 0.01 each side, plus delta -/+ delta_error
+    assert eps("tight", [event]) == max(pld, upper)
+    if event.kind != "laplace":  # for Laplace, rdp takes the exact pure-DP composition
+        assert eps("tight", [event]) < eps("rdp", [event])
+
+
+def test_prv_rounds_the_discrete_gaussian_up_never_down():
+    """Pessimistic rounding: a coarser PRV mesh can only raise the discrete Gaussian's estimate."""
+    from federation.privacy import prv as prv_lib
+
+    ev = [DiscreteGaussian(noise_multiplier=2.0, count=3)]
+    fine = prv_lib.prv_epsilon_bounds(ev, 1e-5, l_max=10.0, eps_error=0.001)[1]
+    coarse = prv_lib.prv_epsilon_bounds(ev, 1e-5, l_max=10.0, eps_error=0.1)[1]
+    assert coarse >= fine > 0
+    assert fine == pytest.approx(eps("dp_pld", ev), rel=5e-3)
+
+
+def test_rdp_implementations_agree_on_the_same_orders():
+    events = MIXED + [DiscreteGaussian(noise_multiplier=4.0, count=2)]
+    ours = rdp_epsilon_on_orders(events, delta=1e-6, orders=DP_RDP_ORDERS)
+    assert ours == pytest.approx(eps("dp_rdp", events, 1e-6), rel=1e-9)
+
+
+def test_dp_rdp_order_grid_never_fails_to_converge(caplog):
+    """dp-accounting's fractional-order series fails at small sigma / large q; its integer grid does not."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    for q, sigma in [(0.27, 0.5), (0.5, 10.0), (0.1, 0.3), (0.9, 0.3)]:
+        assert eps("dp_rdp", [psg(q=q, sigma=sigma, steps=10)]) > 0
+    assert "failed to converge" not in caplog.text

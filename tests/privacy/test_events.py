@@ -4,12 +4,15 @@ import dp_accounting
 import pytest
 
 from federation.errors import PrivacyError
-from federation.privacy.events import EVENT_KINDS, Gaussian, Laplace, PoissonSampledGaussian, event_from_dict
+from federation.privacy.events import (
+    EVENT_KINDS, DiscreteGaussian, Gaussian, Laplace, PoissonSampledGaussian, event_from_dict,
+)
 
 EXAMPLES = [
     PoissonSampledGaussian(sampling_rate=0.01, noise_multiplier=1.2, steps=100),
     Gaussian(noise_multiplier=3.0, count=2),
     Laplace(noise_multiplier=10.0),
+    DiscreteGaussian(noise_multiplier=20.0, count=3),
 ]
 
 

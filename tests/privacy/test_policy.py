@@ -51,14 +51,14 @@ def test_load_policy_yaml(tmp_path):
 
 
 def test_every_problem_is_reported_once_naming_its_key():
-    bad = {**GOOD, "max_epsilion": 2, "delta": 2, "period": "fortnight", "allowed_accountants": ["rdp", "prv"],
+    bad = {**GOOD, "max_epsilion": 2, "delta": 2, "period": "fortnight", "allowed_accountants": ["rdp", "nope"],
            "max_rounds": 0, "privacy_unit": "row"}
     del bad["min_noise_multiplier"]
     with pytest.raises(PolicyError) as info:
         policy_from_mapping(bad, source="policy.yaml")
     msg = str(info.value)
     assert msg.startswith("7 problem(s) in policy.yaml")
-    for key in ("max_epsilion: unknown key", "delta:", "period:", "allowed_accountants: unknown accountant(s) ['prv']",
+    for key in ("max_epsilion: unknown key", "delta:", "period:", "allowed_accountants: unknown accountant(s) ['nope']",
                 "max_rounds:", "privacy_unit:", "min_noise_multiplier: required"):
         assert key in msg
     assert isinstance(info.value, ConfigError) and isinstance(info.value, PrivacyError)
@@ -146,7 +146,8 @@ def test_a_run_is_stopped_before_exceeding_and_the_next_run_is_refused(tmp_path,
     pol = policy(max_epsilon=1.0)
     path = tmp_path / "ledger.db"
     # a run calibrated for epsilon 1.0 over 4 rounds, but configured for 8 rounds
-    sigma = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=4 * 50)
+    sigma = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=4 * 50,
+                                       accountant="rdp")  # the policy enforces max(rdp, dp_pld) = rdp
     round_event = PoissonSampledGaussian(sampling_rate=0.02, noise_multiplier=sigma, steps=50)
     released = 0
     with Ledger.open(path, signing_key=node_key) as ledger:
@@ -175,3 +176,54 @@ def test_a_run_is_stopped_before_exceeding_and_the_next_run_is_refused(tmp_path,
         check_run(pol, spent_events=ledger.events(partner="acme", period=pol.period, at=next_month),
                   planned_events=[round_event] * 4, planned_rounds=4)
     assert verify(path, str(node_key) + ".pub").entries == 1 + released + 1
+
+
+# ---- default policy, lifetime cap, record only
+
+from federation.privacy.policy import default_policy, resolve_policy  # noqa: E402
+
+
+def test_no_policy_file_means_the_default_policy_never_record_only():
+    pol = resolve_policy(None)
+    assert pol == default_policy() and resolve_policy("") == pol
+    assert not pol.record_only
+    assert pol.lifetime_max_epsilon == 10.0 and pol.max_epsilon == 5.0 and pol.period == Period("calendar-month")
+    assert pol.allowed_accountants == ("tight",)
+
+
+def test_the_lifetime_cap_refuses_what_each_month_would_allow():
+    """Twelve months of 4.5 each fit every monthly cap of 5, but the lifetime cap of 10 stops them."""
+    pol = default_policy()
+    sigma = calibrate_noise_multiplier(target_epsilon=4.5, delta=1e-5, sampling_rate=0.05, steps=200)
+    month = PoissonSampledGaussian(sampling_rate=0.05, noise_multiplier=sigma, steps=200)
+    history: list = []
+    allowed = 0
+    for _ in range(12):
+        try:
+            check_run(pol, spent_events=[], planned_events=[month], planned_rounds=1, lifetime_events=history)
+        except BudgetExceededError as exc:
+            assert "lifetime limit of 10" in str(exc)
+            break
+        history.append(month)
+        allowed += 1
+    assert 1 <= allowed < 12
+    assert get_accountant("tight").epsilon(history, delta=1e-5) <= 10.0
+    assert get_accountant("tight").epsilon(history + [month], delta=1e-5) > 10.0
+
+
+def test_a_lifetime_cap_without_the_lifetime_spend_fails_closed():
+    tiny = PoissonSampledGaussian(sampling_rate=0.01, noise_multiplier=5.0, steps=1)
+    with pytest.raises(PrivacyError, match="lifetime cap"):
+        check_round(default_policy(), spent_events=[], round_event=tiny, round_number=1)
+
+
+def test_record_only_must_be_explicit_and_enforces_nothing():
+    pol = policy_from_mapping({"record_only": True}, source="ro.yaml")
+    assert pol.record_only and pol.source == "ro.yaml"
+    huge = PoissonSampledGaussian(sampling_rate=1.0, noise_multiplier=0.01, steps=1000)
+    assert check_run(pol, spent_events=[], planned_events=[huge], planned_rounds=1).record_only
+    assert policy_from_mapping(pol.to_dict()) == pol
+    with pytest.raises(PolicyError, match="record_only: must be true or false"):
+        policy_from_mapping({**GOOD, "record_only": "yes"})
+    with pytest.raises(PolicyError, match="lifetime_max_epsilon: 0.5 is below"):
+        policy_from_mapping({**GOOD, "lifetime_max_epsilon": 0.5})
