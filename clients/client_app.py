@@ -3,25 +3,39 @@
 Per-node privacy state lives in ``context.state`` (it never leaves the node) so epsilon is cumulative
 across rounds. A round that would exceed the partner's target epsilon is refused with an error reply
 stating the numbers; the server carries on with the other partners.
+
+Imports are lazy: in a deployment Flower starts a fresh ClientApp process per message, so importing torch,
+pandas, Opacus and dp-accounting at module level would be paid by every message, including the secure-
+aggregation stages that need none of them. Each handler imports what it uses (``_heavy()``).
 """
 from __future__ import annotations
 
 import logging
+import sys
+from types import SimpleNamespace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import ledger_hooks as LH
-from clients import node as N
-from clients.privacy_state import PrivacyState
-from clients.secure_update import register_secure_update
 from federation.config import FedpropConfig, config_hash, from_run_config
 from federation.errors import BudgetExceededError, PrivacyError, public_reason
-from federation.privacy.events import DiscreteGaussian
-from federation.privacy.policy import PolicyViolationError
-from federation.models import federations
 
 log = logging.getLogger("fedprop.node")
+
+
+def _heavy() -> SimpleNamespace:
+    """The modules a train or evaluate message needs (torch, pandas, accountants), imported on first use."""
+    from clients import ledger_hooks
+    from clients import node
+    from clients.privacy_state import PrivacyState
+    from federation.privacy.events import DiscreteGaussian
+
+    return SimpleNamespace(LH=ledger_hooks, N=node, PrivacyState=PrivacyState, DiscreteGaussian=DiscreteGaussian)
+
+
+def _is_policy_violation(exc: BaseException) -> bool:
+    policy = sys.modules.get("federation.privacy.policy")  # loaded if it raised
+    return policy is not None and isinstance(exc, policy.PolicyViolationError)
 STATE_KEY = "fedprop.privacy"
 LEDGER_STATE_KEY = "fedprop.ledger"
 ERR_BUDGET = 4201
@@ -37,6 +51,7 @@ def _default_loader(cfg: FedpropConfig, node_config: dict):
 
 def _ledger_preflight(cfg: FedpropConfig, node: LH.NodeLedger, privacy: PrivacyState, run_id: str, heads: str) -> None:
     """The node's first train message of a run: the whole run's planned spend against policy + ledger."""
+    H = _heavy(); LH, DiscreteGaussian = H.LH, H.DiscreteGaussian
     LH.preflight(
         node, run_id=run_id, sampling_rate=privacy.sample_rate, noise_multiplier=privacy.noise_multiplier,
         steps_per_round=privacy.steps_per_round, rounds=privacy.planned_rounds, delta=privacy.delta,
@@ -52,6 +67,7 @@ def _ledger_preflight(cfg: FedpropConfig, node: LH.NodeLedger, privacy: PrivacyS
 
 def _ledger_check_round(node: LH.NodeLedger, privacy: PrivacyState, run_id: str, server_round: int) -> None:
     """Before training: the run's own target (recorded if refused), then the policy's remaining budget."""
+    LH = _heavy().LH
     try:
         privacy.check_next_round()
     except BudgetExceededError as exc:
@@ -72,16 +88,17 @@ def public_errors_mod(msg: Message, context: Context, call_next) -> Message:
     column names, counts). Budget refusals are fedprop's own text of public privacy parameters and pass as is."""
     try:
         return call_next(msg, context)
-    except (BudgetExceededError, PolicyViolationError) as exc:
-        return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
-    except Exception as exc:  # noqa: BLE001 -- every other failure leaves the node as a public reason only
-        log.exception("fedprop node: %s failed (details stay on this node)", msg.metadata.message_type)
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, BudgetExceededError) or _is_policy_violation(exc):
+            return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)  # noqa: BLE001 -- every other failure leaves the node as a public reason only
+        log.error("fedprop node: %s failed (details stay on this node)", msg.metadata.message_type, exc_info=exc)
         return Message(Error(code=ERR_NODE, reason=public_reason(exc)), reply_to=msg)
 
 
 def _add_partner_name(content: RecordDict, context: Context) -> None:
     """A deployment partner's name (node config ``partner``, set at onboarding): public, it names the partner in the
     server's records, the model card and its reports. Absent in simulations (partners are their partition id)."""
+    LH = _heavy().LH
     if context.node_config.get("partner"):
         content["partner"] = ConfigRecord({"name": LH.partner_name(dict(context.node_config))})
 
@@ -89,6 +106,7 @@ def _add_partner_name(content: RecordDict, context: Context) -> None:
 def node_split_key(cfg: FedpropConfig, node_config: dict, *, deployment: bool = True) -> bytes:
     """Deployment: the node's secret train/test split key, from node config ``split-key`` (a key file), else
     derived from the node's ledger signing key (which never leaves the node either)."""
+    H = _heavy(); LH, N = H.LH, H.N
     if node_config.get("split-key"):
         return N.split_key_from_file(str(node_config["split-key"]))
     node = LH.resolve_node_ledger(cfg, node_config, deployment=deployment)
@@ -105,6 +123,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
     load = loader or _default_loader
 
     def setup(msg: Message, context: Context, times: N.PhaseTimes):
+        N = _heavy().N
+        from federation.models import federations
         cfg = config or from_run_config(context.run_config)
         heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
         node_config = dict(context.node_config)
@@ -115,6 +135,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        H = _heavy(); LH, N, PrivacyState = H.LH, H.N, H.PrivacyState
         times = N.PhaseTimes()
         cfg, data = setup(msg, context, times)
         privacy = None
@@ -183,6 +204,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        H = _heavy(); LH, N, PrivacyState = H.LH, H.N, H.PrivacyState
         times = N.PhaseTimes()
         cfg, data = setup(msg, context, times)
         heads_tag = str(msg.content['config'].get('heads', ''))
@@ -216,7 +238,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             except Exception as exc:  # noqa: BLE001 -- no ledger entry, no release
                 if not isinstance(exc, PrivacyError):
                     log.exception("evaluation ledger entry not written")
-                why = str(exc) if isinstance(exc, (BudgetExceededError, PolicyViolationError)) else public_reason(exc)
+                why = str(exc) if isinstance(exc, BudgetExceededError) or _is_policy_violation(exc) else public_reason(exc)
                 return Message(Error(code=ERR_BUDGET if isinstance(exc, PrivacyError) else ERR_LEDGER,
                                      reason=f"partner {data.partition_id}: evaluation withheld: {why}"), reply_to=msg)
             context.state[key] = ConfigRecord({"json": privacy.after_evaluation(len(data.heads)).to_json()})
@@ -226,6 +248,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         content = RecordDict({"metrics": record})
         _add_partner_name(content, context)
         return Message(content=content, reply_to=msg)
+
+    from clients.secure_update import register_secure_update  # numpy + cryptography only
 
     register_secure_update(app, train=train, config=config)  # secagg rounds run this same train handler
     return app

@@ -196,3 +196,16 @@ def test_a_data_error_leaves_the_node_as_a_code_without_values(tmp_path):
     reply = app(msg, ctx)
     assert reply.has_error() and reply.error.code == CA.ERR_NODE
     assert "7590-VHVEG" not in reply.error.reason and reply.error.reason.startswith("data_validation_failed")
+
+
+def test_client_app_module_imports_nothing_heavy():
+    """Flower starts a ClientApp process per message: importing the app must not pull torch, pandas, Opacus or
+    dp-accounting (the secure-aggregation stages need none of them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clients.client_app as a; assert a.app is not None; "
+            "print(sorted(m for m in ('torch', 'pandas', 'opacus', 'dp_accounting', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
