@@ -45,6 +45,7 @@ import numpy as np
 from federation.secagg import identity as _identity
 from federation.secagg.primitives import (
     PROTOCOL_LABEL,
+    SHAMIR_PRIME,
     AggregateRejectedError,
     Entropy,
     InsufficientSurvivorsError,
@@ -57,11 +58,9 @@ from federation.secagg.primitives import (
     _encode_parts,
     encrypt_share,
     generate_keypair,
-    lagrange_at_zero,
     prg_words,
     public_key_of,
     quantize,
-    shamir_reconstruct,
     shamir_split,
 )
 
@@ -689,12 +688,28 @@ def server_collect_masked(
     return new, {u: request for u in sorted(u3)}
 
 
-def _consistent_secret(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes], bool]) -> bytes | None:
+def _interpolate(points: Mapping[int, bytes], at: int) -> int:
+    """The polynomial through ``points`` ({x: 66-byte y}) evaluated at ``at``, over GF(2**521 - 1)."""
+    pts = [(x, int.from_bytes(y, "big")) for x, y in points.items()]
+    total = 0
+    for i, (xi, yi) in enumerate(pts):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(pts):
+            if i != j:
+                num = num * (at - xj) % SHAMIR_PRIME
+                den = den * (xi - xj) % SHAMIR_PRIME
+        total = (total + yi * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
+    return total
+
+
+def _consistent_secret(shares: Mapping[int, bytes], threshold: int,
+                       check: Callable[[bytes], bool]) -> tuple[bytes | None, set[int]]:
     """A secret reconstructed from ``threshold`` of the ``shares`` that passes ``check`` (commitment or public
-    key), tolerating bad shares: the first t, then every leave-one-out, then leave-two-out (bounded)."""
+    key), tolerating bad shares: the first t, then every leave-one-out, then leave-two-out (bounded). Returns
+    the secret (None if no subset verifies) and the evaluation points whose shares lie off its polynomial."""
     xs = sorted(shares)
     if len(xs) < threshold:
-        return None
+        return None, set()
     candidates: list[tuple[int, ...]] = [tuple(xs[:threshold])]
     if len(xs) > threshold:
         candidates += [tuple([x for x in xs if x != bad][:threshold]) for bad in xs]
@@ -702,13 +717,15 @@ def _consistent_secret(shares: Mapping[int, bytes], threshold: int, check: Calla
         candidates += [tuple([x for x in xs if x not in pair][:threshold])
                        for pair in itertools.islice(itertools.combinations(xs, 2), 256)]
     for subset in dict.fromkeys(candidates):
-        value = lagrange_at_zero({x: shares[x] for x in subset})
+        good = {x: shares[x] for x in subset}
+        value = _interpolate(good, 0)
         if value >> (8 * _SECRET_BYTES):
             continue
         secret = value.to_bytes(_SECRET_BYTES, "big")
         if check(secret):
-            return secret
-    return None
+            off = {x for x in xs if x not in good and _interpolate(good, x) != int.from_bytes(shares[x], "big")}
+            return secret, off
+    return None, set()
 
 
 def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]) -> SecAggResult:
@@ -744,12 +761,13 @@ def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]
             s_shares[v][x] = share
     _require(responders, config, "answered the unmasking request")
 
+    holder_at = {_x_of(state.participants, w): w for w in state.participants}
     mod = _mod(config)
     total = np.zeros(config.vector_length, dtype=np.uint64)
     for u in sorted(survivors):
         total = (total + state.masked[u]) & mod
         commit = state.keys[u].commitment
-        b_seed = _consistent_secret(
+        b_seed, off = _consistent_secret(
             b_shares[u], config.threshold,
             lambda sd, u=u, commit=commit: constant_time_equal(commitment_of(config=config, node_id=u, b_seed=sd), commit))
         if b_seed is None:
@@ -758,10 +776,14 @@ def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]
                 f"({len(b_shares[u])} shares, threshold {config.threshold}) consistently with its commitment. "
                 "No aggregate is released."
             )
+        excluded.update({holder_at[x]: "unmask-bad-share" for x in off})
         total = (total - _words(b_seed, _SELF_MASK, config)) & mod
     for v in sorted(dropped):
+        partners = sorted(u for u in graph[v] & survivors if v not in state.rejected.get(u, frozenset()))
+        if not partners:
+            continue  # no survivor added a pair mask with v: nothing of v's to remove
         pub = state.keys[v].s_public
-        s_private = _consistent_secret(
+        s_private, off = _consistent_secret(
             s_shares[v], config.threshold,
             lambda sk, pub=pub: constant_time_equal(public_key_of(private_key=sk), pub))
         if s_private is None:
@@ -770,9 +792,8 @@ def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]
                 f"({len(s_shares[v])} shares, threshold {config.threshold}) consistently with its public key. "
                 "No aggregate is released."
             )
-        for u in sorted(graph[v] & survivors):
-            if v in state.rejected.get(u, frozenset()):
-                continue  # u never added the pair mask with v
+        excluded.update({holder_at[x]: "unmask-bad-share" for x in off})
+        for u in partners:
             seed = _pair_seed(private_key=s_private, peer_public_key=state.keys[u].s_public, config=config)
             p = _words(seed, _PAIR_MASK, config)
             # y_u contains sign(u, v) * PRG(s_uv); remove it.
@@ -789,7 +810,7 @@ def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]
         total=dequantize_sum(total=total, num_summands=n, spec=config.quantization),
         integer_total=total,
         survivors=tuple(sorted(survivors)),
-        dropped=tuple(sorted(dropped | (set(state.participants) - set(state.shared)) | set(excluded))),
+        dropped=tuple(sorted((dropped | (set(state.participants) - set(state.shared)) | set(excluded)) - survivors)),
         error_bound=config.quantization.sum_error_bound(n),
         excluded=excluded,
     )
