@@ -147,8 +147,19 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             run_id, server_round = str(context.run_id), int(msg.content["config"]["server-round"])
             if lkey in context.state:  # the whole run was refused at preflight: nothing more to check
                 return Message(Error(code=ERR_BUDGET, reason=str(context.state[lkey]["run-refused"])), reply_to=msg)
+            restored = None
+            if key not in context.state:  # a restarted node: its run's privacy state comes back from its ledger
+                with times.phase("ledger"):
+                    restored = LH.restore_run_state(node, run_id=run_id, heads=heads_tag)
+                if restored is not None:
+                    context.state[key] = ConfigRecord({"json": restored.to_json()})
             if key in context.state:
                 privacy = PrivacyState.from_json(context.state[key]["json"])
+                with times.phase("ledger"):
+                    if LH.round_recorded(node, run_id=run_id, round=server_round, heads=heads_tag):
+                        return Message(Error(code=ERR_BUDGET, reason=(
+                            f"partner {data.partition_id}: round {server_round} of run {run_id} was already released and "
+                            "recorded; not training it again (no second spend for one round)")), reply_to=msg)
             else:  # first train message of this run at this node: preflight before any training
                 privacy = N.initial_privacy_state(cfg, data)
                 try:

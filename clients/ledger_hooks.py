@@ -304,6 +304,44 @@ def opacus_round_epsilon(*, sampling_rate: float, noise_multiplier: float, steps
     return float(acc.get_epsilon(delta=delta))
 
 
+def _run_entries(node: NodeLedger, run_id: str) -> list[LedgerEntry]:
+    if not node.ledger_path.exists():
+        return []
+    with open_ledger(node) as ledger:
+        return [e for e in ledger.entries() if e.run_id == run_id and e.partner == node.partner]
+
+
+def round_recorded(node: NodeLedger, *, run_id: str, round: int, heads: str) -> bool:
+    """Whether this node already released (and recorded) ``round`` of ``run_id`` for federation ``heads``: rounds
+    are keyed by (run, round, heads) so that a resumed or repeated request never spends twice."""
+    return any(e.kind == "dpsgd_round" and e.round == round and (e.extra or {}).get("heads") == heads
+               for e in _run_entries(node, run_id))
+
+
+def restore_run_state(node: NodeLedger, *, run_id: str, heads: str):
+    """A restarted node's privacy state for ``run_id`` rebuilt from its ledger (None if the run never started
+    here): the plan recorded in ``run_start`` plus the rounds and evaluation releases recorded since."""
+    from clients.privacy_state import PrivacyState
+
+    entries = _run_entries(node, run_id)
+    starts = [e for e in entries if e.kind == "run_start" and (e.extra or {}).get("heads") == heads]
+    if not starts:
+        return None
+    plan = starts[-1].extra
+    heads_set = set(heads.split(","))
+    rounds = [e for e in entries if e.kind == "dpsgd_round" and (e.extra or {}).get("heads") == heads]
+    evals = [e for e in entries if e.kind == "evaluation_release" and (e.extra or {}).get("head") in heads_set]
+    step = (float(plan["noise_multiplier"]), float(plan["sampling_rate"]), int(plan["steps_per_round"]))
+    return PrivacyState(
+        target_epsilon=float(plan["target_epsilon"]), delta=float(plan["delta"]), noise_multiplier=step[0],
+        sample_rate=step[1], steps_per_round=step[2], planned_rounds=int(plan["planned_rounds"]),
+        max_grad_norm=float(plan["clipping_norm"]), history=[step] * len(rounds), rounds_done=len(rounds),
+        accountant=str(plan.get("accountant", "rdp")), eval_sigma=float(plan.get("evaluation_sigma", 1.0)),
+        eval_planned=int(plan.get("evaluation_releases", 0)), eval_done=len(evals),
+        eval_share=float(plan.get("evaluation_share", 0.0)),
+    )
+
+
 def update_hash(state: Mapping[str, Any]) -> str:
     """SHA-256 of a model update as released: for each tensor, in the mapping's order, its name, dtype,
     shape and C-order bytes (torch tensors are read on CPU). Recomputable by the server from the

@@ -204,3 +204,22 @@ def test_dp_evaluation_release_is_noisy_and_recorded_before_it_leaves(tmp_path, 
 
     events = [e.event for e in ledger.entries() if e.event is not None]
     assert get_accountant("rdp").epsilon(events, delta=1e-5) <= 2.0  # training + evaluation within the target
+
+
+def test_restarted_node_restores_its_run_state_and_never_spends_twice_for_a_round(tmp_path):
+    """kill -9 of a SuperNode loses context.state: the privacy state comes back from the ledger, the epsilon
+    continues where it was, and a round already recorded is refused instead of spent again."""
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=3)
+    app = make_client_app(config=cfg, loader=load_partner)
+    ctx = context(0, run_id=55)
+    r1 = app(train_msg(initial_arrays(cfg), 1), ctx)
+    assert not r1.has_error(), r1.error.reason
+    eps1 = r1.content["metrics"]["epsilon"]
+    fresh = context(0, run_id=55)  # the restarted node: empty context.state, same ledger
+    again = app(train_msg(initial_arrays(cfg), 1), fresh)
+    assert again.has_error() and "already released" in again.error.reason
+    r2 = app(train_msg(initial_arrays(cfg), 2), fresh)
+    assert not r2.has_error(), r2.error.reason
+    assert r2.content["metrics"]["epsilon"] > eps1  # cumulative over both processes, not reset
+    kinds = [(e.kind, e.round) for e in _entries(cfg, 0)]
+    assert kinds.count(("dpsgd_round", 1)) == 1 and kinds.count(("run_start", None)) == 1
