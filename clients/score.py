@@ -1,11 +1,14 @@
 """`fedprop score`: a partner scores its own current customers with the federation's global model, on its node.
 
     fedprop score --model model_churn+propensity.pt --data customers.csv --contract contracts/x.yaml \
-                  --out scores.parquet [--public-key federation.pub] [--thresholds churn=0.4,propensity=0.6]
+                  --out scores.parquet --public-key /etc/fedprop/federation.pub [--thresholds churn=0.4,propensity=0.6]
+    fedprop score ... --key-fingerprint sha256:<hex>     # pin by fingerprint instead (from onboarding)
 
-1. The model's Ed25519 signature (``MODEL.sig``) must verify against the federation's public key (default:
-   ``federation.pub`` next to the model) before a byte of it is deserialised; a tampered or re-signed model is
-   refused with a message naming the file.
+1. The model's Ed25519 signature (``MODEL.sig``) must verify against the federation key the partner pinned at
+   onboarding, before a byte of the model is deserialised: ``--public-key`` (a file the partner keeps, not
+   the one that came with the model) and/or ``--key-fingerprint``. A key found next to the model is used only
+   when its fingerprint equals the pinned ``--key-fingerprint``; with neither flag nothing is scored. Whoever
+   can put a model, its ``.sig`` and a ``federation.pub`` into the model's folder cannot get it scored.
 2. The data must satisfy the data contract (``federation.validation``: every problem reported at once, no
    label needed), and the contract must encode the features the model was trained on (feature names; and the
    contract hash of the model card next to the model, when there is one).
@@ -110,6 +113,27 @@ def load_signed_model(model_path: str | Path, public_key: str | Path) -> ScoredM
     return ScoredModel(model, tuple(meta["heads"]), tuple(meta["feature_names"]), manifest)
 
 
+def pinned_public_key(model: Path, public_key: str | Path | None, key_fingerprint: str | None) -> Path:
+    """The federation public key to verify ``model`` with: only a key the partner pinned (see module doc)."""
+    from federation.signing import SigningKeyError, public_key_fingerprint
+
+    if public_key is None and not key_fingerprint:
+        raise SigningKeyError(
+            "no pinned federation key: pass --public-key FILE (the federation.pub you received and checked at "
+            "onboarding, kept outside the model folder) or --key-fingerprint sha256:<hex>. A key lying next to "
+            "the model proves nothing: whoever replaced the model could replace it too"
+        )
+    key = Path(public_key) if public_key is not None else Path(model).with_name("federation.pub")
+    if key_fingerprint:
+        got = public_key_fingerprint(key)
+        if got != key_fingerprint.strip():
+            raise ScoringRefused(
+                f"refusing {model}: the key {key} has fingerprint {got}, not the pinned {key_fingerprint.strip()}; "
+                "the model was not signed by your federation's coordinator (or you were given the wrong key)"
+            )
+    return key
+
+
 def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[str]:
     """Problems if the contract does not encode what the model was trained on."""
     problems = []
@@ -194,7 +218,7 @@ def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
 # --------------------------------------------------------------------------------------- the command
 def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str | Path,
           public_key: str | Path | None = None, thresholds: dict[str, float] | None = None,
-          cutoff: str | None = None) -> dict[str, Any]:
+          cutoff: str | None = None, key_fingerprint: str | None = None) -> dict[str, Any]:
     """Verify, validate, score, write; return a small summary. Raises FedpropError subclasses on refusal."""
     from federation.contract import build_features, load_contract
     from federation.validation import read_validated
@@ -203,7 +227,7 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
     if str(out) and Path(out).name.lower().rsplit(".", 1)[-1] not in ("csv", "parquet", "pq"):
         raise ConfigError(f"--out {out}: use a .csv or .parquet file name")
     th = thresholds or dict(DEFAULT_THRESHOLDS)
-    key = Path(public_key) if public_key else model.with_name("federation.pub")
+    key = pinned_public_key(model, public_key, key_fingerprint)
     sm = load_signed_model(model, key)
     c = load_contract(contract)
     if cutoff:
@@ -240,7 +264,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="your customer data (CSV/Parquet/...) as the contract describes")
     p.add_argument("--contract", required=True, help="the federation's data contract YAML")
     p.add_argument("--out", required=True, help="scores file: .csv or .parquet (written atomically, mode 0600)")
-    p.add_argument("--public-key", default=None, help="federation public key (default: federation.pub next to the model)")
+    p.add_argument("--public-key", default=None,
+                   help="the federation public key you pinned at onboarding (never the copy next to the model)")
+    p.add_argument("--key-fingerprint", default=None,
+                   help="pinned fingerprint sha256:<hex> of the federation key (fedprop prints it at release); "
+                   "without --public-key, federation.pub next to the model is used only if it matches")
     p.add_argument("--thresholds", default=None, help="segment thresholds, e.g. churn=0.4,propensity=0.6 "
                    "(default: conf/scoring.yaml)")
     p.add_argument("--scoring-config", default=None, help="YAML with thresholds: {churn: P, propensity: P}")
@@ -256,7 +284,8 @@ def _cmd(args) -> int:
     try:
         th = load_thresholds(args.scoring_config, args.thresholds)
         result = score(model=args.model, data=args.data, contract=args.contract, out=args.out,
-                       public_key=args.public_key, thresholds=th, cutoff=args.cutoff)
+                       public_key=args.public_key, thresholds=th, cutoff=args.cutoff,
+                       key_fingerprint=args.key_fingerprint)
     except (SignatureError, ScoringRefused) as exc:
         print(f"fedprop score: REFUSED: {exc}", file=sys.stderr)
         return 1

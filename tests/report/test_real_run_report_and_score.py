@@ -30,7 +30,8 @@ def test_real_tiny_run_report_and_partner_scoring(tmp_path, capsys):
                     "--min-customers", "300", "--max-customers", "600"]) == 0
     out = tmp_path / "scores.csv"
     assert fedprop(["score", "--model", str(run / "model_churn+propensity.pt"), "--data", str(data),
-                    "--contract", "contracts/synthetic_events.yaml", "--out", str(out)]) == 0
+                    "--contract", "contracts/synthetic_events.yaml", "--out", str(out),
+                    "--public-key", str(run / "federation.pub")]) == 0  # pinned explicitly (here: same machine)
     scores = pd.read_csv(out)
     assert len(scores) > 100 and set(scores["churn_decile"]) == set(range(1, 11))
     assert "Traceback" not in capsys.readouterr().err

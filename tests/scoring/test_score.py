@@ -8,6 +8,7 @@ import stat
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from clients.score import SEGMENTS, deciles, load_thresholds, score
 from federation.errors import ConfigError
@@ -17,6 +18,12 @@ from simulations.cli import main as fedprop
 MODEL = "model_churn+propensity.pt"
 CONTRACT = "contracts/synthetic_events.yaml"
 COLUMNS = ["customer_id", "churn_probability", "churn_decile", "propensity_score", "propensity_decile", "segment"]
+
+
+@pytest.fixture
+def pinned(signed_run):
+    """The federation key the partner pinned at onboarding: kept apart from the model's folder."""
+    return signed_run.parent / "keys" / "server.pub"
 
 
 @pytest.fixture
@@ -36,9 +43,9 @@ def _run(capsys, *args):
     return rc, out.out, out.err
 
 
-def test_scores_have_columns_deciles_and_segments(model_copy, events_csv, tmp_path):
+def test_scores_have_columns_deciles_and_segments(model_copy, pinned, events_csv, tmp_path):
     out = tmp_path / "scores.parquet"
-    res = score(model=model_copy / MODEL, data=events_csv, contract=CONTRACT, out=out,
+    res = score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=CONTRACT, out=out,
                 thresholds={"churn": 0.3, "propensity": 0.6})
     df = pd.read_parquet(out)
     assert list(df.columns) == COLUMNS and len(df) == res["customers"] > 100
@@ -56,9 +63,9 @@ def test_scores_have_columns_deciles_and_segments(model_copy, events_csv, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_cli_csv_output_and_atomic_replace(model_copy, events_csv, tmp_path, capsys, monkeypatch):
+def test_cli_csv_output_and_atomic_replace(model_copy, pinned, events_csv, tmp_path, capsys, monkeypatch):
     out = tmp_path / "scores.csv"
-    rc, stdout, _ = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT,
+    rc, stdout, _ = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT,
                          "--out", out, "--thresholds", "churn=0.25")
     assert rc == 0 and "scored" in stdout and "segments" in stdout
     before = out.read_bytes()
@@ -68,35 +75,79 @@ def test_cli_csv_output_and_atomic_replace(model_copy, events_csv, tmp_path, cap
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(os, "replace", crash)  # the write fails at the rename: the old file must survive
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "disk full" in err
     assert out.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_tampered_model_is_refused(model_copy, events_csv, tmp_path, capsys):
+def test_tampered_model_is_refused(model_copy, pinned, events_csv, tmp_path, capsys):
     data = bytearray((model_copy / MODEL).read_bytes())
     data[len(data) // 2] ^= 0x01
     (model_copy / MODEL).write_bytes(bytes(data))
     out = tmp_path / "scores.csv"
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "REFUSED" in err and MODEL in err and "tampered" in err
     assert not out.exists()
 
 
-def test_wrong_key_and_missing_signature_are_refused(model_copy, events_csv, tmp_path, capsys):
+def test_wrong_key_and_missing_signature_are_refused(model_copy, pinned, events_csv, tmp_path, capsys):
     generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
     out = tmp_path / "scores.csv"
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out,
-                      "--public-key", tmp_path / "other.pub")
+    rc, _, err = _run(capsys, "--public-key", tmp_path / "other.pub", "--model", model_copy / MODEL, "--data",
+                      events_csv, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "does not verify against the federation public key" in err and MODEL in err
     (model_copy / (MODEL + ".sig")).unlink()
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "signature file" in err and "missing" in err
     assert not out.exists()
 
 
-def test_bad_data_file_is_refused_with_one_report(model_copy, events_csv, tmp_path, capsys):
+def test_score_needs_a_pinned_key(model_copy, events_csv, tmp_path, capsys):
+    """The genuine model with the genuine federation.pub beside it: still nothing scored without a pin."""
+    out = tmp_path / "scores.csv"
+    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out)
+    assert rc == 2 and "no pinned federation key" in err and "--public-key" in err and "--key-fingerprint" in err
+    assert not out.exists()
+
+
+def test_attackers_model_sig_and_key_in_one_folder_are_refused(model_copy, pinned, events_csv, tmp_path, capsys):
+    """Issue 12 point 5: an attacker replaces the model, signs it with its own key and drops its own public key
+    as federation.pub next to it. Every way a partner can run score refuses it."""
+    from federation.signing import public_key_fingerprint, sign_file
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    blob = torch.load(model_copy / MODEL, weights_only=True)
+    blob["state_dict"] = {k: torch.full_like(v, 5.0) for k, v in blob["state_dict"].items()}  # "everyone churns"
+    torch.save(blob, evil / MODEL)
+    (evil / "federation.pub").unlink(missing_ok=True)
+    generate_keypair(tmp_path / "attacker.key", evil / "federation.pub")
+    sign_file(evil / MODEL, tmp_path / "attacker.key")
+    out = tmp_path / "scores.csv"
+    base = ["--model", evil / MODEL, "--data", events_csv, "--contract", CONTRACT, "--out", out]
+    rc, _, err = _run(capsys, *base)  # no pin: refused outright
+    assert rc == 2 and "no pinned federation key" in err
+    rc, _, err = _run(capsys, *base, "--public-key", pinned)  # the pinned key: signature does not verify
+    assert rc == 1 and "does not verify against the federation public key" in err
+    rc, _, err = _run(capsys, *base, "--key-fingerprint", public_key_fingerprint(pinned))  # pinned fingerprint
+    assert rc == 1 and "REFUSED" in err and "not the pinned" in err
+    assert not out.exists()
+    # control: the attacker's model verifies against the attacker's key, so the refusals above are the pin's doing
+    rc, _, _ = _run(capsys, *base, "--public-key", evil / "federation.pub")
+    assert rc == 0 and out.exists()
+
+
+def test_fingerprint_pin_accepts_the_genuine_key_beside_the_model(model_copy, pinned, events_csv, tmp_path, capsys):
+    from federation.signing import public_key_fingerprint
+
+    out = tmp_path / "scores.csv"
+    rc, stdout, _ = _run(capsys, "--key-fingerprint", public_key_fingerprint(pinned), "--model", model_copy / MODEL,
+                         "--data", events_csv, "--contract", CONTRACT, "--out", out)
+    assert rc == 0 and "scored" in stdout and out.exists()
+
+
+def test_bad_data_file_is_refused_with_one_report(model_copy, pinned, events_csv, tmp_path, capsys):
     df = pd.read_csv(events_csv)
     df["amount"] = df["amount"].astype(object)
     df.loc[3, "amount"] = "12,50 EUR"
@@ -104,23 +155,23 @@ def test_bad_data_file_is_refused_with_one_report(model_copy, events_csv, tmp_pa
     bad = tmp_path / "bad.csv"
     df.to_csv(bad, index=False)
     out = tmp_path / "scores.csv"
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", bad, "--contract", CONTRACT, "--out", out)
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", bad, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "does not satisfy the contract" in err
     assert "'amount'" in err and "'timestamp'" in err and "Nothing was scored" in err
     df.drop(columns=["plan"]).to_csv(bad, index=False)
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", bad, "--contract", CONTRACT, "--out", out)
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", bad, "--contract", CONTRACT, "--out", out)
     assert rc == 1 and "plan" in err
     assert not out.exists()
 
 
-def test_contract_that_does_not_match_the_model_is_refused(model_copy, events_csv, tmp_path, capsys):
-    rc, _, err = _run(capsys, "--model", model_copy / MODEL, "--data", events_csv, "--contract",
+def test_contract_that_does_not_match_the_model_is_refused(model_copy, pinned, events_csv, tmp_path, capsys):
+    rc, _, err = _run(capsys, "--public-key", pinned, "--model", model_copy / MODEL, "--data", events_csv, "--contract",
                       "contracts/telco_churn.yaml", "--out", tmp_path / "s.csv")
     assert rc == 1 and "REFUSED" in err and "features" in err
 
 
-def test_cutoff_override_scores_current_customers(model_copy, events_csv, tmp_path):
-    res = score(model=model_copy / MODEL, data=events_csv, contract=CONTRACT, out=tmp_path / "s.parquet",
+def test_cutoff_override_scores_current_customers(model_copy, pinned, events_csv, tmp_path):
+    res = score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=CONTRACT, out=tmp_path / "s.parquet",
                 cutoff="2024-03-31")
     assert res["cutoff"] == "2024-03-31" and res["customers"] > 0  # after the training cutoff: no label horizon
 
