@@ -420,18 +420,21 @@ def client_share_keys(
     all_keys = [k for ks in broadcast.keys.values() for k in (ks.c_public, ks.s_public)]
     if len(set(all_keys)) != len(all_keys):
         raise SecAggError("Two advertised public keys are equal; every key must be fresh and distinct.")
+    if pinned is not None:
+        identities = [ks.identity for ks in broadcast.keys.values()]
+        unpinned = sorted(v for v, ks in broadcast.keys.items() if not ks.identity or ks.identity not in pinned
+                          or not _identity.verify(ks.identity, ks.signature,
+                                                  advert_message(config=config, node_id=v, keys=ks)))
+        if unpinned or len(set(identities)) != len(identities):
+            raise SecAggError(
+                f"Key adverts of {unpinned or 'two holders'} are not signed by distinct pinned partner keys "
+                "(node config secagg-peers) over this round's config: the coordinator may have substituted keys or "
+                "sent clients different configs. Refusing to share secrets."
+            )
     for v, ks in broadcast.keys.items():
         problem = advert_problem(config=config, node_id=v, keys=ks)
         if problem:
             raise SecAggError(f"The server forwarded a malformed advert for client {v} ({problem}); aborting.")
-    if pinned is not None:
-        identities = [ks.identity for ks in broadcast.keys.values()]
-        unpinned = sorted(v for v, ks in broadcast.keys.items() if not ks.identity or ks.identity not in pinned)
-        if unpinned or len(set(identities)) != len(identities):
-            raise SecAggError(
-                f"Key adverts of {unpinned or 'two holders'} are not signed by distinct pinned partner keys "
-                "(node config secagg-peers): the coordinator may have substituted keys. Refusing to share secrets."
-            )
 
     xs = {v: _x_of(participants, v) for v in holders}
     s_shares = shamir_split(secret=state.s_private, threshold=config.threshold, xs=list(xs.values()), entropy=entropy)
