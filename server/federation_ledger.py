@@ -14,6 +14,12 @@ with that probability; the entry then records a ``PoissonSampledGaussian`` with 
 
 ``fedprop budget report <partner ledger> --server-ledger <this> --server-public-key <this .pub>`` combines
 both layers in a partner's report (customer-level from the partner's ledger, partner-level from here).
+
+The server's witness: ``record_partner_heads`` appends, once per round, the ledger head (ledger id, seq,
+entry hash) each partner sent with its reply. ``fedprop budget verify <partner ledger> --against <this>``
+(``federation.privacy.ledger.verify_against``) then detects a partner ledger rolled back, truncated or
+replaced after the run; an explicit reset (``fedprop budget init --reason``) shows as a new ledger id whose
+signed genesis names the old one.
 """
 from __future__ import annotations
 
@@ -24,7 +30,10 @@ from federation.errors import PrivacyError
 from federation.privacy.events import Gaussian, PoissonSampledGaussian
 from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
 
-__all__ = ["FEDERATION_PARTNER", "open_federation_ledger", "record_server_release", "server_release_event"]
+__all__ = [
+    "FEDERATION_PARTNER", "open_federation_ledger", "record_server_release", "server_release_event",
+    "record_partner_heads",
+]
 
 #: ``partner`` field of server entries (the report keeps them apart from any partner's customer layer).
 FEDERATION_PARTNER = "federation"
@@ -74,4 +83,25 @@ def record_server_release(
         mechanism=server_release_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate),
         clipping_norm=clipping_norm, config_hash=config_hash, update_hash=update_hash, privacy_unit="partner",
         extra={**info, **dict(extra or {})},
+    )
+
+
+def record_partner_heads(
+    ledger: Ledger, *, run_id: str, round: int, heads: Mapping[str, Mapping[str, Any]]
+) -> LedgerEntry:
+    """Append one ``partner_heads`` entry: for each partner (its ledger's ``partner`` name), the head it
+    reported with this round's reply: ``{"seq": int, "entry_hash": str, "ledger_id": str (optional),
+    "reset": bool (optional), "reset_of": str (optional)}``. Durable when this returns."""
+    clean: dict[str, dict[str, Any]] = {}
+    for partner, h in heads.items():
+        seq, entry_hash = h.get("seq"), h.get("entry_hash")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not isinstance(entry_hash, str) or not entry_hash:
+            raise PrivacyError(f"partner {partner!r}: a head needs seq (int >= 0) and entry_hash (str), got {dict(h)!r}")
+        clean[str(partner)] = {
+            "seq": seq, "entry_hash": entry_hash,
+            **{k: h[k] for k in ("ledger_id", "reset", "reset_of") if h.get(k) is not None},
+        }
+    return ledger.append(
+        kind="partner_heads", partner=FEDERATION_PARTNER, run_id=str(run_id), round=int(round),
+        privacy_unit="partner", extra={"heads": clean},
     )

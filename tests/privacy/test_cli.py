@@ -26,7 +26,7 @@ def test_plan_prints_epsilon_per_accountant(capsys):
     run_event = PoissonSampledGaussian(sampling_rate=0.02, noise_multiplier=1.0, steps=500)
     for name, row in out["accountants"].items():
         assert row["epsilon_run"] == pytest.approx(get_accountant(name).epsilon([run_event], delta=1e-5))
-    assert set(out["accountants"]) == {"rdp", "dp_rdp", "dp_pld"}
+    assert set(out["accountants"]) == {"rdp", "dp_rdp", "dp_pld", "prv", "tight"}
 
 
 def test_plan_target_epsilon_prints_the_noise(capsys):
@@ -34,7 +34,7 @@ def test_plan_target_epsilon_prints_the_noise(capsys):
                  "--target-epsilon", "1.0", "--accountant", "rdp"])
     assert code == 0
     out = capsys.readouterr().out
-    sigma = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500)
+    sigma = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.02, steps=500, accountant="rdp")
     assert f"noise multiplier {sigma:.4f}" in out
     assert "500 Poisson-sampled Gaussian steps" in out
 

@@ -99,7 +99,7 @@ def test_entries_round_trip_and_verify(filled_ledger, node_key):
     assert set(result.entry_epsilons) == {2, 3, 4, 6}
     one = get_accountant("dp_pld").epsilon([ROUND_EVENT], delta=1e-5)
     assert result.entry_epsilons[3]["dp_pld"] == pytest.approx(one)
-    assert set(result.entry_epsilons[3]) == {"rdp", "dp_rdp", "dp_pld"}
+    assert set(result.entry_epsilons[3]) == {"rdp", "dp_rdp", "dp_pld", "prv", "tight"}
 
 
 def test_spent_recomputes_from_mechanisms_per_period(filled_ledger):
@@ -164,6 +164,9 @@ def test_every_entry_kind_can_be_appended_and_verified(tmp_path, node_key):
         "server_dp_round": dict(round=1, delta=1e-5, mechanism=Gaussian(noise_multiplier=4.0), clipping_norm=0.5,
                                 update_hash="b" * 64, privacy_unit="partner"),
         "refusal": dict(round=2, extra={"reason": "budget", "spent": 0.93}),
+        "reservation": dict(round=3, delta=1e-5, mechanism=ROUND_EVENT, extra={"commits_as": "dpsgd_round"}),
+        "reservation_release": dict(round=3, extra={"reservation_seq": 6, "reason": "training failed"}),
+        "partner_heads": dict(round=3, extra={"heads": {"p": {"seq": 1, "entry_hash": "c" * 64}}}),
     }
     assert set(examples) == set(ENTRY_KINDS)
     with Ledger.open(path, signing_key=node_key) as ledger:
@@ -171,7 +174,8 @@ def test_every_entry_kind_can_be_appended_and_verified(tmp_path, node_key):
             ledger.append(kind=kind, partner="acme", run_id="r", **kw)
     result = verify(path, pub(node_key))
     assert result.entries == len(ENTRY_KINDS)
-    assert set(result.entry_epsilons) == {2, 3, 4}
+    assert set(result.entry_epsilons) == {2, 3, 4, 6}
+    assert result.open_reservations == ()
 
 
 def test_backdated_append_is_refused(filled_ledger, node_key):
@@ -277,12 +281,16 @@ def test_forged_entry_appended_at_the_tail(filled_ledger, node_key):
     expect_bad(filled_ledger, node_key, 7, "signature is not valid")
 
 
-def test_whole_ledger_resigned_with_another_key_fails_at_the_first_entry(tmp_path, node_key):
+def test_whole_ledger_resigned_with_another_key_fails_against_the_pinned_key(tmp_path, node_key):
     path = tmp_path / "fake.db"
     other = tmp_path / "other.key"
     generate_node_key(other)
     with Ledger.open(path, signing_key=other) as ledger:
         append_round(ledger, run_id="r", rnd=1, when=T0)
+    expect_bad(path, node_key, 0, "not the pinned key")
+    # the stored key swapped for the pinned one: the first entry's signature gives it away
+    sql(path, "UPDATE meta SET value = ? WHERE key = 'public_key'",
+        params=(load_public_key(pub(node_key)).public_bytes_raw().hex(),))
     expect_bad(path, node_key, 1, "signature is not valid")
 
 
