@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -20,15 +21,49 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from federation.errors import PrivacyError
-from federation.privacy.accountants import available_accountants, get_accountant
-from federation.privacy.ledger import LedgerEntry, VerificationResult
-from federation.privacy.policy import BudgetPolicy, Period
+from federation.privacy.accountants import (
+    DP_RDP_ORDERS,
+    available_accountants,
+    get_accountant,
+    prv_bounds,
+    rdp_epsilon_on_orders,
+)
+from federation.privacy.ledger import LedgerEntry, VerificationResult, spending_entries
+from federation.privacy.policy import DEFAULT_ACCOUNTANTS, BudgetPolicy, Period
 
 __all__ = ["build_report", "render_markdown", "render_json", "render_html", "write_report", "AGREEMENT_TOLERANCE"]
 
 REPORT_VERSION = 1
-#: Accountants "differ" when (max - min) / max exceeds this. RDP bounds are looser than PLD by design.
-AGREEMENT_TOLERANCE = 0.05
+#: The two RDP implementations (fedprop's and dp-accounting's, on the same orders) "differ" beyond this.
+AGREEMENT_TOLERANCE = 0.01
+#: accountants cheap enough to evaluate at every row of the report
+_CHEAP = frozenset({"rdp", "dp_rdp"})
+
+
+def _agreement(label: str, events: list, eps: dict[str, float], delta: float) -> dict[str, Any]:
+    """Real disagreements only: dp_pld outside PRV's [lower, upper] (its stated error), or the two RDP
+    implementations apart by > AGREEMENT_TOLERANCE on the same orders. RDP above the tight accountants is
+    expected (a looser bound) and reported as ``rdp_looser_by``, not as a disagreement."""
+    if not events:
+        return {"scope": label, "epsilon": eps, "differs": False, "tight_consistent": True, "rdp_consistent": True,
+                "prv_interval": [0.0, 0.0], "rdp_looser_by": 0.0, "problems": []}
+    lower, _, upper = prv_bounds(events, delta=delta)
+    pld = eps.get("dp_pld", get_accountant("dp_pld").epsilon(events, delta=delta))
+    tight_ok = lower - 1e-9 <= pld <= upper + 1e-9
+    ours = rdp_epsilon_on_orders(events, delta=delta, orders=DP_RDP_ORDERS, warn=False)
+    theirs = eps.get("dp_rdp", get_accountant("dp_rdp").epsilon(events, delta=delta))
+    rdp_ok = max(ours, theirs) == 0 or abs(ours - theirs) / max(ours, theirs) <= AGREEMENT_TOLERANCE
+    problems = []
+    if not tight_ok:
+        problems.append(f"dp_pld {pld:.4f} outside prv's error interval [{lower:.4f}, {upper:.4f}]")
+    if not rdp_ok:
+        problems.append(f"rdp {ours:.4f} vs dp_rdp {theirs:.4f} on the same orders: > {AGREEMENT_TOLERANCE:.0%} apart")
+    tight = eps.get("tight", max(pld, upper))
+    return {
+        "scope": label, "epsilon": eps, "differs": bool(problems), "tight_consistent": tight_ok,
+        "rdp_consistent": rdp_ok, "prv_interval": [lower, upper],
+        "rdp_looser_by": (eps.get("rdp", ours) - tight) / tight if tight > 0 else 0.0, "problems": problems,
+    }
 
 
 def _compose(accountant: str, events: list, delta: float, cache: dict) -> float:
@@ -38,8 +73,8 @@ def _compose(accountant: str, events: list, delta: float, cache: dict) -> float:
     return cache[key]
 
 
-def _fmt_eps(x: float) -> str:
-    return f"{x:.3f}"
+def _fmt_eps(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _layer_summary(entries: list[LedgerEntry], accountants: Sequence[str], delta: float, cache: dict) -> dict:
@@ -65,8 +100,8 @@ def build_report(
     largest delta recorded."""
     at = datetime.now(timezone.utc) if at is None else at.astimezone(timezone.utc)
     entries = list(entries)
-    customer = [e for e in entries if e.layer == "customer"]
-    partners = sorted({e.partner for e in entries if e.layer != "partner"})
+    customer = [e for e in spending_entries(entries) if e.layer == "customer"]
+    partners = sorted({e.partner for e in entries if e.layer != "partner" and e.kind != "partner_heads"})
     if partner is None:
         if len(partners) > 1:
             raise PrivacyError(f"entries cover several partners {partners}; pass partner= to pick one.")
@@ -74,23 +109,47 @@ def build_report(
     customer = [e for e in customer if e.partner == partner]
     server = [e for e in entries if e.layer == "partner"]
     refusals = [e for e in entries if e.kind == "refusal" and e.partner == partner]
-    accountants = tuple(policy.allowed_accountants) if policy else available_accountants()
+    accountants = available_accountants()  # all shown (cross-checks); the policy's are enforced
+    enforced = tuple(policy.allowed_accountants) if policy else DEFAULT_ACCOUNTANTS
     if delta is None:
         deltas = [e.delta for e in customer + server if e.delta is not None]
         delta = policy.delta if policy else (max(deltas) if deltas else 1e-5)
     period = policy.period if policy else Period("all-time")
     cache: dict = {}
 
-    # cumulative customer-level epsilon within the period containing each release, per accountant
+    # Cumulative epsilon in the period containing each release, composed INCREMENTALLY: a running multiset
+    # of mechanisms (composition key -> count) enters each release and drops those leaving the window, so a
+    # row costs O(distinct mechanisms). The cheap RDP accountants are evaluated at every row; the tight ones
+    # (PLD, PRV: one numerical composition each) at every row where the window is about to lose releases
+    # (and at the last row): the peak spend of every window is there, since composing more never lowers
+    # epsilon. The other rows show them as None.
     rounds = []
+    window: dict[tuple, list] = {}  # key -> [event, count]
+    lo = 0
+    starts = [period.window(e.when)[0] for e in customer]
     for i, e in enumerate(customer):
-        in_window = [c.event for c in customer[: i + 1] if period.contains(c.when, at=e.when)]
-        cum = {a: _compose(a, in_window, delta, cache) for a in accountants}
-        alone = {a: _compose(a, [e.event], delta, cache) for a in accountants}
+        while starts[i] is not None and customer[lo].when < starts[i]:
+            old = customer[lo].event
+            slot = window[old.composition_key()]
+            slot[1] -= old.count
+            if slot[1] == 0:
+                del window[old.composition_key()]
+            lo += 1
+        ev = e.event
+        slot = window.setdefault(ev.composition_key(), [ev, 0])
+        slot[1] += ev.count
+        nxt = i + 1
+        checkpoint = nxt == len(customer) or (starts[nxt] is not None and customer[lo].when < starts[nxt])
+        in_window = [template.with_count(count) for template, count in window.values()]
+        cum = {
+            a: _compose(a, in_window, delta, cache) if (a in _CHEAP or checkpoint) else None for a in accountants
+        }
+        alone = {a: _compose(a, [ev], delta, cache) for a in accountants}
         rounds.append({
             "seq": e.seq, "run_id": e.run_id, "round": e.round, "kind": e.kind, "timestamp": e.timestamp,
-            "mechanism": e.event.describe(), "clipping_norm": e.clipping_norm, "epsilon": alone,
-            "cumulative_epsilon_in_period": cum, "enforced_cumulative": max(cum.values()),
+            "mechanism": ev.describe(), "clipping_norm": e.clipping_norm, "epsilon": alone,
+            "cumulative_epsilon_in_period": cum, "checkpoint": checkpoint,
+            "enforced_cumulative": max(cum[a] for a in enforced) if checkpoint or set(enforced) <= _CHEAP else None,
         })
 
     runs = []
@@ -111,41 +170,48 @@ def build_report(
     current = [e.event for e in customer if period.contains(e.when, at=at)]
     current_eps = {a: _compose(a, current, delta, cache) for a in accountants}
     all_time = _layer_summary(customer, accountants, delta, cache)["epsilon"]
-    enforced_acc = max(accountants, key=lambda a: current_eps[a])
-    peak = max((r["enforced_cumulative"] for r in rounds), default=0.0)
+    enforced_acc = max(enforced, key=lambda a: current_eps[a])
+    peak = max((r["enforced_cumulative"] for r in rounds if r["enforced_cumulative"] is not None), default=0.0)
+    lifetime = max(all_time[a] for a in enforced)
 
     compliance = None
     if policy is not None:
         problems = []
-        if peak > policy.max_epsilon:
+        if policy.record_only:
+            pass  # nothing is enforced: the statement says so
+        elif peak > policy.max_epsilon:
             problems.append(f"peak spend in a {period.label()} period {peak:.4f} > max_epsilon {policy.max_epsilon:g}")
-        for e in customer:
+        if not policy.record_only and policy.lifetime_max_epsilon is not None and lifetime > policy.lifetime_max_epsilon:
+            problems.append(f"all-time spend {lifetime:.4f} > lifetime_max_epsilon {policy.lifetime_max_epsilon:g}")
+        for e in customer if not policy.record_only else ():
             if e.kind == "dpsgd_round" and e.event.noise_multiplier < policy.min_noise_multiplier:
                 problems.append(
                     f"seq {e.seq}: noise_multiplier {e.event.noise_multiplier:g} < min_noise_multiplier "
                     f"{policy.min_noise_multiplier:g}"
                 )
-        if policy.max_rounds is not None:
+        if policy.max_rounds is not None and not policy.record_only:
             for run in runs:
                 if len(run["rounds"]) > policy.max_rounds:
                     problems.append(f"run {run['run_id']}: {len(run['rounds'])} rounds > max_rounds {policy.max_rounds}")
+        remaining = max(0.0, policy.max_epsilon - current_eps[enforced_acc])
+        if policy.lifetime_max_epsilon is not None:
+            remaining = min(remaining, max(0.0, policy.lifetime_max_epsilon - lifetime))
         compliance = {
             "compliant": not problems,
+            "record_only": policy.record_only,
             "problems": problems,
             "peak_period_epsilon": peak,
-            "max_epsilon": policy.max_epsilon,
-            "remaining_epsilon": max(0.0, policy.max_epsilon - current_eps[enforced_acc]),
+            "all_time_epsilon": lifetime,
+            "max_epsilon": None if math.isinf(policy.max_epsilon) else policy.max_epsilon,
+            "lifetime_max_epsilon": policy.lifetime_max_epsilon,
+            "remaining_epsilon": None if policy.record_only else remaining,
         }
 
     agreement = []
-    for label, eps in [(f"run {r['run_id']}", r["epsilon"]) for r in runs] + [
-        ("current period", current_eps), ("all time", all_time)
-    ]:
-        hi, lo = max(eps.values()), min(eps.values())
-        agreement.append({
-            "scope": label, "epsilon": eps,
-            "differs": hi > 0 and (hi - lo) / hi > AGREEMENT_TOLERANCE,
-        })
+    scopes = [(f"run {r['run_id']}", [e.event for e in customer if e.run_id == r["run_id"]], r["epsilon"]) for r in runs]
+    scopes += [("current period", current, current_eps), ("all time", [e.event for e in customer], all_time)]
+    for label, events, eps in scopes:
+        agreement.append(_agreement(label, events, eps, delta))
 
     partner_layer = None
     if server:
@@ -153,7 +219,7 @@ def build_report(
         s_sum = _layer_summary(server, accountants, s_delta, cache)
         partner_layer = {
             "releases": s_sum["releases"], "delta": s_delta, "epsilon": s_sum["epsilon"],
-            "enforced_accountant": max(accountants, key=lambda a: s_sum["epsilon"][a]),
+            "enforced_accountant": max(enforced, key=lambda a: s_sum["epsilon"][a]),
             "amplified": any(e.event.kind == "poisson_sampled_gaussian" for e in server),
             "runs": sorted({e.run_id for e in server}),
         }
@@ -167,6 +233,7 @@ def build_report(
         "delta": delta,
         "accountants": list(accountants),
         "enforced_accountant": enforced_acc,
+        "enforced_accountants": list(enforced),
         "period": {
             "label": period.label(),
             "start": start.isoformat() if start else None,
@@ -178,16 +245,20 @@ def build_report(
             "head_seq": verification.head_seq if verification else None,
             "head_hash": verification.head_hash if verification else None,
             "public_key_fingerprint": verification.public_key_fingerprint if verification else None,
+            "pinned_by": verification.pinned_by if verification else None,
+            "ledger_id": verification.ledger_id if verification else None,
+            "reset_of": (verification.genesis or {}).get("reset_of") if verification else None,
         },
         "counts": {
             "dpsgd_rounds": sum(1 for e in customer if e.kind == "dpsgd_round"),
             "evaluation_releases": sum(1 for e in customer if e.kind == "evaluation_release"),
             "runs": len(runs),
             "refusals": len(refusals),
+            "open_reservations": sum(1 for e in customer if e.kind == "reservation"),
         },
         "current_period_epsilon": current_eps,
         "all_time_epsilon": all_time,
-        "policy": policy.to_dict() if policy else None,
+        "policy": {**policy.to_dict(), "source": policy.source} if policy else None,
         "compliance": compliance,
         "runs": runs,
         "rounds": rounds,
@@ -212,7 +283,8 @@ def build_statement(report: dict[str, Any]) -> str:
     led, counts, d = report["ledger"], report["counts"], report["delta"]
     verified = (
         f"verified: hash chain, Ed25519 signatures and signed head checked against node key "
-        f"{led['public_key_fingerprint']}"
+        f"{led['public_key_fingerprint']} (pinned by {led.get('pinned_by') or 'public key'}: compare it with the "
+        "fingerprint registered at onboarding; a key found next to the ledger proves nothing)"
         if led["verified"]
         else "NOT verified: run `fedprop budget verify` before relying on this statement"
     )
@@ -252,19 +324,34 @@ def build_statement(report: dict[str, Any]) -> str:
         "",
         f"Guarantee: in the current {period['label']} period ({window}) the recorded releases compose to "
         f"({_fmt_eps(report['current_period_epsilon'][acc])}, {d:g})-DP for each customer by the {acc} "
-        f"accountant, the largest of {', '.join(report['accountants'])}. Over all recorded time: "
-        f"({_fmt_eps(max(report['all_time_epsilon'].values()))}, {d:g})-DP.",
+        f"accountant, the largest of the enforced {', '.join(report['enforced_accountants'])}"
+        + (" (tight: the larger of dp_pld and prv, each an upper bound)" if "tight" in report["enforced_accountants"] else "")
+        + f". Over all recorded time: ({_fmt_eps(max(report['all_time_epsilon'][a] for a in report['enforced_accountants']))}, "
+        f"{d:g})-DP. RDP bounds (rdp, dp_rdp) are valid but looser and are shown as cross-checks.",
     ]
+    if counts.get("open_reservations"):
+        lines[-1] += (f" Included: {counts['open_reservations']} reserved release(s) never committed or released "
+                      "(a crash between check and release), counted as spent.")
     comp = report["compliance"]
-    if comp is not None:
-        pol = report["policy"]
-        verdict = "COMPLIANT" if comp["compliant"] else "NOT COMPLIANT (" + "; ".join(comp["problems"]) + ")"
+    if comp is not None and comp.get("record_only"):
         lines += [
             "",
-            f"Policy: at most epsilon {pol['max_epsilon']:g} per {period['label']} period at delta {pol['delta']:g}, "
-            f"noise multiplier >= {pol['min_noise_multiplier']:g}, "
+            "Policy: RECORD ONLY (record_only: true in " + (report["policy"].get("source") or "the policy")
+            + "): every release is recorded, NO budget is enforced.",
+        ]
+    elif comp is None:
+        lines += ["", "Policy: none given to this report; compliance with a budget was not assessed."]
+    else:
+        pol = report["policy"]
+        verdict = "COMPLIANT" if comp["compliant"] else "NOT COMPLIANT (" + "; ".join(comp["problems"]) + ")"
+        lifetime = (f", at most {pol['lifetime_max_epsilon']:g} over all recorded time"
+                    if pol.get("lifetime_max_epsilon") is not None else "")
+        lines += [
+            "",
+            f"Policy: at most epsilon {pol['max_epsilon']:g} per {period['label']} period{lifetime} at delta "
+            f"{pol['delta']:g}, noise multiplier >= {pol['min_noise_multiplier']:g}, "
             + (f"at most {pol['max_rounds']} rounds per run" if pol["max_rounds"] else "no limit on rounds per run")
-            + f": {verdict}. Remaining budget in the current period: {_fmt_eps(comp['remaining_epsilon'])}.",
+            + f": {verdict}. Remaining budget: {_fmt_eps(comp['remaining_epsilon'])}.",
         ]
     pl = report["partner_layer"]
     if pl is not None:
@@ -311,7 +398,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         for r in report["rounds"]
     ]
     agreement = [
-        [a["scope"]] + [_fmt_eps(a["epsilon"][n]) for n in accs] + ["DIFFER" if a["differs"] else "agree"]
+        [a["scope"]] + [_fmt_eps(a["epsilon"][n]) for n in accs]
+        + ["DIFFER: " + "; ".join(a["problems"]) if a["differs"]
+           else f"agree (RDP {a['rdp_looser_by']:+.1%} vs tight: a looser bound, as expected)"]
         for a in report["agreement"]
     ]
     refusals = [[str(r["seq"]), r["run_id"], str(r["round"]), r["timestamp"], json.dumps(r["extra"])] for r in report["refusals"]]
@@ -323,7 +412,8 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
             rounds,
         ),
         (
-            f"Accountants' agreement (differ: spread > {report['agreement_tolerance']:.0%})",
+            f"Accountants' agreement (differ: dp_pld outside prv's error interval, or rdp and dp_rdp "
+            f"> {report['agreement_tolerance']:.0%} apart on the same orders)",
             ["scope"] + accs + ["agreement"],
             agreement,
         ),
@@ -335,7 +425,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# Privacy budget report: partner {report['partner']}", "", "## Statement", "", report["statement"], ""]
     comp = report["compliance"]
     if comp is not None:
-        out += ["## Policy compliance", "", "COMPLIANT" if comp["compliant"] else "NOT COMPLIANT", ""]
+        verdict = "RECORD ONLY (no budget enforced)" if comp.get("record_only") else (
+            "COMPLIANT" if comp["compliant"] else "NOT COMPLIANT")
+        out += ["## Policy compliance", "", verdict, ""]
         out += [f"- {p}" for p in comp["problems"]] + ([""] if comp["problems"] else [])
     for title, headers, rows in _sections(report):
         out += [f"## {title}", "", _table(headers, rows) if rows else "(none)", ""]
@@ -355,8 +447,11 @@ def _plot_png(report: dict[str, Any]) -> bytes:
     ax = fig.add_subplot()
     xs = list(range(1, len(report["rounds"]) + 1))
     for acc in report["accountants"]:
-        ax.plot(xs, [r["cumulative_epsilon_in_period"][acc] for r in report["rounds"]], marker=".", label=acc)
-    if report["compliance"] is not None:
+        pts = [(x, r["cumulative_epsilon_in_period"][acc]) for x, r in zip(xs, report["rounds"])
+               if r["cumulative_epsilon_in_period"][acc] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=acc)
+    if report["compliance"] is not None and report["compliance"]["max_epsilon"] is not None:
         ax.axhline(report["compliance"]["max_epsilon"], color="red", linestyle="--", label="policy max epsilon")
     prev = None
     for x, r in zip(xs, report["rounds"]):
@@ -391,7 +486,10 @@ def render_html(report: dict[str, Any]) -> str:
     comp = report["compliance"]
     if comp is not None:
         cls = "" if comp["compliant"] else ' class="bad"'
-        parts.append(f"<h2>Policy compliance</h2><p{cls}>{'COMPLIANT' if comp['compliant'] else 'NOT COMPLIANT'}</p>")
+        verdict = "RECORD ONLY (no budget enforced)" if comp.get("record_only") else (
+            "COMPLIANT" if comp["compliant"] else "NOT COMPLIANT")
+        cls = ' class="bad"' if comp.get("record_only") else cls
+        parts.append(f"<h2>Policy compliance</h2><p{cls}>{verdict}</p>")
         if comp["problems"]:
             parts.append("<ul>" + "".join(f"<li>{esc(p)}</li>" for p in comp["problems"]) + "</ul>")
     parts.append(
@@ -406,7 +504,7 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>")
         for row in rows:
             parts.append(
-                "<tr>" + "".join(f'<td{" class=bad" if c == "DIFFER" else ""}>{esc(c)}</td>' for c in row) + "</tr>"
+                "<tr>" + "".join(f'<td{" class=bad" if c.startswith("DIFFER") else ""}>{esc(c)}</td>' for c in row) + "</tr>"
             )
         parts.append("</table>")
     parts.append("</body></html>")
