@@ -10,19 +10,31 @@ from federation.privacy.accountants import (
     get_accountant,
     register_accountant,
 )
-from federation.privacy.events import EVENT_KINDS, Gaussian, Laplace, PoissonSampledGaussian, event_from_dict
+from federation.privacy.events import (
+    EVENT_KINDS,
+    DiscreteGaussian,
+    Gaussian,
+    Laplace,
+    PoissonSampledGaussian,
+    event_from_dict,
+)
 from federation.privacy.ledger import (
     ENTRY_KINDS,
     SCHEMA_VERSION,
     Ledger,
     LedgerEntry,
     LedgerVerificationError,
+    Reservation,
     VerificationResult,
     generate_node_key,
     hash_bytes,
+    init_node_ledger,
     load_public_key,
     load_signing_key,
+    open_node_ledger,
+    public_key_fingerprint,
     verify,
+    verify_against,
 )
 from federation.privacy.report import build_report, render_html, render_json, render_markdown, write_report
 from federation.privacy.policy import (
@@ -33,8 +45,10 @@ from federation.privacy.policy import (
     PolicyViolationError,
     check_round,
     check_run,
+    default_policy,
     load_policy,
     policy_from_mapping,
+    resolve_policy,
 )
 
 __all__ = [
@@ -44,6 +58,7 @@ __all__ = [
     "get_accountant",
     "register_accountant",
     "EVENT_KINDS",
+    "DiscreteGaussian",
     "Gaussian",
     "Laplace",
     "PoissonSampledGaussian",
@@ -53,7 +68,12 @@ __all__ = [
     "Ledger",
     "LedgerEntry",
     "LedgerVerificationError",
+    "Reservation",
     "VerificationResult",
+    "init_node_ledger",
+    "open_node_ledger",
+    "public_key_fingerprint",
+    "verify_against",
     "generate_node_key",
     "hash_bytes",
     "load_public_key",
@@ -68,6 +88,8 @@ __all__ = [
     "check_run",
     "load_policy",
     "policy_from_mapping",
+    "default_policy",
+    "resolve_policy",
     "build_report",
     "render_html",
     "render_json",

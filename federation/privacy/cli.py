@@ -1,4 +1,8 @@
-"""``fedprop budget plan | report | verify``: privacy budget commands for data teams and compliance.
+"""``fedprop budget plan | report | verify | init``: privacy budget commands for data teams and compliance.
+
+Trust is pinned (PRINCIPLES 16): ``report`` and ``verify`` take the node's key as ``--public-key FILE`` or
+``--fingerprint SHA256:...`` obtained at onboarding, and refuse a public key file lying in the ledger's own
+folder (whoever can rewrite the ledger can replace that file too).
 
 Mounted by the ``fedprop`` entry point through ``register(subparsers)``; ``main(argv)`` runs it standalone
 (``python -m federation.privacy.cli budget ...``). Exit codes: 0 ok, 1 verification/policy failure,
@@ -18,7 +22,7 @@ import yaml
 from federation.errors import FedpropError, LedgerIntegrityError
 from federation.privacy.accountants import available_accountants, calibrate_noise_multiplier, get_accountant
 from federation.privacy.events import PoissonSampledGaussian
-from federation.privacy.ledger import Ledger, verify
+from federation.privacy.ledger import Ledger, init_node_ledger, verify, verify_against
 from federation.privacy.policy import load_policy
 from federation.privacy.report import build_report, render_json, render_markdown, write_report
 
@@ -60,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="compliance report from a ledger (HTML, Markdown or JSON)")
     report.add_argument("ledger", type=Path)
-    report.add_argument("--public-key", type=Path, required=True, help="the node's Ed25519 public key (PEM)")
+    _pin_args(report)
     report.add_argument("--policy", type=Path, help="budget policy YAML")
     report.add_argument("--server-ledger", type=Path, help="the server's federation ledger (partner-level layer)")
     report.add_argument("--server-public-key", type=Path, help="public key of the server ledger")
@@ -71,13 +75,39 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="check hash chain, signatures and recompute every epsilon")
     ver.add_argument("ledger", type=Path)
-    ver.add_argument("--public-key", type=Path, required=True)
+    _pin_args(ver)
     ver.add_argument(
         "--expected-head", metavar="SEQ:HASH", help="head recorded outside the node (detects rollback)"
     )
+    ver.add_argument("--against", type=Path, metavar="FEDERATION_LEDGER",
+                     help="compare with the heads the server recorded per round (rollback, truncation, replacement)")
+    fed = ver.add_mutually_exclusive_group()
+    fed.add_argument("--federation-public-key", type=Path, help="the server's pinned ledger key (PEM)")
+    fed.add_argument("--federation-fingerprint", help="the server's pinned ledger key fingerprint")
+    ver.add_argument("--partner", help="partner name in the federation ledger (default: the ledger's)")
     ver.set_defaults(budget_func=_verify)
+
+    init = sub.add_parser("init", help="create this node's ledger; where it already had one, an explicit reset")
+    init.add_argument("ledger", type=Path, help="the node's ledger path (must not exist)")
+    init.add_argument("--node-key", type=Path, required=True, help="the node's ledger-signing key (key directory)")
+    init.add_argument("--reason", required=True, help="why: recorded in the signed genesis, seen by the federation")
+    init.set_defaults(budget_func=_init)
     budget.set_defaults(func=run)
     return budget
+
+
+def _pin_args(parser: argparse.ArgumentParser) -> None:
+    pin = parser.add_mutually_exclusive_group(required=True)
+    pin.add_argument("--public-key", type=Path, help="the node's Ed25519 public key (PEM), kept apart from the ledger")
+    pin.add_argument("--fingerprint", help="the node key's fingerprint (SHA256:...), registered at onboarding")
+
+
+def _pinned(ledger: Path, public_key: Path | None) -> None:
+    if public_key is not None and Path(public_key).resolve().parent == Path(ledger).resolve().parent:
+        raise FedpropError(
+            f"--public-key {public_key} lies in the ledger's own folder: whoever can rewrite the ledger can replace "
+            "it too. Use the key or --fingerprint registered at onboarding (kept apart from the node's disk)."
+        )
 
 
 def _cfg_get(cfg: dict, dotted: str) -> Any:
@@ -168,14 +198,15 @@ def _plan(args: argparse.Namespace, out) -> int:
     return 0
 
 
-def _load_verified(path: Path, public_key: Path):
-    result = verify(path, public_key)
+def _load_verified(path: Path, public_key: Path | None, fingerprint: str | None = None):
+    _pinned(path, public_key)
+    result = verify(path, public_key, fingerprint=fingerprint)
     with Ledger.open(path, signing_key=None) as ledger:
         return ledger.entries(), result
 
 
 def _report(args: argparse.Namespace, out) -> int:
-    entries, result = _load_verified(args.ledger, args.public_key)
+    entries, result = _load_verified(args.ledger, args.public_key, args.fingerprint)
     if args.server_ledger is not None:
         if args.server_public_key is None:
             raise FedpropError("--server-ledger needs --server-public-key.")
@@ -201,10 +232,38 @@ def _verify(args: argparse.Namespace, out) -> int:
         if not seq.isdigit() or not h:
             raise FedpropError(f"--expected-head must be SEQ:HASH, got {args.expected_head!r}.")
         head = (int(seq), h)
-    result = verify(args.ledger, args.public_key, expected_head=head)
+    _pinned(args.ledger, args.public_key)
+    result = verify(args.ledger, args.public_key, fingerprint=args.fingerprint, expected_head=head)
+    reset = (result.genesis or {}).get("reset_of")
     out.write(
         f"OK {result.path}: {result.entries} entries, head seq={result.head_seq} {result.head_hash[:16]}, "
-        f"key {result.public_key_fingerprint}; epsilons recomputed with {', '.join(result.accountants)}\n"
+        f"key {result.public_key_fingerprint} (pinned by {result.pinned_by}), ledger {result.ledger_id}"
+        + (f" (a RESET of ledger {reset}: {(result.genesis or {}).get('reason')})" if reset else "")
+        + f"; epsilons recomputed with {', '.join(result.accountants)}\n"
+    )
+    if args.against is not None:
+        if args.federation_public_key is None and args.federation_fingerprint is None:
+            raise FedpropError("--against needs --federation-public-key or --federation-fingerprint (pinned).")
+        res = verify_against(
+            args.ledger, args.against, public_key=args.public_key, fingerprint=args.fingerprint,
+            federation_public_key=args.federation_public_key, federation_fingerprint=args.federation_fingerprint,
+            partner=args.partner,
+        )
+        if res.heads_checked == 0:
+            raise FedpropError(f"{args.against}: the server recorded no head for partner {res.partner!r}.")
+        out.write(
+            f"OK against {args.against}: {res.heads_checked} head(s) the server recorded for {res.partner} match"
+            + (f"; resets seen: {', '.join(res.resets_seen)}" if res.resets_seen else "") + "\n"
+        )
+    return 0
+
+
+def _init(args: argparse.Namespace, out) -> int:
+    with init_node_ledger(args.ledger, key_path=args.node_key, reason=args.reason) as ledger:
+        ident = ledger.identity()
+    out.write(
+        f"created {args.ledger}: ledger {ident['ledger_id']}, key {ident['public_key_fingerprint']}"
+        + (f", RESET of ledger {ident['reset_of']} (the federation will see it)" if ident["reset"] else "") + "\n"
     )
     return 0
 

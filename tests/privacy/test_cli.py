@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from federation.privacy import PoissonSampledGaussian, calibrate_noise_multiplier
+from federation.privacy import PoissonSampledGaussian, calibrate_noise_multiplier, generate_node_key, load_public_key
 from federation.privacy.accountants import get_accountant
 from federation.privacy.cli import main, register, run, sampling_plan
+from federation.privacy.ledger import open_node_ledger, public_key_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVACY_SOURCES = sorted((REPO / "federation" / "privacy").glob("*.py"))
@@ -56,10 +58,25 @@ def test_plan_names_what_is_missing(capsys):
     assert "--sampling-rate, or --batch-size with --n-customers" in err and "--steps or --epochs-per-round" in err
 
 
+def _pinned_pub(node_key, tmp_path) -> str:
+    """The node's public key as compliance holds it: a copy kept apart from the ledger's folder."""
+    (tmp_path / "compliance").mkdir(exist_ok=True)
+    pub = tmp_path / "compliance" / "partner.pub"
+    shutil.copy(str(node_key) + ".pub", pub)
+    return str(pub)
+
+
 def test_verify_and_report_commands(filled_ledger, node_key, tmp_path, capsys):
-    pub = str(node_key) + ".pub"
+    assert main(["budget", "verify", str(filled_ledger), "--public-key", str(node_key) + ".pub"]) == 2
+    assert "lies in the ledger's own folder" in capsys.readouterr().err
+    pub = _pinned_pub(node_key, tmp_path)
     assert main(["budget", "verify", str(filled_ledger), "--public-key", pub]) == 0
     assert "OK" in capsys.readouterr().out
+    fp = public_key_fingerprint(load_public_key(pub))
+    assert main(["budget", "verify", str(filled_ledger), "--fingerprint", fp]) == 0
+    assert f"key {fp} (pinned by fingerprint)" in capsys.readouterr().out
+    assert main(["budget", "verify", str(filled_ledger), "--fingerprint", "SHA256:" + "0" * 32]) == 1
+    assert "not the pinned key" in capsys.readouterr().err
     policy = tmp_path / "policy.yaml"
     policy.write_text("max_epsilon: 10\nperiod: all-time\ndelta: 1.0e-5\nmin_noise_multiplier: 0.5\n"
                       "allowed_accountants: [rdp, dp_rdp, dp_pld]\n")
@@ -72,14 +89,44 @@ def test_verify_and_report_commands(filled_ledger, node_key, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["counts"]["dpsgd_rounds"] == 4
 
 
-def test_verify_exits_non_zero_naming_the_first_bad_entry(filled_ledger, node_key, capsys):
+def test_verify_exits_non_zero_naming_the_first_bad_entry(filled_ledger, node_key, tmp_path, capsys):
     conn = sqlite3.connect(filled_ledger)
     conn.execute("UPDATE entries SET update_hash = 'x' WHERE seq = 4")
     conn.commit()
     conn.close()
-    assert main(["budget", "verify", str(filled_ledger), "--public-key", str(node_key) + ".pub"]) == 1
+    pub = _pinned_pub(node_key, tmp_path)
+    assert main(["budget", "verify", str(filled_ledger), "--public-key", pub]) == 1
     assert "entry seq=4" in capsys.readouterr().err
-    assert main(["budget", "report", str(filled_ledger), "--public-key", str(node_key) + ".pub"]) == 1
+    assert main(["budget", "report", str(filled_ledger), "--public-key", pub]) == 1
+
+
+def test_init_and_verify_against_the_federation_ledger(tmp_path, capsys):
+    from server.federation_ledger import open_federation_ledger, record_partner_heads
+
+    keys, data = tmp_path / "keys", tmp_path / "data"
+    keys.mkdir()
+    data.mkdir()
+    key = keys / "node.key"
+    generate_node_key(key)
+    ledger = data / "partner.sqlite"
+    assert main(["budget", "init", str(ledger), "--node-key", str(key), "--reason", "onboarding"]) == 0
+    assert "created" in capsys.readouterr().out
+    with open_node_ledger(ledger, key_path=key) as led:
+        led.append(kind="run_start", partner="acme", run_id="r1")
+        ident = led.identity()
+    fed = tmp_path / "server" / "federation.sqlite"
+    with open_federation_ledger(fed) as f:
+        record_partner_heads(f, run_id="r1", round=1,
+                             heads={"acme": {k: ident[k] for k in ("seq", "entry_hash", "ledger_id")}})
+    args = ["budget", "verify", str(ledger), "--public-key", str(key) + ".pub", "--against", str(fed),
+            "--federation-public-key", str(fed.with_suffix(".key.pub"))]
+    assert main(args) == 0 and "1 head(s) the server recorded for acme match" in capsys.readouterr().out
+    ledger.unlink()  # the owner deletes the ledger and starts over on purpose
+    assert main(["budget", "init", str(ledger), "--node-key", str(key), "--reason", "lost disk"]) == 0
+    assert f"RESET of ledger {ident['ledger_id']}" in capsys.readouterr().out
+    with open_node_ledger(ledger, key_path=key) as led:
+        led.append(kind="run_start", partner="acme", run_id="r2")
+    assert main(args) == 0 and f"resets seen: {ident['ledger_id']}" in capsys.readouterr().out
 
 
 def test_register_mounts_under_another_parser():
