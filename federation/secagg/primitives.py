@@ -48,6 +48,7 @@ __all__ = [
     "derive_key",
     "encrypt_share",
     "generate_keypair",
+    "lagrange_at",
     "lagrange_at_zero",
     "prg_words",
     "public_key_of",
@@ -194,18 +195,23 @@ def shamir_split(
     return shares
 
 
-def lagrange_at_zero(shares: dict[int, bytes]) -> int:
-    """Interpolate the polynomial through ``shares`` and evaluate it at 0 (no threshold check)."""
+def lagrange_at(shares: dict[int, bytes], at: int) -> int:
+    """Interpolate the polynomial through ``shares`` and evaluate it at ``at`` (no threshold check)."""
     points = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
     total = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
-                num = num * (-xj) % SHAMIR_PRIME
+                num = num * (at - xj) % SHAMIR_PRIME
                 den = den * (xi - xj) % SHAMIR_PRIME
         total = (total + yi * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
     return total
+
+
+def lagrange_at_zero(shares: dict[int, bytes]) -> int:
+    """Interpolate the polynomial through ``shares`` and evaluate it at 0 (no threshold check)."""
+    return lagrange_at(shares, 0)
 
 
 def shamir_reconstruct(*, shares: dict[int, bytes], threshold: int, secret_length: int) -> bytes:

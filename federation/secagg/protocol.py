@@ -45,7 +45,6 @@ import numpy as np
 from federation.secagg import identity as _identity
 from federation.secagg.primitives import (
     PROTOCOL_LABEL,
-    SHAMIR_PRIME,
     AggregateRejectedError,
     Entropy,
     InsufficientSurvivorsError,
@@ -58,6 +57,7 @@ from federation.secagg.primitives import (
     _encode_parts,
     encrypt_share,
     generate_keypair,
+    lagrange_at,
     prg_words,
     public_key_of,
     quantize,
@@ -691,20 +691,6 @@ def server_collect_masked(
     return new, {u: request for u in sorted(u3)}
 
 
-def _interpolate(points: Mapping[int, bytes], at: int) -> int:
-    """The polynomial through ``points`` ({x: 66-byte y}) evaluated at ``at``, over GF(2**521 - 1)."""
-    pts = [(x, int.from_bytes(y, "big")) for x, y in points.items()]
-    total = 0
-    for i, (xi, yi) in enumerate(pts):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(pts):
-            if i != j:
-                num = num * (at - xj) % SHAMIR_PRIME
-                den = den * (xi - xj) % SHAMIR_PRIME
-        total = (total + yi * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
-    return total
-
-
 def _consistent_secret(shares: Mapping[int, bytes], threshold: int,
                        check: Callable[[bytes], bool]) -> tuple[bytes | None, set[int]]:
     """A secret reconstructed from ``threshold`` of the ``shares`` that passes ``check`` (commitment or public
@@ -721,14 +707,27 @@ def _consistent_secret(shares: Mapping[int, bytes], threshold: int,
                        for pair in itertools.islice(itertools.combinations(xs, 2), 256)]
     for subset in dict.fromkeys(candidates):
         good = {x: shares[x] for x in subset}
-        value = _interpolate(good, 0)
+        value = lagrange_at(good, 0)
         if value >> (8 * _SECRET_BYTES):
             continue
         secret = value.to_bytes(_SECRET_BYTES, "big")
         if check(secret):
-            off = {x for x in xs if x not in good and _interpolate(good, x) != int.from_bytes(shares[x], "big")}
+            off = {x for x in xs if x not in good and lagrange_at(good, x) != int.from_bytes(shares[x], "big")}
             return secret, off
     return None, set()
+
+
+def _secret_or_abort(shares: Mapping[int, bytes], config: SecAggConfig, holder_at: Mapping[int, int],
+                     excluded: dict[int, str], check: Callable[[bytes], bool], what: str, against: str) -> bytes:
+    """The verified secret; holders whose shares lie off its polynomial are recorded in ``excluded``."""
+    secret, off = _consistent_secret(shares, config.threshold, check)
+    if secret is None:
+        raise InsufficientSurvivorsError(
+            f"Secure aggregation aborted: cannot reconstruct the {what} ({len(shares)} shares, threshold "
+            f"{config.threshold}) consistently with {against}. No aggregate is released."
+        )
+    excluded.update({holder_at[x]: "unmask-bad-share" for x in off})
+    return secret
 
 
 def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]) -> SecAggResult:
@@ -770,32 +769,20 @@ def server_unmask(*, state: ServerState, responses: Mapping[int, UnmaskResponse]
     for u in sorted(survivors):
         total = (total + state.masked[u]) & mod
         commit = state.keys[u].commitment
-        b_seed, off = _consistent_secret(
-            b_shares[u], config.threshold,
-            lambda sd, u=u, commit=commit: constant_time_equal(commitment_of(config=config, node_id=u, b_seed=sd), commit))
-        if b_seed is None:
-            raise InsufficientSurvivorsError(
-                f"Secure aggregation aborted: cannot reconstruct the self-mask seed of surviving client {u} "
-                f"({len(b_shares[u])} shares, threshold {config.threshold}) consistently with its commitment. "
-                "No aggregate is released."
-            )
-        excluded.update({holder_at[x]: "unmask-bad-share" for x in off})
+        b_seed = _secret_or_abort(
+            b_shares[u], config, holder_at, excluded,
+            lambda sd, u=u, commit=commit: constant_time_equal(commitment_of(config=config, node_id=u, b_seed=sd), commit),
+            f"self-mask seed of surviving client {u}", "its commitment")
         total = (total - _words(b_seed, _SELF_MASK, config)) & mod
     for v in sorted(dropped):
         partners = sorted(u for u in graph[v] & survivors if v not in state.rejected.get(u, frozenset()))
         if not partners:
             continue  # no survivor added a pair mask with v: nothing of v's to remove
         pub = state.keys[v].s_public
-        s_private, off = _consistent_secret(
-            s_shares[v], config.threshold,
-            lambda sk, pub=pub: constant_time_equal(public_key_of(private_key=sk), pub))
-        if s_private is None:
-            raise InsufficientSurvivorsError(
-                f"Secure aggregation aborted: cannot reconstruct the masking key of dropped client {v} "
-                f"({len(s_shares[v])} shares, threshold {config.threshold}) consistently with its public key. "
-                "No aggregate is released."
-            )
-        excluded.update({holder_at[x]: "unmask-bad-share" for x in off})
+        s_private = _secret_or_abort(
+            s_shares[v], config, holder_at, excluded,
+            lambda sk, pub=pub: constant_time_equal(public_key_of(private_key=sk), pub),
+            f"masking key of dropped client {v}", "its public key")
         for u in partners:
             seed = _pair_seed(private_key=s_private, peer_public_key=state.keys[u].s_public, config=config)
             p = _words(seed, _PAIR_MASK, config)
