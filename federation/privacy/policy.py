@@ -260,8 +260,9 @@ def default_policy() -> BudgetPolicy:
     """What a partner node enforces when it configures no policy file.
 
     * ``max_epsilon`` 5 per calendar month: room for one default run (target epsilon 3) plus a second one
-      or a few evaluation releases in the same month; two default runs compose to about 4.3 under the tight
-      accountants, so they fit, a third does not.
+      or a few evaluation releases in the same month; two default runs (each calibrated to 3) compose to
+      4.34-4.39 under the tight accountants (n_train 480..4800, measured), so they fit; a third (5.43-5.52)
+      does not.
     * ``lifetime_max_epsilon`` 10 over all recorded time: monthly caps alone leave the spend unbounded
       (12 months x 5 = 60 a year). 10 is the upper end of what published DP deployments claim for a whole
       data release; a partner that needs more must say so in its own policy file.

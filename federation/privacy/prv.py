@@ -40,6 +40,12 @@ PRV_EPS_ERROR = 0.01
 PRV_DELTA_ERROR_FRACTION = 1e-3
 _SQRT2 = math.sqrt(2.0)
 _MAX_ATOMS = 2_000_001
+#: grid points beyond which the PRV is not computed (memory ~ 8 bytes x size x a few arrays)
+MAX_DOMAIN_SIZE = 1 << 23
+
+
+class PrvDomainTooLarge(PrivacyError):
+    """The composition needs a finer or wider grid than MAX_DOMAIN_SIZE (very long or very lossy histories)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,11 @@ def prv_epsilon_bounds(
     delta_error = delta * PRV_DELTA_ERROR_FRACTION if delta_error is None else delta_error
     total = sum(e.count for e in events)
     domain = domain_for(total, l_max, eps_error, delta_error)
+    if domain.size > MAX_DOMAIN_SIZE:
+        raise PrvDomainTooLarge(
+            f"PRV: {total} compositions with privacy loss up to {l_max:.3g} need {domain.size} grid points "
+            f"(> {MAX_DOMAIN_SIZE}); not computed."
+        )
     parts, tail = [], 0.0
     for e in events:
         if isinstance(e, PoissonSampledGaussian):

@@ -30,6 +30,7 @@ from federation.privacy.accountants import (
 )
 from federation.privacy.ledger import LedgerEntry, VerificationResult, spending_entries
 from federation.privacy.policy import DEFAULT_ACCOUNTANTS, BudgetPolicy, Period
+from federation.privacy.prv import PrvDomainTooLarge
 
 __all__ = ["build_report", "render_markdown", "render_json", "render_html", "write_report", "AGREEMENT_TOLERANCE"]
 
@@ -47,9 +48,12 @@ def _agreement(label: str, events: list, eps: dict[str, float], delta: float) ->
     if not events:
         return {"scope": label, "epsilon": eps, "differs": False, "tight_consistent": True, "rdp_consistent": True,
                 "prv_interval": [0.0, 0.0], "rdp_looser_by": 0.0, "problems": []}
-    lower, _, upper = prv_bounds(events, delta=delta)
     pld = eps.get("dp_pld", get_accountant("dp_pld").epsilon(events, delta=delta))
-    tight_ok = lower - 1e-9 <= pld <= upper + 1e-9
+    try:
+        lower, _, upper = prv_bounds(events, delta=delta)
+    except PrvDomainTooLarge:  # nothing to cross-check dp_pld with: say so, do not pretend agreement
+        lower, upper = math.nan, math.nan
+    tight_ok = math.isnan(lower) or lower - 1e-9 <= pld <= upper + 1e-9
     ours = rdp_epsilon_on_orders(events, delta=delta, orders=DP_RDP_ORDERS, warn=False)
     theirs = eps.get("dp_rdp", get_accountant("dp_rdp").epsilon(events, delta=delta))
     rdp_ok = max(ours, theirs) == 0 or abs(ours - theirs) / max(ours, theirs) <= AGREEMENT_TOLERANCE
@@ -58,18 +62,22 @@ def _agreement(label: str, events: list, eps: dict[str, float], delta: float) ->
         problems.append(f"dp_pld {pld:.4f} outside prv's error interval [{lower:.4f}, {upper:.4f}]")
     if not rdp_ok:
         problems.append(f"rdp {ours:.4f} vs dp_rdp {theirs:.4f} on the same orders: > {AGREEMENT_TOLERANCE:.0%} apart")
-    tight = eps.get("tight", max(pld, upper))
+    tight = eps.get("tight") or pld
     return {
         "scope": label, "epsilon": eps, "differs": bool(problems), "tight_consistent": tight_ok,
-        "rdp_consistent": rdp_ok, "prv_interval": [lower, upper],
+        "rdp_consistent": rdp_ok, "prv_interval": None if math.isnan(lower) else [lower, upper],
         "rdp_looser_by": (eps.get("rdp", ours) - tight) / tight if tight > 0 else 0.0, "problems": problems,
     }
 
 
-def _compose(accountant: str, events: list, delta: float, cache: dict) -> float:
+def _compose(accountant: str, events: list, delta: float, cache: dict) -> float | None:
+    """Epsilon by one accountant (None: PRV cannot grid a history this long; tight then uses RDP in its place)."""
     key = (accountant, delta, tuple(sorted((e.composition_key(), e.count) for e in events)))
     if key not in cache:
-        cache[key] = get_accountant(accountant).epsilon(events, delta=delta)
+        try:
+            cache[key] = get_accountant(accountant).epsilon(events, delta=delta)
+        except PrvDomainTooLarge:
+            cache[key] = None
     return cache[key]
 
 
