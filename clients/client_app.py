@@ -161,7 +161,9 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                             f"partner {data.partition_id}: round {server_round} of run {run_id} was already released and "
                             "recorded; not training it again (no second spend for one round)")), reply_to=msg)
             else:  # first train message of this run at this node: preflight before any training
-                privacy = N.initial_privacy_state(cfg, data)
+                policy = LH.load_node_policy(node)
+                privacy = N.initial_privacy_state(
+                    cfg, data, accountants=() if policy.record_only else tuple(policy.allowed_accountants))
                 try:
                     with times.phase("ledger"):
                         _ledger_preflight(cfg, node, privacy, run_id, heads_tag)

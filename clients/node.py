@@ -168,9 +168,11 @@ def run_share(cfg: FedpropConfig) -> tuple[float, float]:
     return cfg.privacy.epsilon / k, cfg.privacy.delta / k
 
 
-def initial_privacy_state(cfg: FedpropConfig, data: PartnerData) -> PrivacyState:
+def initial_privacy_state(cfg: FedpropConfig, data: PartnerData, *, accountants: tuple[str, ...] = ()) -> PrivacyState:
     """Calibrate the DP-SGD noise and the evaluation noise of the whole run together (clients/privacy_state.py).
-    q and the steps come from the PUBLIC training-set size (``public_size``), never from the exact count."""
+    q and the steps come from the PUBLIC training-set size (``public_size``), never from the exact count.
+    ``accountants``: the node policy's enforcement accountants; the run is calibrated to meet its target under
+    the largest of them and ``privacy.accountant``, so the policy never refuses a run for its accountant."""
     q, steps = sampling_plan(n_train=data.public_n_train, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs)
     eps, delta = run_share(cfg)
     return PrivacyState.plan(
@@ -182,7 +184,7 @@ def initial_privacy_state(cfg: FedpropConfig, data: PartnerData) -> PrivacyState
         max_grad_norm=cfg.privacy.max_grad_norm,
         eval_releases=len(data.heads) * len(evaluation_rounds(cfg)),
         eval_share=cfg.evaluation.epsilon_share,
-        accountant=cfg.privacy.accountant,
+        accountant="+".join(dict.fromkeys((cfg.privacy.accountant, *accountants))),
     )
 
 

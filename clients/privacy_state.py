@@ -48,7 +48,10 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], eval_sigma: float, e
     from federation.privacy.accountants import get_accountant
 
     events = _events(history, eval_sigma, eval_count)
-    return float(get_accountant(accountant).epsilon(events, delta=delta)) if events else 0.0
+    if not events:
+        return 0.0
+    # "a+b": the larger of several accountants (the node's run target AND its policy's enforcement accountants)
+    return max(float(get_accountant(name).epsilon(events, delta=delta)) for name in accountant.split("+"))
 
 
 def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:

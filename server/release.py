@@ -35,7 +35,7 @@ PRIVATE_KEY = "server.key"
 PUBLIC_KEY = "server.pub"
 RUN_PUBLIC_KEY = "federation.pub"
 SYNTHETIC_CONTRACT = "contracts/synthetic_events.yaml"
-ACCOUNTANT = "Opacus RDP"
+
 
 
 def ensure_server_key(key_dir: str | Path) -> tuple[Path, Path]:
@@ -85,7 +85,7 @@ def privacy_guarantees(cfg: FedpropConfig, rounds: Sequence[Mapping[str, Any]]) 
     if named and len(last) > cfg.partners:  # secure rounds before the evaluated one know partners only by node id
         last = named
     return [PrivacyGuarantee(partner=f"partner-{pid}" if pid.isdigit() else pid, epsilon=eps,
-                             delta=delta, accountant=ACCOUNTANT, unit="customer")
+                             delta=delta, accountant=cfg.privacy.accountant, unit="customer")
             for pid, (eps, delta) in sorted(last.items(), key=lambda kv: kv[0]) if eps > 0]
 
 

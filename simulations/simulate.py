@@ -172,7 +172,11 @@ def _run(cfg: FedpropConfig, run_dir: Path, partner_loader, split_key: bytes, na
         raise FedpropError(f"the federation did not finish; see the log above and {run_dir}")
     t_fed = time.perf_counter() - t0
     rounds = json.loads((run_dir / "federated_rounds.json").read_text())
-    _trained_check(rounds, cfg, run_dir)
+    try:
+        _trained_check(rounds, cfg, run_dir)
+    except FedpropError:  # nothing trained: no model, but compliance still gets each partner's verified report
+        write_privacy_reports(cfg, run_dir)
+        raise
     print(f"fedprop: federation finished in {t_fed:.1f} s"
           + ("; baselines on the same splits:" if cfg.baselines.enabled else " (baselines disabled)"), flush=True)
 

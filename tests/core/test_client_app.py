@@ -55,8 +55,9 @@ def test_train_rounds_accumulate_epsilon_then_refuse():
 def test_state_is_per_node():
     app = make_client_app(config=CFG, loader=load_partner)
     model = build_model(CFG.model, n_features=len(feature_names(CFG.data)), n_outputs=2)
-    a = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
-    b = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
+    # run 2: run 1's ledger entries (previous test, same session ledgers) would be restored, and its rounds refused
+    a = Context(run_id=2, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    b = Context(run_id=2, node_id=2, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
     ra = app(_msg("train", ArrayRecord(model.state_dict()), 1), a)
     app(_msg("train", ArrayRecord(model.state_dict()), 2), a)
     rb = app(_msg("train", ArrayRecord(model.state_dict()), 1), b)

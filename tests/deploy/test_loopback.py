@@ -1,14 +1,21 @@
-"""A real Flower 1.41 deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication, three SuperNodes.
+"""A real Flower 1.41 deployment on loopback, as `fedprop server start` runs it, with PATH=/usr/bin:/bin.
 
-Proves: registered nodes come online over TLS; an unregistered key is refused; a node that does not trust the
-federation CA cannot connect (about 30 s together); a 2-round run of a tiny app and a 2-round run of fedprop's
-own app with secure aggregation complete over this deployment (the tiny-app run is marked slow; fedprop's
-secure-aggregation run is part of the default suite). Every process started here is
-stopped here (ManagedProcess.stop in finally blocks), also when an assertion fails.
+The coordinator: SuperLink on 127.0.0.1:CONTROL (Control + ServerApp runtime APIs, SuperExec secret, process
+isolation), its flower-superexec, and the Fleet proxy on 127.0.0.2:FLEET, the partners' only address (Linux
+routes all of 127/8 to lo, so two addresses show what is bound where). Three partner SuperNodes dial the
+proxy, each pinned to the coordinator's app-signing key.
 
-The partner side follows docs/partner-guide.md literally: each partner creates its key with
-`fedprop certs node-key`, sends only the .pub, and starts its node with `fedprop client start` and the node
-config keys of the guide (synthetic demo data: partition-id/num-partitions instead of data-path/contract).
+Proves: registered nodes come online through the proxy over TLS; an unregistered key and a node that does
+not trust the CA are refused; a party holding only ca.crt (and its own key) reaching the partner-facing
+address cannot register nodes, list or submit runs, or reach the runtime API (404 for every non-Fleet route,
+path tricks included), and the SuperLink port is not open there; a local process without the SuperExec
+secret cannot take the ServerApp task; a node runs only app packages signed by the key it pinned (a node
+pinned to another key refuses the coordinator's app, and partners refuse an app signed by another key);
+fedprop's own app with secure aggregation completes (default suite). Flower's binaries and their children
+are found with nothing but /usr/bin:/bin on PATH. Every process started here is stopped here.
+
+The partner side follows docs/partner-guide.md: each partner creates its key with `fedprop certs node-key`,
+sends only the .pub, and starts its node with `fedprop client start` pinned to the app key's fingerprint.
 """
 from __future__ import annotations
 
@@ -21,14 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from federation import pki
+from federation import pki, signing
 from federation.config import from_dict, to_run_config
 from server import deploy
 
 REPO = Path(__file__).resolve().parents[2]
 FEDPROP = str(Path(sys.executable).parent / "fedprop")
 
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # the SuperLink (Control + runtime APIs): coordinator only
+PUBLIC = "127.0.0.2"  # the Fleet proxy: what partners reach
 PARTNERS = ["partner-0", "partner-1", "partner-2"]
 
 SMOKE_PYPROJECT = """\
@@ -92,45 +100,72 @@ def train(msg: Message, context: Context) -> Message:
 '''
 
 
+CLEAN_PATH = "/usr/bin:/bin"  # what a fresh machine has: no venv, no Flower binaries
+
+
+def _clean_env() -> dict[str, str]:
+    return {**os.environ, "PATH": CLEAN_PATH, "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def _fedprop(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FEDPROP, *map(str, args)], check=True, capture_output=True, text=True, env=_clean_env())
+
+
+def _start_node(root, name, keys, certs, fleet, app_pub, fingerprint, node_config) -> deploy.ManagedProcess:
+    node_dir = root / "nodes" / name  # partner guide step 4: `fedprop client start ...`
+    node_dir.mkdir(parents=True)
+    cmd = [FEDPROP, "client", "start", "--certs", str(certs), "--superlink", fleet, "--key", str(keys[name][0]),
+           "--app-public-key", str(app_pub), "--app-key-fingerprint", fingerprint,
+           "--port", str(deploy.free_port(HOST)), "--state-dir", str(node_dir),
+           "--node-config", deploy.format_node_config(node_config)]
+    return deploy.ManagedProcess(cmd, env=_clean_env(), log_path=node_dir / "supernode.log", cwd=node_dir)
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """SuperLink (TLS + node auth) with 3 registered, running SuperNodes; yields a namespace of handles."""
+    """`fedprop server start` (proxy on 127.0.0.2) with 3 registered, running SuperNodes; namespace of handles."""
+    import shutil
+
+    assert shutil.which("flower-superexec", path=CLEAN_PATH) is None  # else the PATH test proves nothing
     root = tmp_path_factory.mktemp("loopback")
     certs = root / "certs"
-    pki.create_ca(certs, name="fedprop test CA", days=2)
-    pki.create_server_cert(certs, ca_dir=certs, hosts=[HOST, "localhost"], days=2)
+    _fedprop("certs", "init", certs, "--hosts", f"{PUBLIC},localhost", "--days", "2")  # adds 127.0.0.1
+    _fedprop("certs", "app-key", root / "coordinator")
+    app_key, app_pub = root / "coordinator" / "app-signing.key", root / "coordinator" / "app-signing.pub"
+    fingerprint = signing.public_key_fingerprint(app_pub)
     keys = {}
     for p in [*PARTNERS, "spare"]:  # partner guide step 2: each partner makes its own key
-        subprocess.run([FEDPROP, "certs", "node-key", str(root / "keys" / p), "--partner", p], check=True,
-                       capture_output=True)
+        _fedprop("certs", "node-key", root / "keys" / p, "--partner", p)
         keys[p] = (root / "keys" / p / f"{p}.key", root / "keys" / p / f"{p}.pub")
-    port = deploy.free_port(HOST)
-    address = f"{HOST}:{port}"
+    fleet_port, control_port = deploy.free_port(HOST), deploy.free_port(HOST)
+    fleet, control = f"{PUBLIC}:{fleet_port}", f"{HOST}:{control_port}"
+    state = root / "superlink"
     procs: list[deploy.ManagedProcess] = []
     try:
-        link = deploy.start_superlink(certs_dir=certs, host=HOST, port=port, run_dir=root / "superlink")
-        procs.append(link)
-        conn = deploy.write_cli_connection(root / "cli-home", address=address, root_certificates=certs / "ca.crt")
+        server = deploy.ManagedProcess(
+            [FEDPROP, "server", "start", "--certs", str(certs), "--host", PUBLIC, "--port", str(fleet_port),
+             "--control-port", str(control_port), "--state-dir", str(state)],
+            env=_clean_env(), log_path=root / "server-start.log", cwd=root)
+        procs.append(server)
+        deploy.wait_for_port(HOST, control_port, timeout=60, process=server)
+        deploy.wait_for_port(PUBLIC, fleet_port, timeout=60, process=server)
+        conn = deploy.write_cli_connection(root / "cli-home", address=control, root_certificates=certs / "ca.crt")
         node_ids = {p: deploy.register_node(keys[p][1], conn) for p in [*PARTNERS, "spare"]}
         nodes = []
-        for i, p in enumerate(PARTNERS):  # partner guide step 4, verbatim: `fedprop client start ...`
-            node_dir = root / "nodes" / p
-            node_config = deploy.format_node_config({
-                "partition-id": i, "num-partitions": len(PARTNERS), "ledger-path": str(node_dir / "ledger.sqlite")})
-            cmd = [FEDPROP, "client", "start", "--certs", str(certs), "--superlink", address, "--key", str(keys[p][0]),
-                   "--port", str(deploy.free_port(HOST)), "--state-dir", str(node_dir), "--node-config", node_config]
-            node_dir.mkdir(parents=True)
-            nodes.append(deploy.ManagedProcess(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-                                               log_path=node_dir / "supernode.log", cwd=node_dir))
+        for i, p in enumerate(PARTNERS):
+            nodes.append(_start_node(root, p, keys, certs, fleet, app_pub, fingerprint, {
+                "partition-id": i, "num-partitions": len(PARTNERS),
+                "ledger-path": str(root / "nodes" / p / "ledger.sqlite")}))
             procs.append(nodes[-1])
         for node in nodes:  # Flower logs the node id once the SuperLink has activated the node
             node.wait_for_log("SuperNode ID:", timeout=60)
         yield type("Federation", (), dict(
-            root=root, certs=certs, keys=keys, address=address, conn=conn, link=link, nodes=nodes,
-            node_ids=node_ids,
+            root=root, certs=certs, keys=keys, fleet=fleet, fleet_port=fleet_port, control_port=control_port,
+            conn=conn, server=server, state=state, nodes=nodes, node_ids=node_ids, app_key=app_key,
+            app_pub=app_pub, fingerprint=fingerprint, signatures=state / deploy.SIGNATURES_DIR,
         ))
     finally:
-        deploy.stop_all(procs[1:])  # nodes first (they deregister), then the SuperLink
+        deploy.stop_all(procs[1:])  # nodes first (they deregister), then the coordinator
         deploy.stop_all(procs[:1])
 
 
@@ -149,8 +184,8 @@ def rejected(federation, tmp_path_factory):
     try:
         for i, (name, kw) in enumerate(cases.items()):
             procs[name] = deploy.start_supernode(
-                superlink=federation.address, port=deploy.free_port(HOST), node_config={"partition-id": 7 + i},
-                run_dir=root, name=name, max_retries=1, **kw,
+                superlink=federation.fleet, port=deploy.free_port(HOST), node_config={"partition-id": 7 + i},
+                run_dir=root, name=name, max_retries=1, app_public_key=federation.app_pub, **kw,
             )
         yield {name: (proc.wait(timeout=90), proc.log_text()) for name, proc in procs.items()}
     finally:
@@ -165,14 +200,16 @@ def test_registered_nodes_online_over_tls(federation):
     assert all(n.alive() for n in federation.nodes), "a registered SuperNode exited"
     statuses = _statuses(federation)
     assert [statuses[str(federation.node_ids[p])] for p in PARTNERS] == ["online"] * len(PARTNERS)
-    assert "Uvicorn running on https://" in federation.link.log_text()  # TLS, not plain HTTP
+    log = (federation.state / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1:" in log  # TLS, loopback only
+    assert "SuperExec authentication is experimental" in log  # the runtime auth secret is in force
 
 
 def test_unregistered_key_is_rejected(federation, rejected):
     rc, log = rejected["unregistered"]
     assert rc != 0
     assert "2004" in log  # ApiError FLEET_NODE_ACTIVATION_FAILED
-    assert "No SuperNode found with the given public key" in federation.link.log_text()
+    assert "No SuperNode found with the given public key" in (federation.state / "superlink.log").read_text()
 
 
 def test_node_not_trusting_ca_cannot_connect(federation, rejected):
@@ -183,18 +220,163 @@ def test_node_not_trusting_ca_cannot_connect(federation, rejected):
     assert all(n.alive() for n in federation.nodes)
 
 
-@pytest.mark.slow  # 25-45 s on 2 cores: Flower's fixed 3 s polls (ServerApp grid, SuperNode pull) per round
-def test_two_round_run_completes(federation, tmp_path):
-    """A 2-round FedAvg run of a tiny app over this deployment (Flower alone, without fedprop's app)."""
-    app = tmp_path / "app"
+def _smoke_app(app: Path) -> Path:
     (app / "deploysmoke").mkdir(parents=True)
     (app / "pyproject.toml").write_text(SMOKE_PYPROJECT)
     (app / "deploysmoke" / "__init__.py").write_text("")
     (app / "deploysmoke" / "server_app.py").write_text(SMOKE_SERVER)
     (app / "deploysmoke" / "client_app.py").write_text(SMOKE_CLIENT)
+    return app
+
+
+CONTROL_ROUTES = ["register-node", "unregister-node", "list-nodes", "list-runs", "start-run", "stop-run",
+                  "stream-logs", "list-apps", "add-app", "create-federation", "add-node-to-federation"]
+RUNTIME_ROUTES = ["acquire-task", "pull-task-input", "push-task-output", "get-nodes", "push-messages",
+                  "pull-messages", "create-task"]
+PATH_TRICKS = ["/v1/fleet/../control/list-nodes", "/v1/fleet/%2e%2e/control/list-nodes",
+               "/v1/fleet/%2E%2E%2Fcontrol%2Flist-nodes", "//v1/control/list-nodes", "/v1/fleet//../control/list-runs",
+               "/V1/CONTROL/LIST-NODES", "/v1/control/list-nodes?x=/v1/fleet/get-run", "/v1/fleet/get-run?a=b",
+               "/v1/fleet/get-run/../../control/start-run", "/v1/fleet/get-run%00", "/v1/fleet/register-node",
+               "/docs", "/openapi.json", "/health", "/", "/v1/fleet/get-run/"]
+
+
+def _raw_https(address: str, ca: Path, payload: bytes) -> bytes:
+    """Send raw bytes over TLS (no HTTP client normalising the request target); return the raw reply."""
+    import socket
+    import ssl
+
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, int(port)), timeout=10) as sock, \
+            ctx.wrap_socket(sock, server_hostname=host) as tls:
+        tls.sendall(payload)
+        chunks = []
+        while True:
+            try:
+                data = tls.recv(65536)
+            except (TimeoutError, ssl.SSLError, ConnectionResetError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else -1
+
+
+def test_ca_holder_reaches_only_the_fleet_api(federation, tmp_path):
+    """Issue 12 point 1: a party holding only ca.crt and its own key, on the partners' address."""
+    import httpx
+
+    ca = federation.certs / "ca.crt"
+    refused = {}
+    with httpx.Client(verify=str(ca), timeout=10, trust_env=False) as http:
+        base = f"https://{federation.fleet}"
+        for route in CONTROL_ROUTES:
+            refused[f"control/{route}"] = http.post(f"{base}/v1/control/{route}", content=b"\x00").status_code
+        for route in RUNTIME_ROUTES:
+            refused[f"runtime/{route}"] = http.post(f"{base}/v1/runtime/{route}", content=b"").status_code
+        refused["GET fleet/get-run"] = http.get(f"{base}/v1/fleet/get-run").status_code
+        refused["PUT fleet/pull-messages"] = http.put(f"{base}/v1/fleet/pull-messages", content=b"").status_code
+        # control: a real Fleet route is forwarded (Flower answers it: no 404 from the proxy)
+        fleet_reply = http.post(f"{base}/v1/fleet/get-run", content=b"",
+                                headers={"content-type": "application/protobuf"})
+    for target in PATH_TRICKS:  # raw request targets: no client-side normalisation
+        reply = _raw_https(federation.fleet, ca, f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                           "Connection: close\r\n\r\n".encode())
+        refused[target] = _status(reply)
+    # two pipelined requests on one connection, the second aimed at the Control API
+    pipelined = _raw_https(federation.fleet, ca,
+                           b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                           b"POST /v1/control/list-nodes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                           b"Connection: close\r\n\r\n")
+    # request smuggling: Content-Length and Transfer-Encoding together, a Control request in the body
+    smuggled = _raw_https(federation.fleet, ca,
+                          b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /v1/control/list-nodes HTTP/1.1\r\n"
+                          b"Host: x\r\n\r\n")
+    print("refused:", refused)
+    assert all(code == 404 for code in refused.values()), refused
+    assert fleet_reply.status_code != 404
+    assert pipelined.count(b"HTTP/1.1 ") == 2 and pipelined.rsplit(b"HTTP/1.1 ", 1)[1].startswith(b"404"), pipelined[:400]
+    codes = [int(part.split(b" ", 1)[0]) for part in smuggled.split(b"HTTP/1.1 ")[1:]]
+    assert codes and (codes[0] == 400 or codes[1:] == [404]), smuggled[:400]  # rejected, or the tail is a 404
+    proxy_log = (federation.state / "fleet-proxy.log").read_text()
+    assert "refused POST '/v1/control/register-node'" in proxy_log
+
+    # The flwr CLI itself, pointed at the partner-facing address: register a key, list nodes, list runs.
+    stranger_key, stranger_pub = pki.create_node_keypair(tmp_path / "keys", partner="stranger")
+    outsider = deploy.write_cli_connection(tmp_path / "outsider", address=federation.fleet, root_certificates=ca)
+    with pytest.raises(deploy.DeployError):
+        deploy.register_node(stranger_pub, outsider)
+    with pytest.raises(deploy.DeployError):
+        deploy.list_nodes(outsider)
+    with pytest.raises(deploy.DeployError):
+        deploy.run_status(1, outsider)
+    with pytest.raises(deploy.DeployError):  # and submit a run
+        deploy.start_run(deploy.build_fab(_smoke_app(tmp_path / "evil-app")), outsider, {})
+    assert len(deploy.list_nodes(federation.conn)) == len(federation.node_ids)  # no node was added
+
+    # The SuperLink's own port is closed on the partner-facing address (bound to 127.0.0.1 only).
+    import socket
+
+    with pytest.raises(OSError):
+        socket.create_connection((PUBLIC, federation.control_port), timeout=3).close()
+
+
+def test_local_process_without_the_secret_cannot_take_the_serverapp_task(federation):
+    """The runtime API's acquire-task (what flower-superexec calls to get the ServerApp task) needs the
+    SuperExec secret: a local process on the coordinator's host without it is refused."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+
+    with httpx.Client(verify=str(federation.certs / "ca.crt"), timeout=10, trust_env=False) as http:
+        reply = http.post(f"https://{HOST}:{federation.control_port}/v1/runtime/acquire-task",
+                          content=AcquireTaskRequest().SerializeToString(),
+                          headers={"content-type": "application/protobuf"})
+    print("acquire-task without secret:", reply.status_code, reply.content[:200])
+    assert reply.status_code in (401, 403), (reply.status_code, reply.content[:300])
+
+
+def test_nodes_run_only_apps_signed_by_the_key_they_pinned(federation, tmp_path):
+    """A 4th node pinned to an attacker's key joins. The coordinator's signed app runs on the 3 partners and
+    is refused by the 4th; an app signed by the attacker's key (its record planted in the signatures
+    directory) runs only on the 4th: the 3 partners refuse it. Each run is 1 round of FedAvg over a 4-vector
+    where node i adds partition-id + 1, so the result shows exactly who ran it."""
+    attacker_key, attacker_pub = tmp_path / "attacker.key", tmp_path / "attacker.pub"
+    signing.generate_keypair(attacker_key, attacker_pub)
+    spare = _start_node(tmp_path, "spare", federation.keys, federation.certs, federation.fleet, attacker_pub,
+                        signing.public_key_fingerprint(attacker_pub), {"partition-id": 7})
+    try:
+        spare.wait_for_log("SuperNode ID:", timeout=60)
+        app = _smoke_app(tmp_path / "app")
+        runs = {}
+        for who, key in (("coordinator", federation.app_key), ("attacker", attacker_key)):
+            out = tmp_path / f"{who}.txt"
+            result = deploy.submit_run(app, federation.conn, {"num-server-rounds": 1, "result-path": str(out)},
+                                       app_signing_key=key, signatures_dir=federation.signatures, timeout=180)
+            runs[who] = (result.status, out.read_text() if out.exists() else None)
+        spare_log = spare.log_text()
+        partner_logs = [n.log_text() for n in federation.nodes]
+    finally:
+        spare.stop()
+    print(runs)
+    assert runs["coordinator"] == ("finished:completed", "[2.0, 2.0, 2.0, 2.0]")  # mean of +1,+2,+3
+    assert runs["attacker"][1] == "[8.0, 8.0, 8.0, 8.0]"  # only the node pinned to the attacker key ran it
+    assert spare_log.count("FAB verification failed") == 1
+    assert all(log.count("FAB verification failed") == 1 for log in partner_logs)
+
+
+@pytest.mark.slow  # 25-45 s on 2 cores: Flower's fixed 3 s polls (ServerApp grid, SuperNode pull) per round
+def test_two_round_run_completes(federation, tmp_path):
+    """A 2-round FedAvg run of a tiny app over this deployment (Flower alone, without fedprop's app)."""
+    app = _smoke_app(tmp_path / "app")
     t0 = time.monotonic()
     out = tmp_path / "smoke-result.txt"
-    result = deploy.submit_run(app, federation.conn, {"num-server-rounds": 2, "result-path": str(out)}, timeout=240)
+    result = deploy.submit_run(app, federation.conn, {"num-server-rounds": 2, "result-path": str(out)},
+                               app_signing_key=federation.app_key, signatures_dir=federation.signatures, timeout=240)
     seconds = time.monotonic() - t0
     logs = deploy.run_logs(result.run_id, federation.conn)
     assert result.completed, f"run ended {result.status}:\n{logs[-3000:]}"
@@ -217,7 +399,7 @@ def test_fedprop_app_with_secure_aggregation_completes(federation, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     result = deploy.submit_run(REPO, federation.conn, {**to_run_config(cfg), "fedprop-run-dir": str(run_dir)},
-                               timeout=540)
+                               app_signing_key=federation.app_key, signatures_dir=federation.signatures, timeout=540)
     seconds = time.monotonic() - t0
     logs = deploy.run_logs(result.run_id, federation.conn)
     assert result.completed, f"run ended {result.status}:\n{logs[-4000:]}"

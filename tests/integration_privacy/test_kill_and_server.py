@@ -51,7 +51,7 @@ def test_kill_after_ledger_append_before_send_leaves_a_verifiable_record(tmp_pat
     assert "APPENDED" in proc.stdout and "UPDATE SENT" not in proc.stdout
     seq, update_hash = proc.stdout.split("APPENDED", 1)[1].split()[:2]
     ledger = tmp_path / "ledgers" / "synthetic" / "partner-0.sqlite"
-    result = verify(ledger, tmp_path / "ledgers" / "synthetic" / "partner-0.key.pub")
+    result = verify(ledger, tmp_path / "ledgers-keys" / "synthetic" / "partner-0.key.pub")  # key outside the ledger's folder
     assert result.entries == int(seq) == 2 and result.head_seq == 2
     with Ledger.open(ledger, signing_key=None) as led:
         entry = led.entries()[-1]

@@ -53,12 +53,12 @@ def test_model_card_contents(run_dir):
     for x in g:
         last = rounds[-1]["partners"][x["partner"].split("-")[1]]["train"]
         assert x["epsilon"] == pytest.approx(last["epsilon"]) and x["delta"] == 1e-5
-        assert x["accountant"] == "Opacus RDP" and x["unit"] == "customer"
+        assert x["accountant"] == "tight" and x["unit"] == "customer"
     m = card["metrics"]
     assert m["auc_roc"] == pytest.approx(rounds[-1]["evaluate"]["churn.auc_roc"])
     assert len(m["gains"]["cumulative_lift"]) == 10 and len(m["reliability"]["count"]) == 10
     md = (run_dir / "model_card_churn.md").read_text()
-    assert "Top-decile lift" in md and "Opacus RDP" in md and card["data_contract"]["hash"] in md
+    assert "Top-decile lift" in md and "tight" in md and card["data_contract"]["hash"] in md
 
 
 def test_no_guarantee_claimed_without_dp():
