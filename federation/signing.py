@@ -232,3 +232,49 @@ def read_verified_bytes(path: str | Path, public_key_path: str | Path) -> bytes:
     data = p.read_bytes()
     _verify_bytes(p, data, public_key_path)
     return data
+
+
+# ------------------------------------------------------------------------------------- app (FAB) signing
+# Flower 1.41 SuperNodes started with ``--trusted-entities FILE`` run an app package (FAB) only if its
+# ``verifications`` hold a record ``{key_id: '{"signature": <b64url>, "signed_at": <int>}'}`` whose Ed25519
+# signature over ``signed_at.to_bytes(8, "big") + sha256(fab)`` verifies against the key FILE maps ``key_id``
+# to (flwr/supernode/start_client_internal.py: _verify_fab; flwr/supercore/primitives/asymmetric_ed25519.py:
+# create_message_to_sign). fedprop's app-signing key is an Ed25519 key in the same files as a model-signing
+# key (generate_keypair); the key id is derived from its fingerprint, so a partner pins both at once.
+
+APP_KEY_ID_PREFIX = "fpk_"
+
+
+def app_key_id(public_key_path: str | Path) -> str:
+    """The trusted-entity id of an app-signing public key: ``fpk_`` + the first 32 hex digits of its SHA-256."""
+    return APP_KEY_ID_PREFIX + public_key_fingerprint(public_key_path).split(":", 1)[1][:32]
+
+
+def trusted_entities_yaml(public_key_path: str | Path, *, expected_fingerprint: str | None = None) -> str:
+    """The ``--trusted-entities`` YAML for exactly one pinned app-signing key (OpenSSH ``ssh-ed25519`` line).
+
+    With ``expected_fingerprint`` the key must have that fingerprint (compared out of band at onboarding),
+    else SigningKeyError: a partner never trusts a key file only because it was handed one.
+    """
+    key = _load_public(public_key_path)
+    got = _fingerprint(key)
+    if expected_fingerprint is not None and got != expected_fingerprint.strip():
+        raise SigningKeyError(
+            f"app-signing key {public_key_path} has fingerprint {got}, not the pinned {expected_fingerprint.strip()}; "
+            "do not start the node with it: ask the coordinator for the key over a channel you trust"
+        )
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode("ascii")
+    return f"{app_key_id(public_key_path)}: '{line} fedprop-app-signing'\n"
+
+
+def sign_fab(fab: bytes, private_key_path: str | Path, *, signed_at: int | None = None) -> dict[str, str]:
+    """Flower ``Fab.verifications`` entries signing ``fab`` (the exact bytes submitted) with the app key."""
+    import time
+
+    key = _load_private(private_key_path)
+    when = int(time.time()) if signed_at is None else int(signed_at)
+    message = when.to_bytes(8, byteorder="big") + hashlib.sha256(fab).digest()
+    signature = base64.urlsafe_b64encode(key.sign(message)).decode("ascii").rstrip("=")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key_id = APP_KEY_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
+    return {key_id: json.dumps({"signature": signature, "signed_at": when}, sort_keys=True)}

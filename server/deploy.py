@@ -26,6 +26,7 @@ Facts about Flower 1.41 this module relies on (verified by running it, see tests
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -51,22 +52,33 @@ class DeployError(FedpropError):
     """A deployment command could not be built, started, or did not succeed."""
 
 
+def venv_bin() -> Path:
+    """The directory of this interpreter (a venv's ``bin/``), not resolved: a venv's python is a symlink."""
+    return Path(sys.executable).parent
+
+
 def flower_executable(name: str) -> str:
-    """Path of a Flower executable: next to this interpreter (a venv), else on PATH."""
-    local = Path(sys.executable).parent / name
+    """Absolute path of a Flower executable: next to this interpreter (a venv), else on PATH."""
+    local = venv_bin() / name
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)
     found = shutil.which(name)
     if found is None:
         raise DeployError(f"`{name}` not found next to {sys.executable} or on PATH; install flwr==1.41.0")
-    return found
+    return str(Path(found).absolute())
 
 
 def flower_env(flwr_home: str | Path) -> dict[str, str]:
-    """Environment for every Flower process we start: private FLWR_HOME, telemetry off."""
+    """Environment for every Flower process we start: private FLWR_HOME, telemetry off, and the venv's
+    ``bin/`` first on PATH. Flower starts its children by bare name (the SuperLink and SuperNode start
+    ``flower-superexec``, which starts ``flwr-serverapp`` / ``flwr-clientapp``), so without it they are not
+    found outside an activated venv, or another installation's binaries are found instead."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    dirs = [str(venv_bin()), str(Path(flower_executable("flower-superexec")).parent)]
+    rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d not in dirs]
+    env["PATH"] = os.pathsep.join(dict.fromkeys([*dirs, *rest]))
     return env
 
 
@@ -86,15 +98,31 @@ def _check_port(port: int) -> int:
 # ---------------------------------------------------------------------------------------------- commands
 
 
+def _loopback(host: str) -> str:
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return host
+    except ValueError:
+        pass
+    raise DeployError(
+        f"the SuperLink must listen on loopback (127.0.0.1), not {host!r}: Flower 1.41 serves its Control API "
+        "(unauthenticated without OIDC) and the ServerApp runtime API on the same port as the Fleet API. "
+        "Partners reach the Fleet API through `fedprop server start --host` (the Fleet proxy) instead"
+    )
+
+
 def superlink_command(
     *,
     certs_dir: str | Path,
     host: str,
     port: int,
     database: str | Path,
+    superexec_secret: str | Path,
     log_file: str | Path | None = None,
 ) -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode auth, no runtime dependency installation.
+    """The ``flower-superlink`` command line: loopback only, TLS, SuperNode auth, no dependency installation,
+    ``--isolation process`` with ``--superexec-auth-secret-file`` (Flower ignores the secret in its default
+    subprocess isolation, leaving the runtime API's ``acquire-task`` open to any local process).
 
     ``certs_dir`` holds ``ca.crt``, ``server.pem``, ``server.key`` as written by ``fedprop certs init``.
     ``database`` is the SQLite state file (registered nodes and runs survive restarts).
@@ -107,13 +135,41 @@ def superlink_command(
         "--ssl-keyfile", _existing_file(d / SERVER_KEY, "SuperLink private key"),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(Path(superexec_secret).expanduser().resolve()),  # start_coordinator creates it
         "--database", str(Path(database).expanduser().resolve()),
-        "--host", host,
+        "--host", _loopback(host),
         "--port", str(_check_port(port)),
     ]
     if log_file is not None:
         cmd += ["--log-file", str(Path(log_file).expanduser().resolve())]
     return cmd
+
+
+def superexec_command(*, certs_dir: str | Path, runtime_address: str, superexec_secret: str | Path) -> list[str]:
+    """The ``flower-superexec`` that runs ServerApps for a ``--isolation process`` SuperLink, authenticated
+    with the shared secret; no runtime dependency installation (the venv already holds the app's)."""
+    host, _, port = runtime_address.rpartition(":")
+    _loopback(host)
+    return [
+        flower_executable("flower-superexec"),
+        "--runtime-api-address", f"{host}:{_check_port(int(port))}",
+        "--root-certificates", _existing_file(Path(certs_dir) / CA_CERT, "CA certificate"),
+        "--superexec-auth-secret-file", str(Path(superexec_secret).expanduser().resolve()),  # start_coordinator creates it
+    ]
+
+
+def fleet_proxy_command(
+    *, certs_dir: str | Path, listen_host: str, listen_port: int, upstream_port: int, signatures_dir: str | Path
+) -> list[str]:
+    """The partner-facing Fleet proxy (server/fleet_proxy.py) in front of the loopback SuperLink."""
+    return [
+        sys.executable, "-m", "server.fleet_proxy",
+        "--listen", f"{listen_host}:{_check_port(listen_port)}",
+        "--upstream", f"127.0.0.1:{_check_port(upstream_port)}",
+        "--certs", str(Path(certs_dir).expanduser().resolve()),
+        "--signatures", str(Path(signatures_dir).expanduser().resolve()),
+    ]
 
 
 def format_node_config(node_config: dict[str, str | int | float | bool]) -> str:
@@ -138,6 +194,21 @@ def format_node_config(node_config: dict[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
+def write_trusted_entities(
+    path: str | Path, app_public_key: str | Path, *, expected_fingerprint: str | None = None
+) -> Path:
+    """Write the SuperNode's ``--trusted-entities`` YAML pinning exactly the coordinator's app-signing key."""
+    from federation.signing import trusted_entities_yaml
+
+    out = Path(path).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = trusted_entities_yaml(app_public_key, expected_fingerprint=expected_fingerprint)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 def supernode_command(
     *,
     superlink: str,
@@ -145,12 +216,14 @@ def supernode_command(
     private_key: str | Path,
     port: int,
     node_config: dict[str, str | int | float | bool],
+    trusted_entities: str | Path,
     host: str = "127.0.0.1",
     max_retries: int | None = None,
     max_wait_time: float | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line: TLS to ``superlink`` (host:port) trusting ``ca_cert``,
-    authenticated with ``private_key``; ``port`` is the node's local Runtime API (one per node on a host)."""
+    authenticated with ``private_key``, running only apps signed by a key in ``trusted_entities``
+    (:func:`write_trusted_entities`); ``port`` is the node's local Runtime API (one per node on a host)."""
     if not re.match(r"^\S+:\d+$", superlink):
         raise DeployError(f"superlink must be HOST:PORT, got {superlink!r}")
     cmd = [
@@ -158,7 +231,8 @@ def supernode_command(
         "--superlink", superlink,
         "--root-certificates", _existing_file(ca_cert, "CA certificate"),
         "--auth-supernode-private-key", _existing_file(private_key, "SuperNode private key"),
-        "--host", host,
+        "--trusted-entities", _existing_file(trusted_entities, "trusted-entities file"),
+        "--host", _loopback(host),
         "--port", str(_check_port(port)),
     ]
     if node_config:
@@ -277,25 +351,99 @@ def run_logs(run_id: int, superlink: CliConnection, *, timeout: float = 60.0) ->
     return proc.stdout
 
 
+def build_fab(app_dir: str | Path) -> bytes:
+    """The app package (FAB) of ``app_dir``, built exactly as ``flwr run`` builds it."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app = Path(app_dir).expanduser().resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise DeployError(f"{app} has no pyproject.toml: not a Flower app directory")
+    try:
+        return build_fab_from_disk(app)
+    except Exception as err:  # noqa: BLE001 - flwr raises click/own errors; one clear line instead
+        raise DeployError(f"could not build the app package of {app}: {type(err).__name__}: {err}") from None
+
+
+def write_fab_signature(fab: bytes, app_signing_key: str | Path, signatures_dir: str | Path) -> Path:
+    """Sign ``fab`` with the coordinator's app-signing key; write ``SIGNATURES_DIR/<sha256>.json`` (atomic),
+    which the Fleet proxy adds to the FAB that SuperNodes fetch."""
+    import hashlib
+
+    from federation.atomicio import atomic_write_bytes
+    from federation.signing import sign_fab
+
+    digest = hashlib.sha256(fab).hexdigest()
+    record = {"fab_sha256": digest, "verifications": sign_fab(fab, app_signing_key)}
+    out = Path(signatures_dir).expanduser().resolve() / f"{digest}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(out, (json.dumps(record, sort_keys=True, indent=2) + "\n").encode("ascii"), mode=0o644)
+
+
+def start_run(fab: bytes, superlink: CliConnection, run_config: dict[str, str | int | float | bool]) -> int:
+    """Submit exactly these FAB bytes (Control API ``StartRun``, as ``flwr run`` does); return the run id.
+
+    In-process, so that the FAB whose hash the coordinator signed is the FAB the SuperLink stores (``flwr run``
+    would build its own copy). ``run_config`` overrides the app's ``[tool.flwr.app.config]`` keys.
+    """
+    import hashlib
+
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
+    from flwr.supercore.fab import Fab
+
+    saved = {k: os.environ.get(k) for k in ("FLWR_HOME", "FLWR_TELEMETRY_ENABLED")}
+    os.environ.update({k: superlink.env()[k] for k in saved})
+    client = None
+    try:
+        connection = read_superlink_connection(superlink.name)
+        client = init_http_client_from_connection(connection)
+        request = StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto(dict(run_config)),
+            federation=connection.federation or "",
+        )
+        response = client.StartRun(request)
+    except Exception as err:  # noqa: BLE001 - flwr raises many kinds; the caller gets one DeployError
+        raise DeployError(f"submitting the run failed: {type(err).__name__}: {err}") from None
+    finally:
+        if client is not None:
+            client.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not response.HasField("run_id"):
+        raise DeployError("the SuperLink did not start the run (no run id in its reply; see its log)")
+    return int(response.run_id)
+
+
 def submit_run(
     app_dir: str | Path,
     superlink: CliConnection,
     run_config: dict[str, str | int | float | bool],
     *,
+    app_signing_key: str | Path | None,
+    signatures_dir: str | Path,
     timeout: float = 600.0,
     poll_interval: float = 1.0,
 ) -> RunResult:
-    """Submit ``app_dir`` with ``flwr run`` and wait until the run finishes; return its final status.
+    """Build ``app_dir``'s FAB, sign it with ``app_signing_key`` (None: submit unsigned, which every node that
+    pins a key refuses), submit it and wait until the run finishes; return its final status.
 
     A run that has not finished within ``timeout`` seconds is stopped (``flwr stop``) and DeployError raised.
     """
-    app = Path(app_dir).expanduser().resolve()
-    if not (app / "pyproject.toml").is_file():
-        raise DeployError(f"{app} has no pyproject.toml: not a Flower app directory")
-    args = ["run", str(app), superlink.name, "--format", "json"]
-    if run_config:
-        args += ["--run-config", format_node_config(run_config)]
-    run_id = int(_json_out(_flwr(args, superlink, timeout=120.0), f"submitting {app}")["run-id"])
+    fab = build_fab(app_dir)
+    if app_signing_key is not None:
+        write_fab_signature(fab, app_signing_key, signatures_dir)
+    run_id = start_run(fab, superlink, run_config)
+    return wait_for_run(run_id, superlink, timeout=timeout, poll_interval=poll_interval)
+
+
+def wait_for_run(run_id: int, superlink: CliConnection, *, timeout: float, poll_interval: float = 1.0) -> RunResult:
+    """Poll ``flwr ls --run-id`` until the run finishes; stop it and raise DeployError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         details = run_status(run_id, superlink)
@@ -474,20 +622,119 @@ def wait_for_port(host: str, port: int, *, timeout: float, process: ManagedProce
     raise DeployError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
-def start_superlink(
-    *, certs_dir: str | Path, host: str, port: int, run_dir: str | Path, timeout: float = 60.0
-) -> ManagedProcess:
-    """Start a TLS + node-auth SuperLink with state and logs under ``run_dir``; return once it listens."""
-    run = Path(run_dir).resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    cmd = superlink_command(certs_dir=certs_dir, host=host, port=port, database=run / "superlink.db")
-    proc = ManagedProcess(cmd, env=flower_env(run / "flwr-home"), log_path=run / "superlink.log", cwd=run)
+SUPEREXEC_SECRET = "superexec.secret"
+SIGNATURES_DIR = "fab-signatures"
+
+
+def ensure_superexec_secret(state_dir: str | Path) -> Path:
+    """``STATE_DIR/superexec.secret``: 32 bytes from the OS CSPRNG, mode 0600, created once and kept."""
+    import secrets
+
+    from federation.atomicio import atomic_write_bytes
+
+    path = Path(state_dir).expanduser().resolve() / SUPEREXEC_SECRET
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise DeployError(f"{path} is readable by group/other; run: chmod 600 {path}")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+
+
+def check_loopback_san(certs_dir: str | Path) -> None:
+    """The loopback SuperLink is dialled at 127.0.0.1 by the proxy, SuperExec and ``flwr``: its certificate
+    must name 127.0.0.1 (``fedprop certs init`` adds it)."""
+    from cryptography import x509
+
+    path = Path(_existing_file(Path(certs_dir) / SERVER_CERT, "SuperLink certificate"))
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
     try:
-        wait_for_port(host, port, timeout=timeout, process=proc)
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress)
+    except x509.ExtensionNotFound:
+        ips = []
+    if ipaddress.ip_address("127.0.0.1") not in ips:
+        raise DeployError(
+            f"{path} does not name 127.0.0.1 among its SANs; the proxy, SuperExec and the coordinator's `flwr` "
+            "reach the SuperLink there. Reissue it: fedprop certs init NEWDIR --hosts <your hosts>"
+        )
+
+
+@dataclass
+class Coordinator:
+    """The coordinator's processes: loopback SuperLink, its SuperExec, the partner-facing Fleet proxy."""
+
+    superlink: "ManagedProcess"
+    superexec: "ManagedProcess"
+    proxy: "ManagedProcess"
+    fleet_address: str
+    control_address: str
+    signatures_dir: Path
+
+    @property
+    def processes(self) -> list["ManagedProcess"]:
+        return [self.proxy, self.superexec, self.superlink]
+
+    def dead(self) -> list["ManagedProcess"]:
+        return [p for p in self.processes if not p.alive()]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_all(self.processes, timeout=timeout)
+
+
+def coordinator_commands(
+    *, certs_dir: str | Path, fleet_host: str, fleet_port: int, control_port: int, state_dir: str | Path
+) -> dict[str, list[str]]:
+    """The three command lines of :func:`start_coordinator` (``--print-command`` shows them)."""
+    state = Path(state_dir).expanduser().resolve()
+    secret = state / SUPEREXEC_SECRET
+    if fleet_port == control_port:
+        raise DeployError(f"--port and --control-port must differ (both {fleet_port})")
+    return {
+        "superlink": superlink_command(certs_dir=certs_dir, host="127.0.0.1", port=control_port,
+                                       database=state / "superlink.db", superexec_secret=secret),
+        "superexec": superexec_command(certs_dir=certs_dir, runtime_address=f"127.0.0.1:{control_port}",
+                                       superexec_secret=secret),
+        "proxy": fleet_proxy_command(certs_dir=certs_dir, listen_host=fleet_host, listen_port=fleet_port,
+                                     upstream_port=control_port, signatures_dir=state / SIGNATURES_DIR),
+    }
+
+
+def start_coordinator(
+    *, certs_dir: str | Path, fleet_host: str, fleet_port: int, control_port: int, state_dir: str | Path,
+    timeout: float = 60.0,
+) -> Coordinator:
+    """Start the SuperLink on 127.0.0.1:``control_port`` (Control + runtime APIs, coordinator only), its
+    SuperExec, and the Fleet proxy on ``fleet_host:fleet_port`` (the only port partners reach); return once
+    both listen. State, secret, signatures and logs live under ``state_dir``."""
+    state = Path(state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    check_loopback_san(certs_dir)
+    ensure_superexec_secret(state)
+    (state / SIGNATURES_DIR).mkdir(exist_ok=True)
+    cmds = coordinator_commands(certs_dir=certs_dir, fleet_host=fleet_host, fleet_port=fleet_port,
+                                control_port=control_port, state_dir=state)
+    env = flower_env(state / "flwr-home")
+    started: list[ManagedProcess] = []
+    try:
+        link = ManagedProcess(cmds["superlink"], env=env, log_path=state / "superlink.log", cwd=state)
+        started.append(link)
+        wait_for_port("127.0.0.1", control_port, timeout=timeout, process=link)
+        superexec = ManagedProcess(cmds["superexec"], env=env, log_path=state / "superexec.log", cwd=state)
+        started.append(superexec)
+        repo = str(Path(__file__).resolve().parents[1])
+        proxy_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))}
+        proxy = ManagedProcess(cmds["proxy"], env=proxy_env, log_path=state / "fleet-proxy.log", cwd=state)
+        started.append(proxy)
+        wait_for_port(fleet_host, fleet_port, timeout=timeout, process=proxy)
+        if not superexec.alive():
+            raise DeployError(f"flower-superexec exited at start; log {superexec.log_path}:\n{superexec.log_text()[-2000:]}")
     except BaseException:
-        proc.stop()
+        stop_all(started)
         raise
-    return proc
+    return Coordinator(superlink=link, superexec=superexec, proxy=proxy,
+                       fleet_address=f"{fleet_host}:{fleet_port}", control_address=f"127.0.0.1:{control_port}",
+                       signatures_dir=state / SIGNATURES_DIR)
 
 
 def start_supernode(
@@ -499,14 +746,17 @@ def start_supernode(
     node_config: dict[str, str | int | float | bool],
     run_dir: str | Path,
     name: str,
+    app_public_key: str | Path,
     max_retries: int | None = None,
 ) -> ManagedProcess:
-    """Start a SuperNode with its own FLWR_HOME and log under ``run_dir/name``; returns immediately."""
+    """Start a SuperNode pinned to ``app_public_key`` with its own FLWR_HOME and log under ``run_dir/name``;
+    returns immediately."""
     node_dir = Path(run_dir).resolve() / name
     node_dir.mkdir(parents=True, exist_ok=True)
+    trusted = write_trusted_entities(node_dir / "trusted-entities.yaml", app_public_key)
     cmd = supernode_command(
         superlink=superlink, ca_cert=ca_cert, private_key=private_key, port=port, node_config=node_config,
-        max_retries=max_retries,
+        trusted_entities=trusted, max_retries=max_retries,
     )
     return ManagedProcess(cmd, env=flower_env(node_dir / "flwr-home"), log_path=node_dir / "supernode.log",
                           cwd=node_dir)

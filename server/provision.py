@@ -3,6 +3,7 @@
     fedprop certs init DIR --hosts 127.0.0.1,localhost --partners 3 --days 365
     fedprop certs node-key DIR --partner NAME        # run by a partner; send only NAME.pub to the coordinator
     fedprop certs check DIR [--warn-days 30]          # exit 1 if a certificate expired or expires soon
+    fedprop certs app-key DIR                         # coordinator: app-signing key pair, prints fingerprint
 
 Private keys are never printed; only file names are.
 """
@@ -17,6 +18,8 @@ from federation.errors import FedpropError
 
 EXIT_EXPIRING = 1
 EXIT_ERROR = 2
+APP_KEY = "app-signing.key"
+APP_PUB = "app-signing.pub"
 
 
 def _partner_names(value: str) -> list[str]:
@@ -41,10 +44,13 @@ def _hosts(value: str) -> list[str]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.dir)
+    hosts = list(args.hosts)
+    if "127.0.0.1" not in hosts:  # the proxy, SuperExec and `flwr` reach the loopback SuperLink there
+        hosts.append("127.0.0.1")
     pki.create_ca(out, name=args.ca_name, days=args.days)
-    pki.create_server_cert(out, ca_dir=out, hosts=args.hosts, days=args.days)
+    pki.create_server_cert(out, ca_dir=out, hosts=hosts, days=args.days)
     print(f"CA:          {out / pki.CA_CERT}  (give to every partner; keep {pki.CA_KEY} offline)")
-    print(f"SuperLink:   {out / pki.SERVER_CERT}, {out / pki.SERVER_KEY}  SANs: {', '.join(args.hosts)}")
+    print(f"SuperLink:   {out / pki.SERVER_CERT}, {out / pki.SERVER_KEY}  SANs: {', '.join(hosts)}")
     for partner in args.partners:
         key, pub = pki.create_node_keypair(out / "nodes", partner=partner)
         print(f"node {partner}: {pub} (register it), {key} (send only to {partner}, 0600)")
@@ -55,6 +61,20 @@ def cmd_node_key(args: argparse.Namespace) -> int:
     key, pub = pki.create_node_keypair(Path(args.dir), partner=args.partner)
     print(f"private key: {key} (0600; never leaves this machine)")
     print(f"public key:  {pub} (send this file to the federation coordinator)")
+    return 0
+
+
+def cmd_app_key(args: argparse.Namespace) -> int:
+    from federation.signing import app_key_id, generate_keypair
+
+    d = Path(args.dir)
+    key, pub = d / APP_KEY, d / APP_PUB
+    fingerprint = generate_keypair(key, pub)
+    print(f"app-signing key: {key} (0600; `fedprop server submit --app-key`; keep it off the SuperLink host "
+          "if you can)")
+    print(f"public key:      {pub} (give to every partner: `fedprop client start --app-public-key`)")
+    print(f"fingerprint:     {fingerprint} (read it to each partner over a second channel; they pass it as "
+          f"--app-key-fingerprint)\nFlower key id:   {app_key_id(pub)}")
     return 0
 
 
@@ -106,6 +126,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     node_key.add_argument("dir")
     node_key.add_argument("--partner", required=True, help="partner name (becomes NAME.key / NAME.pub)")
     node_key.set_defaults(func=_guarded(cmd_node_key))
+
+    app_key = sub.add_parser("app-key", help="the coordinator's app-signing key pair (nodes run only apps it signs)")
+    app_key.add_argument("dir")
+    app_key.set_defaults(func=_guarded(cmd_app_key))
 
     check = sub.add_parser("check", help="print certificate expiry; exit 1 if any expired or expiring")
     check.add_argument("dir")
