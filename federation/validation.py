@@ -26,6 +26,7 @@ from federation.errors import DataValidationError, Problem
 from federation.readers import Source, open_source
 
 EXAMPLES = 3
+UNKNOWN_TYPES_NOTE = "events of a type the contract does not count (ignored)"
 PRIVACY_WHY = (
     "with n customers, delta must be well below 1/n (delta is the probability that the guarantee fails "
     "for someone), and the DP-SGD noise, calibrated to one customer, swamps the signal of a small table"
@@ -257,7 +258,7 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         out["__event_type"] = et.astype("category")
         known = set(c.events.activity) | set(c.events.purchase) | set(c.events.returns) | set(c.events.support)
         unknown = ~et.isin(list(known)).fillna(False).to_numpy(dtype=bool) & keep
-        notes["events of a type the contract does not count (ignored)"] += int(unknown.sum())
+        notes[UNKNOWN_TYPES_NOTE] += int(unknown.sum())
         if cols.amount:
             amount = pd.Series(1.0, index=raw.index)
             for a in cols.amount:
@@ -404,16 +405,21 @@ def _duplicates(frame: pd.DataFrame, c: DataContract, P: _Problems, notes: dict[
     dup = frame.drop(columns="__row").duplicated().to_numpy()
     if not dup.any():
         return frame
+    _duplicate_finding(c, P, notes, dup, frame["__row"].to_numpy())
+    return frame.loc[~dup].reset_index(drop=True) if c.deduplicate else frame
+
+
+def _duplicate_finding(c: DataContract, P: _Problems, notes: dict[str, int], dup: np.ndarray, rows: np.ndarray) -> None:
+    """Duplicates found (``dup`` marks them among rows at positions ``rows``): a count note when the contract
+    drops them (``deduplicate``), else a note with their row numbers. Shared by the streaming path."""
     if c.deduplicate:
-        notes["exact duplicate rows dropped (the contract declares deduplicate: true)"] += int(dup.sum())
-        return frame.loc[~dup].reset_index(drop=True)
-    rows = frame["__row"].to_numpy()
+        notes["exact duplicate rows dropped (the contract declares deduplicate: true)"] += int(np.sum(dup))
+        return
     what = "row" if c.kind == "table" else "event"
     P.rows_bad("", f"repeat an earlier {what} in every column the contract reads", dup, 0,
                "kept: distinct customers can share every attribute, but a line repeated by the export counts one "
                "customer twice; if the export repeats lines, set deduplicate: true in the contract",
                code="note:duplicate_rows", rows=rows)
-    return frame
 
 
 def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, source: Source, *,
@@ -451,6 +457,12 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
             report.positives[c.label.task] = float(y.mean())
     else:
         n = _event_checks(frame, c, P, report, labels=labels)
+    _population_checks(n, c, P, delta=delta, min_customers=min_customers)
+    return n
+
+
+def _population_checks(n: int, c: DataContract, P: _Problems, *, delta: float | None, min_customers: int | None) -> None:
+    """Too few customers for DP, or a delta not below 1/n (shared by the streaming path)."""
     need = c.min_customers if min_customers is None else min_customers
     if n < need:
         P.add(f"only {n} customer(s), fewer than the contract's min_customers={need}: {PRIVACY_WHY}. "
@@ -459,7 +471,17 @@ def _whole_table_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, sour
     if delta is not None and n and not delta < 1.0 / n:
         P.add(f"privacy.delta={delta:g} is not below 1/n = {1.0 / n:.3g} for n={n} customers: {PRIVACY_WHY}. "
               f"Use delta <= {0.1 / n:.1g}", code="delta_too_large", column="privacy.delta")
-    return n
+
+
+@dataclass(frozen=True)
+class EventStats:
+    """What the whole-log checks need, computed by pandas (here) or by a query (federation.engine_duckdb)."""
+
+    population: int  # customers with an activity event in the lookback window before the cutoff
+    horizon_events: int  # events in [cutoff, cutoff + horizon)
+    last_ts: pd.Timestamp | None  # the log's latest timestamp (None: no timestamp)
+    active_in_horizon: int  # population customers with an activity event in the horizon
+    bought_in_horizon: int  # population customers with a purchase in the horizon
 
 
 def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Report, labels: bool = True) -> int:
@@ -473,26 +495,38 @@ def _event_checks(frame: pd.DataFrame, c: DataContract, P: _Problems, report: Re
     if not labels:
         return n
     horizon = (ts >= cutoff) & (ts < cutoff + pd.Timedelta(days=e.horizon_days))
-    if not bool(horizon.any()):
+    act = buy = 0
+    if n:
+        h = frame.loc[horizon.fillna(False)]
+        het = h["__event_type"].pipe(_text)
+        act = int((pd.Index(h.loc[het.isin(list(e.activity)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0).sum())
+        buy = int((pd.Index(h.loc[het.isin(list(e.purchase)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0).sum())
+    last = ts.max()
+    _event_findings(EventStats(n, int(horizon.fillna(False).sum()), None if pd.isna(last) else pd.Timestamp(last), act, buy),
+                    c, P, report)
+    return n
+
+
+def _event_findings(st: EventStats, c: DataContract, P: _Problems, report: Report) -> None:
+    """The label-horizon checks of an event log, from its statistics (shared by the streaming path)."""
+    e = c.events
+    cutoff = pd.Timestamp(e.cutoff)
+    n = st.population
+    if not st.horizon_events:
         P.add(f"column {c.columns.timestamp!r}: no events in the label horizon [{cutoff:%Y-%m-%d}, "
               f"{cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}) (the log ends before it); every customer "
               "would count as churned: move events.cutoff earlier or export more recent data",
               code="no_horizon_events", column=c.columns.timestamp)
-    elif ts.max() < cutoff + pd.Timedelta(days=e.horizon_days - 1):
-        short = (cutoff + pd.Timedelta(days=e.horizon_days) - ts.max()).days
+    elif st.last_ts < cutoff + pd.Timedelta(days=e.horizon_days - 1):
+        short = (cutoff + pd.Timedelta(days=e.horizon_days) - st.last_ts).days
         P.add(f"column {c.columns.timestamp!r}: the log ends about {short} day(s) before the label horizon ends "
               f"({cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}); labels would overstate churn: move "
               "events.cutoff earlier or shorten events.horizon_days", code="log_ends_early", column=c.columns.timestamp)
     if n:
-        h = frame.loc[horizon.fillna(False)]
-        het = h["__event_type"].pipe(_text)
-        act = pd.Index(h.loc[het.isin(list(e.activity)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0
-        buy = pd.Index(h.loc[het.isin(list(e.purchase)).to_numpy(dtype=bool), "__cid"].unique()).get_indexer(pop) >= 0
-        report.positives = {"churn": float(1 - act.mean()), "propensity": float(buy.mean())}
-        if act.all():
+        report.positives = {"churn": float(1 - st.active_in_horizon / n), "propensity": float(st.bought_in_horizon / n)}
+        if st.active_in_horizon == n:
             P.add("label churn has no positives at this cutoff (every customer is active in the horizon); "
                   "check events.activity or the cutoff", code="no_positives", column="churn")
-        if not buy.any():
+        if not st.bought_in_horizon:
             P.add("label propensity has no positives (no purchase in the horizon); check events.purchase",
                   code="no_positives", column="propensity")
-    return n
