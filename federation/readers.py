@@ -75,9 +75,10 @@ class Source:
             lzma.open if name.endswith((".xz", ".lzma")) else open
         return opener(self.location, "rt", encoding=self.encoding, newline="")
 
-    def structure_problems(self, required: list[str]) -> list[Problem]:
+    def structure_problems(self, required: list[str], stats: dict | None = None) -> list[Problem]:
         """CSV only: a wrong separator (one error naming the right one) or records whose field count differs
-        from the header's (an unquoted ``1,35.97`` shifts every later field of its row). Line numbers only."""
+        from the header's (an unquoted ``1,35.97`` shifts every later field of its row). Line numbers only.
+        ``stats`` (optional) receives ``records``: the number of non-blank data records."""
         if self.format != "csv":
             return []
         try:
@@ -101,8 +102,10 @@ class Source:
                 n_over = n_under = 0
                 reader = csv.reader(fh, delimiter=self.sep)
                 last = 1
+                records = 0
                 for rec in reader:
                     n = len(rec)
+                    records += n > 0
                     if n != width and n:  # blank lines are skipped, as pandas does
                         if n > width:
                             n_over += 1
@@ -113,6 +116,8 @@ class Source:
                             if len(under) < EXAMPLES:
                                 under.append(last + 1)
                     last = reader.line_num + 1
+                if stats is not None:
+                    stats["records"] = records
         except DataValidationError:
             raise
         except Exception as exc:  # noqa: BLE001

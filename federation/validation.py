@@ -348,29 +348,9 @@ def read_validated(
     """
     c = contract
     now = pd.Timestamp.now() if now is None else pd.Timestamp(now)
-    src_spec = c.source
-    if src_spec.format == "sql" and path is None:
-        source = open_source(src_spec.url, format="sql", query=src_spec.query, chunksize=src_spec.chunksize)
-    else:
-        location = path if path is not None else (str(c.resolve_files()[0]) if c.source.files else "")
-        if not location:
-            raise DataValidationError([Problem("no input: give a file or set source.files in the contract",
-                                               code="no_input")], source=c.name)
-        source = open_source(location, format=src_spec.format if path is None else "auto", sep=src_spec.sep,
-                             encoding=src_spec.encoding, chunksize=src_spec.chunksize, query=src_spec.query)
+    source = contract_source(c, path)
     P = _Problems(source)
-    required = [x for x in c.required_columns() if labels or c.kind != "table" or x != c.label.column]
-    structure = source.structure_problems(required)  # CSV: wrong separator, field counts (nothing parsed yet)
-    if any(p.code == "wrong_separator" for p in structure):
-        raise DataValidationError([p for p in structure if p.code == "wrong_separator"], source=source.describe)
-    available = source.columns()
-    missing = column_problems(available, required) + structure + _arrow_type_problems(source.arrow_types(), c)
-    if missing:  # nothing else can be checked reliably without the columns, or with shifted fields
-        raise DataValidationError(missing, source=source.describe)
-    for x in c.excluded_columns:
-        if x in required:
-            P.add(f"column {x!r} is excluded by the contract but read as a feature; remove it from the features",
-                  code="excluded_column", column=x)
+    required = _preflight(c, source, P, labels=labels)
     notes: dict[str, int] = _Counter()
     parts, offset = [], 0
     for chunk in source.chunks(required):
@@ -390,6 +370,38 @@ def read_validated(
     report.notes = [f"{v} {k}" for k, v in notes.items() if v] + [
         str(p) for p in P.messages() if p.code.startswith("note:")]
     return Validated(frame=frame, report=report)
+
+
+def contract_source(c: DataContract, path: str | None = None) -> Source:
+    """The input a contract names (``path`` overrides its first file); shared by the streaming path."""
+    src_spec = c.source
+    if src_spec.format == "sql" and path is None:
+        return open_source(src_spec.url, format="sql", query=src_spec.query, chunksize=src_spec.chunksize)
+    location = path if path is not None else (str(c.resolve_files()[0]) if c.source.files else "")
+    if not location:
+        raise DataValidationError([Problem("no input: give a file or set source.files in the contract",
+                                           code="no_input")], source=c.name)
+    return open_source(location, format=src_spec.format if path is None else "auto", sep=src_spec.sep,
+                       encoding=src_spec.encoding, chunksize=src_spec.chunksize, query=src_spec.query)
+
+
+def _preflight(c: DataContract, source: Source, P: _Problems, *, labels: bool = True,
+               stats: dict | None = None) -> list[str]:
+    """Checks before any value is read (separator, field counts, columns, Parquet types, excluded columns);
+    raises on the structural ones, returns the columns to read. ``stats`` receives the CSV record count."""
+    required = [x for x in c.required_columns() if labels or c.kind != "table" or x != c.label.column]
+    structure = source.structure_problems(required, stats=stats)  # CSV: wrong separator, field counts
+    if any(p.code == "wrong_separator" for p in structure):
+        raise DataValidationError([p for p in structure if p.code == "wrong_separator"], source=source.describe)
+    available = source.columns()
+    missing = column_problems(available, required) + structure + _arrow_type_problems(source.arrow_types(), c)
+    if missing:  # nothing else can be checked reliably without the columns, or with shifted fields
+        raise DataValidationError(missing, source=source.describe)
+    for x in c.excluded_columns:
+        if x in required:
+            P.add(f"column {x!r} is excluded by the contract but read as a feature; remove it from the features",
+                  code="excluded_column", column=x)
+    return required
 
 
 class _Counter(dict):
