@@ -219,44 +219,60 @@ def raw_event_features(
 
     a7, a30, a90 = act & (age <= 7), act & (age <= 30), act & (age <= 90)
     b30, b90 = buy & (age <= 30), buy & (age <= 90)
-    recency = _min(cz, act, age, n)
-    out = pd.DataFrame(index=pd.Index(uniques, name="customer_id"))
-    out["recency_days"] = recency
-    out["tenure_days"] = _max(cz, ok, age, n)
-    freq = occasions(buy)
-    out["frequency"] = freq
-    out["monetary"] = _sum(cz, buy, amount, n)
-    out["events_7d"] = _count(cz, a7, n)
-    out["events_30d"] = _count(cz, a30, n)
-    out["events_90d"] = _count(cz, a90, n)
-    out["purchases_30d"] = occasions(b30)
-    out["purchases_90d"] = occasions(b90)
-    out["amount_30d"] = _sum(cz, b30, amount, n)
-    out["amount_90d"] = _sum(cz, b90, amount, n)
-    out["support_90d"] = _count(cz, sup & (age <= 90), n)
-    out["returns_90d"] = _count(cz, ret & (age <= 90), n)
+    base = {
+        "recency_days": _min(cz, act, age, n), "tenure_days": _max(cz, ok, age, n), "frequency": occasions(buy),
+        "monetary": _sum(cz, buy, amount, n), "events_7d": _count(cz, a7, n), "events_30d": _count(cz, a30, n),
+        "events_90d": _count(cz, a90, n), "purchases_30d": occasions(b30), "purchases_90d": occasions(b90),
+        "amount_30d": _sum(cz, b30, amount, n), "amount_90d": _sum(cz, b90, amount, n),
+        "support_90d": _count(cz, sup & (age <= 90), n), "returns_90d": _count(cz, ret & (age <= 90), n),
+        "events_30_90": _count(cz, act & (age > 30) & (age <= 90), n), "activity_events": _count(cz, act, n),
+        "activity_oldest": _max(cz, act, age, n), "purchase_newest": _min(cz, buy, age, n),
+        "purchase_oldest": _max(cz, buy, age, n), "return_rows": _count(cz, ret, n), "purchase_rows": _count(cz, buy, n),
+        "distinct_channels": _distinct(cz, win, pd.factorize(ev[s.channel])[0].astype(np.int64), n)
+        if s.channel and s.channel in ev else np.zeros(n),
+        "distinct_products": _distinct(cz, win, pd.factorize(ev[s.product])[0].astype(np.int64), n)
+        if s.product and s.product in ev else np.zeros(n),
+    }
+    return features_from_aggregates(pd.Index(uniques, name="customer_id"), base, lookback_days=lookback_days)
+
+
+# Per-customer aggregates an engine computes; features_from_aggregates derives the features from them. Empty
+# min/max are +inf/-inf, empty counts and sums 0. Every engine shares this arithmetic, so they agree exactly
+# wherever their aggregates do (integer counts, min/max; sums of amounts up to floating-point summation order).
+EVENT_AGGREGATES: tuple[str, ...] = (
+    "recency_days", "tenure_days", "frequency", "monetary", "events_7d", "events_30d", "events_90d", "purchases_30d",
+    "purchases_90d", "amount_30d", "amount_90d", "support_90d", "returns_90d", "events_30_90", "activity_events",
+    "activity_oldest", "purchase_newest", "purchase_oldest", "return_rows", "purchase_rows", "distinct_channels",
+    "distinct_products",
+)
+
+
+def features_from_aggregates(index: pd.Index, base: dict[str, np.ndarray], *, lookback_days: int) -> pd.DataFrame:
+    """The feature frame (population = customers with an activity event in the lookback window) from the
+    per-customer aggregates named in EVENT_AGGREGATES."""
+    n = len(index)
+    g = {k: np.asarray(base[k], dtype=np.float64) for k in EVENT_AGGREGATES}
+    out = pd.DataFrame(index=index)
+    for k in ("recency_days", "tenure_days", "frequency", "monetary", "events_7d", "events_30d", "events_90d",
+              "purchases_30d", "purchases_90d", "amount_30d", "amount_90d", "support_90d", "returns_90d"):
+        out[k] = g[k]
+    recency, freq = g["recency_days"], g["frequency"]
     # Trend: last 30 days against the 60 before, per-day rates, in [-1, 1].
-    r_recent = out["events_30d"].to_numpy() / 30.0
-    r_before = _count(cz, act & (age > 30) & (age <= 90), n) / 60.0
+    r_recent = g["events_30d"] / 30.0
+    r_before = g["events_30_90"] / 60.0
     denom = r_recent + r_before
     out["trend_30_vs_60"] = np.divide(r_recent - r_before, denom, out=np.zeros(n), where=denom > 0)
     # Mean gap between activity events (span / (n-1)); the lookback if fewer than 2 events.
-    n_act = _count(cz, act, n)
-    span = _max(cz, act, age, n) - recency
+    n_act = g["activity_events"]
+    with np.errstate(invalid="ignore"):
+        span = g["activity_oldest"] - recency
+        pspan = g["purchase_oldest"] - g["purchase_newest"]
     out["mean_gap_days"] = np.where(n_act > 1, span / np.maximum(n_act - 1, 1), float(lookback_days))
-    if s.channel and s.channel in ev:
-        out["distinct_channels"] = _distinct(cz, win, pd.factorize(ev[s.channel])[0].astype(np.int64), n)
-    else:
-        out["distinct_channels"] = 0.0
+    out["distinct_channels"] = g["distinct_channels"]
     # Inter-purchase gap: span of purchase times over (occasions - 1).
-    pspan = _max(cz, buy, age, n) - _min(cz, buy, age, n)
     out["purchase_gap_days"] = np.where(freq > 1, pspan / np.maximum(freq - 1, 1), float(lookback_days))
-    if s.product and s.product in ev:
-        out["distinct_products"] = _distinct(cz, win, pd.factorize(ev[s.product])[0].astype(np.int64), n)
-    else:
-        out["distinct_products"] = 0.0
-    n_ret = _count(cz, ret, n)
-    n_buy_rows = _count(cz, buy, n)
+    out["distinct_products"] = g["distinct_products"]
+    n_ret, n_buy_rows = g["return_rows"], g["purchase_rows"]
     tot = n_ret + n_buy_rows
     out["return_ratio"] = np.divide(n_ret, tot, out=np.zeros(n), where=tot > 0)
     out["avg_purchase_amount"] = np.divide(out["monetary"].to_numpy(), freq, out=np.zeros(n), where=freq > 0)
