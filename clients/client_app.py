@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import ExitStack
 from types import SimpleNamespace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -62,20 +63,6 @@ def _ledger_preflight(cfg: FedpropConfig, node: LH.NodeLedger, privacy: PrivacyS
                **({"reproducible_noise_no_guarantee": True} if cfg.privacy.noise == "reproducible" else {})},
         planned_extra=[DiscreteGaussian(noise_multiplier=privacy.eval_sigma, count=privacy.eval_planned)]
         if privacy.eval_planned else [],
-    )
-
-
-def _ledger_check_round(node: LH.NodeLedger, privacy: PrivacyState, run_id: str, server_round: int) -> None:
-    """Before training: the run's own target (recorded if refused), then the policy's remaining budget."""
-    LH = _heavy().LH
-    try:
-        privacy.check_next_round()
-    except BudgetExceededError as exc:
-        LH.record_refusal(node, run_id=run_id, round=server_round, reason=str(exc))
-        raise
-    LH.check_round(
-        node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
-        noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round,
     )
 
 
@@ -171,41 +158,51 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                     reason = f"partner {data.partition_id}: run refused before training: {exc}"
                     context.state[lkey] = ConfigRecord({"run-refused": reason})
                     return Message(Error(code=ERR_BUDGET, reason=reason), reply_to=msg)
-            try:
+            try:  # the run's own target (all rounds + reserved evaluation), recorded if refused
+                privacy.check_next_round()
+            except BudgetExceededError as exc:
                 with times.phase("ledger"):
-                    _ledger_check_round(node, privacy, run_id, server_round)
-            except PrivacyError as exc:
+                    LH.record_refusal(node, run_id=run_id, round=server_round, reason=str(exc))
                 context.state[key] = ConfigRecord({"json": privacy.after_refusal().to_json()})
                 return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: {exc}"), reply_to=msg)
-        with times.phase("deserialize"):
-            state_dict = msg.content["arrays"].to_torch_state_dict()
-        with times.phase("train"):
-            new_sd, metrics, privacy = N.train_round(
-                cfg, data, state_dict, privacy,
-                server_round=int(msg.content["config"]["server-round"]),
-                proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-            )
-        with times.phase("serialize"):
-            arrays = ArrayRecord(new_sd)
-        entry = None
-        if privacy is not None:
-            context.state[key] = ConfigRecord({"json": privacy.to_json()})
-            # The ledger entry is committed BEFORE the update is handed to Flower; no entry, no update.
+        stack = ExitStack()
+        res = None
+        if privacy is not None:  # policy check and reservation of the round's spend: one ledger transaction
             try:
                 with times.phase("ledger"):
-                    entry = LH.record_round(
+                    res = stack.enter_context(LH.round_reservation(
                         node, run_id=run_id, round=server_round, sampling_rate=privacy.sample_rate,
                         noise_multiplier=privacy.noise_multiplier, steps=privacy.steps_per_round, delta=privacy.delta,
-                        clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg),
-                        update_hash=LH.update_hash(new_sd),
-                        extra={"heads": heads_tag, "run_epsilon": privacy.epsilon(), "accountant": privacy.accountant,
-                               "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise},
-                    )
-            except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
-                log.exception("ledger entry for round %s not written", server_round)
-                reason = (f"partner {data.partition_id}: ledger entry for round {server_round} not written "
-                          f"({public_reason(exc)}); update withheld")
-                return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
+                        clipping_norm=privacy.max_grad_norm, config_hash=config_hash(cfg), heads=heads_tag))
+            except PrivacyError as exc:
+                stack.close()
+                context.state[key] = ConfigRecord({"json": privacy.after_refusal().to_json()})
+                return Message(Error(code=ERR_BUDGET, reason=f"partner {data.partition_id}: {exc}"), reply_to=msg)
+        entry = None
+        with stack:  # an exception below releases the reservation: nothing left the node
+            with times.phase("deserialize"):
+                state_dict = msg.content["arrays"].to_torch_state_dict()
+            with times.phase("train"):
+                new_sd, metrics, privacy = N.train_round(
+                    cfg, data, state_dict, privacy,
+                    server_round=int(msg.content["config"]["server-round"]),
+                    proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+                )
+            with times.phase("serialize"):
+                arrays = ArrayRecord(new_sd)
+            if res is not None:
+                # The ledger entry is committed BEFORE the update is handed to Flower; no entry, no update.
+                try:
+                    with times.phase("ledger"):
+                        entry = LH.commit_round(res, update_hash=LH.update_hash(new_sd), extra={
+                            "heads": heads_tag, "run_epsilon": privacy.epsilon(), "accountant": privacy.accountant,
+                            "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise})
+                except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
+                    log.error("ledger entry for round %s not written", server_round, exc_info=exc)
+                    reason = (f"partner {data.partition_id}: ledger entry for round {server_round} not written "
+                              f"({public_reason(exc)}); update withheld")
+                    return Message(Error(code=ERR_LEDGER, reason=reason), reply_to=msg)
+                context.state[key] = ConfigRecord({"json": privacy.to_json()})
         metrics.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         _add_partner_name(content, context)

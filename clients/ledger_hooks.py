@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from contextlib import contextmanager
+from typing import Iterator
 import os
 import re
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ import numpy as np
 from federation.config import FedpropConfig
 from federation.errors import ConfigError, PrivacyError
 from federation.privacy.events import PoissonSampledGaussian
-from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
+from federation.privacy.ledger import Ledger, LedgerEntry, Reservation, generate_node_key, open_node_ledger
 from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_round as _check_round, check_run, default_policy, load_policy
 
 __all__ = [
@@ -151,10 +153,12 @@ def _ensure_key(node: NodeLedger) -> None:
 
 
 def open_ledger(node: NodeLedger) -> Ledger:
-    """Open (creating ledger and, at the default location, the node key) for appending; chain checked."""
+    """Open for appending, failing closed (``open_node_ledger``): a node whose key already has a ledger identity
+    refuses a missing ledger (deleted, unmounted, mistyped ``ledger-path``) instead of starting at zero; the
+    explicit reset is ``fedprop budget init --reason``. Creates the simulation key on first use."""
     node.ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _ensure_key(node)
-    return Ledger.open(node.ledger_path, signing_key=node.key_path)
+    return open_node_ledger(node.ledger_path, key_path=node.key_path)
 
 
 def load_node_policy(node: NodeLedger) -> BudgetPolicy:
@@ -264,6 +268,44 @@ def check_round(
             raise
 
 
+@contextmanager
+def round_reservation(
+    node: NodeLedger, *, run_id: str, round: int, sampling_rate: float, noise_multiplier: float, steps: int,
+    delta: float, clipping_norm: float, config_hash: str, heads: str,
+) -> Iterator[Reservation]:
+    """Check the round against the policy AND reserve its spend in one ledger transaction (no interleaving of
+    runs on this ledger can exceed the policy), BEFORE training. The caller trains, then ``commit``s the
+    reservation with the update's hash before the update leaves; if it does not (an error), the reservation is
+    released here. A process killed in between leaves the reservation open, and open reservations count as
+    spent (fail closed). Raises the policy's error (recorded as a refusal) when the round does not fit."""
+    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
+    policy = load_node_policy(node)
+    ledger = open_ledger(node)
+    try:
+        res = ledger.reserve(policy=policy, commits_as="dpsgd_round", partner=node.partner, run_id=run_id, round=round,
+                             delta=delta, mechanism=event, clipping_norm=clipping_norm, config_hash=config_hash,
+                             extra={"heads": heads})
+        try:
+            yield res
+        finally:
+            if not _closed(ledger, res):
+                res.release("the round did not complete at this node; nothing was released")
+    finally:
+        ledger.close()
+
+
+def _closed(ledger: Ledger, res: Reservation) -> bool:
+    return any((e.extra or {}).get("reservation_seq") == res.seq for e in ledger.entries() if e.seq > res.seq)
+
+
+def commit_round(res: Reservation, *, update_hash: str, extra: Mapping[str, Any] | None = None) -> LedgerEntry:
+    """The round's ``dpsgd_round`` entry (the reserved mechanism), durable before the update is handed to Flower."""
+    q, sigma, steps = res.entry.mechanism["sampling_rate"], res.entry.mechanism["noise_multiplier"], res.entry.mechanism["steps"]
+    return res.commit(update_hash=update_hash, reported_accountant="rdp", extra=dict(extra or {}),
+                      reported_epsilon=opacus_round_epsilon(sampling_rate=q, noise_multiplier=sigma, steps=steps,
+                                                            delta=res.entry.delta))
+
+
 def record_round(
     node: NodeLedger,
     *,
@@ -371,20 +413,17 @@ def record_evaluation(
 
     events = [event_from_dict(dict(m["ledger_event"])) for m in mechanisms]
     policy = load_node_policy(node)
-    with open_ledger(node) as ledger:
-        if policy is not None:
-            spent, lifetime = _spent(ledger, node, policy), _lifetime(ledger, node)
-            for ev in events:
-                try:
-                    _check_round(policy, spent_events=spent, round_event=ev, round_number=round, lifetime_events=lifetime)
-                except PrivacyError as exc:
-                    ledger.append(kind="refusal", partner=node.partner, run_id=run_id, round=round,
-                                  extra={"scope": "evaluation", "reason": str(exc), "mechanism": ev.describe()})
-                    raise
-                spent, lifetime = spent + [ev], lifetime + [ev]
-        for ev, m in zip(events, mechanisms):
-            ledger.append(
-                kind="evaluation_release", partner=node.partner, run_id=run_id, round=round, delta=delta,
-                mechanism=ev, config_hash=config_hash, privacy_unit="customer",
-                extra={k: v for k, v in m.items() if k != "ledger_event" and isinstance(v, (int, float, str))},
-            )
+    with open_ledger(node) as ledger:  # reserve every head's release (checked atomically), then commit them all
+        reserved: list[Reservation] = []
+        try:
+            for ev, m in zip(events, mechanisms):
+                extra = {k: v for k, v in m.items() if k != "ledger_event" and isinstance(v, (int, float, str))}
+                reserved.append(ledger.reserve(policy=policy, commits_as="evaluation_release", partner=node.partner,
+                                               run_id=run_id, round=round, delta=delta, mechanism=ev,
+                                               config_hash=config_hash, extra=extra))
+        except Exception:
+            for res in reserved:
+                res.release("evaluation refused or failed before release; nothing was sent")
+            raise
+        for res in reserved:
+            res.commit()

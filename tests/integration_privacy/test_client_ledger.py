@@ -25,6 +25,11 @@ from .conftest import context, initial_arrays, make_cfg, train_msg
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
+def _releases(entries):
+    """Entry kinds without the reservation bookkeeping (each round is reserved, then committed or released)."""
+    return [e for e in entries if e.kind not in ("reservation", "reservation_release")]
+
+
 def _entries(cfg, pid):
     node = LH.resolve_node_ledger(cfg, {"partition-id": pid})
     verify(node.ledger_path, node.public_key_path)  # every test leaves verifiable ledgers
@@ -46,8 +51,8 @@ def test_run_fits_then_second_run_in_period_refused_before_training(tmp_path, mo
             assert reply.content["ledger"]["update-hash"] == sent
     for pid in (0, 1):
         entries = _entries(cfg, pid)
-        assert [e.kind for e in entries] == ["run_start", "dpsgd_round", "dpsgd_round"]
-        rounds = entries[1:]
+        assert [e.kind for e in entries] == ["run_start", "reservation", "dpsgd_round", "reservation", "dpsgd_round"]
+        rounds = [e for e in entries if e.kind == "dpsgd_round"]
         assert [e.round for e in rounds] == [1, 2] and all(e.run_id == "101" for e in entries)
         assert all(e.privacy_unit == "customer" and e.clipping_norm == 1.0 and e.delta == 1e-5 for e in rounds)
         assert all(len(e.update_hash) == 64 and len(e.config_hash) == 64 for e in rounds)
@@ -72,8 +77,8 @@ def test_run_fits_then_second_run_in_period_refused_before_training(tmp_path, mo
             assert "against a limit of 1 at delta=1e-05" in reason and "already spent 0.8" in reason
     for pid in (0, 1):
         entries = _entries(cfg, pid)
-        assert [e.kind for e in entries][3:] == ["refusal"]  # one refusal for the run, nothing released
-        assert entries[3].run_id == "202" and entries[3].extra["scope"] == "run"
+        assert [e.kind for e in entries][5:] == ["refusal"]  # one refusal for the run, nothing released
+        assert entries[5].run_id == "202" and entries[5].extra["scope"] == "run"
         report = build_report(entries, policy=load_policy(cfg.privacy.policy), partner=f"partner-{pid}")
         assert report["counts"]["refusals"] == 1 and report["compliance"]["compliant"]
         assert [r["run_id"] for r in report["runs"]] == ["101", "202"] and report["runs"][1]["releases"] == 0
@@ -103,9 +108,9 @@ def test_round_over_remaining_budget_stops_that_partner_others_continue(tmp_path
     assert "against a limit of 1 at delta=1e-05; remaining budget" in r1.error.reason
     r0 = app(train_msg(arrays, 3), ctxs[0])
     assert not r0.has_error()  # the other partner finishes its run
-    kinds = [(e.kind, e.round) for e in _entries(cfg, 1)]
+    kinds = [(e.kind, e.round) for e in _releases(_entries(cfg, 1))]
     assert kinds == [("run_start", None), ("dpsgd_round", 1), ("dpsgd_round", 1), ("refusal", 2)]
-    assert [(e.kind, e.round) for e in _entries(cfg, 0)] == [
+    assert [(e.kind, e.round) for e in _releases(_entries(cfg, 0))] == [
         ("run_start", None), ("dpsgd_round", 1), ("dpsgd_round", 2), ("dpsgd_round", 3)]
     report = build_report(_entries(cfg, 1), policy=load_policy(cfg.privacy.policy), partner="partner-1")
     assert report["compliance"]["compliant"] and report["compliance"]["peak_period_epsilon"] <= 1.0
@@ -114,19 +119,18 @@ def test_round_over_remaining_budget_stops_that_partner_others_continue(tmp_path
 def test_failed_ledger_write_withholds_the_update(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, policy=False)
     app = make_client_app(config=cfg, loader=load_partner)
-    real = Ledger.append
+    from federation.privacy.ledger import Reservation
 
     def failing(self, **kw):
-        if kw["kind"] == "dpsgd_round":
-            raise OSError("disk full")
-        return real(self, **kw)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(Ledger, "append", failing)
+    monkeypatch.setattr(Reservation, "commit", failing)
     reply = app(train_msg(initial_arrays(cfg), 1), context(0, run_id=404))
     assert reply.has_error() and reply.error.code == ERR_LEDGER
     assert "update withheld" in reply.error.reason and "disk full" not in reply.error.reason  # details stay local
     assert not reply.has_content()  # no arrays leave the node
-    assert [e.kind for e in _entries(cfg, 0)] == ["run_start"]
+    # the round's reservation was released: nothing is counted for an update that never left
+    assert [e.kind for e in _entries(cfg, 0)] == ["run_start", "reservation", "reservation_release"]
 
 
 def test_no_policy_file_means_the_default_policy_is_enforced(tmp_path):
@@ -144,10 +148,12 @@ def test_no_policy_file_means_the_default_policy_is_enforced(tmp_path):
             break
     assert outcomes[0] is False and outcomes[-1] is True  # refused once the default policy's monthly cap is near
     kinds = [e.kind for e in _entries(cfg, 0)]
-    assert "refusal" in kinds and kinds[:2] == ["run_start", "dpsgd_round"]
+    assert "refusal" in kinds and kinds[:3] == ["run_start", "reservation", "dpsgd_round"]
     from federation.privacy.accountants import get_accountant
 
-    spent = [e.event for e in _entries(cfg, 0) if e.event is not None]
+    from federation.privacy.ledger import select_events
+
+    spent = select_events(_entries(cfg, 0))  # what counts: releases and still-open reservations
     assert get_accountant("tight").epsilon(spent, delta=1e-5) <= cap + 1e-6  # the default policy's accountant
 
 
@@ -206,7 +212,9 @@ def test_dp_evaluation_release_is_noisy_and_recorded_before_it_leaves(tmp_path, 
     assert all(e.event.noise_multiplier == pytest.approx(m["churn.hist.sigma"]) for e in releases)
     from federation.privacy.accountants import get_accountant
 
-    events = [e.event for e in ledger.entries() if e.event is not None]
+    from federation.privacy.ledger import select_events
+
+    events = select_events(ledger.entries())
     assert get_accountant("tight").epsilon(events, delta=1e-5) <= 2.0  # training + evaluation within the target
 
 

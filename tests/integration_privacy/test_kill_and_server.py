@@ -28,16 +28,15 @@ CHILD = textwrap.dedent("""
 
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0
     cfg = make_cfg(Path({tmp!r}), policy=False, rounds=1)
-    real = Ledger.append
+    from federation.privacy.ledger import Reservation
+    real = Reservation.commit
 
-    def append_then_die(self, **kw):
+    def commit_then_die(self, **kw):
         entry = real(self, **kw)
-        if kw["kind"] == "dpsgd_round":
-            print("APPENDED", entry.seq, entry.update_hash, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)  # dies between the ledger write and the reply
-        return entry
+        print("APPENDED", entry.seq, entry.update_hash, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # dies between the ledger write and the reply
 
-    Ledger.append = append_then_die
+    Reservation.commit = commit_then_die
     app = make_client_app(config=cfg, loader=load_partner)
     reply = app(train_msg(initial_arrays(cfg), 1), context(0, run_id=505))
     print("UPDATE SENT", flush=True)
@@ -52,7 +51,7 @@ def test_kill_after_ledger_append_before_send_leaves_a_verifiable_record(tmp_pat
     seq, update_hash = proc.stdout.split("APPENDED", 1)[1].split()[:2]
     ledger = tmp_path / "ledgers" / "synthetic" / "partner-0.sqlite"
     result = verify(ledger, tmp_path / "ledgers-keys" / "synthetic" / "partner-0.key.pub")  # key outside the ledger's folder
-    assert result.entries == int(seq) == 2 and result.head_seq == 2
+    assert result.entries == int(seq) == 3 and result.head_seq == 3  # run_start, reservation, dpsgd_round
     with Ledger.open(ledger, signing_key=None) as led:
         entry = led.entries()[-1]
     assert entry.kind == "dpsgd_round" and entry.update_hash == update_hash and entry.run_id == "505"

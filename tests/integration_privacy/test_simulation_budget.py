@@ -43,7 +43,13 @@ def test_simulation_partner_with_earlier_spend_refused_others_continue(tmp_path)
     led = tmp_path / "ledgers" / "synthetic"
     keys = tmp_path / "ledgers-keys" / "synthetic"  # signing keys live outside the ledgers' folder
     cli = [sys.executable, "-m", "simulations.cli", "budget"]
-    for pid, n in ((0, 5), (1, 2)):  # p0: run_start + 2 rounds + 2 evaluation releases; p1: earlier round + refusal
+    from federation.privacy.ledger import Ledger
+
+    with Ledger.open(led / "partner-0.sqlite", signing_key=None) as l0:
+        kinds0 = [e.kind for e in l0.entries()]
+    assert kinds0.count("dpsgd_round") == 2 and kinds0.count("evaluation_release") == 2
+    # p0: run_start + 2 rounds + 2 evaluation releases, each release preceded by its reservation; p1: earlier round + refusal
+    for pid, n in ((0, len(kinds0)), (1, 2)):
         ok = subprocess.run(cli + ["verify", str(led / f"partner-{pid}.sqlite"), "--public-key",
                                    str(keys / f"partner-{pid}.key.pub")], capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0 and ok.stdout.startswith("OK ") and f"{n} entries" in ok.stdout, ok.stderr
