@@ -154,8 +154,8 @@ def federation(tmp_path_factory):
         nodes = []
         for i, p in enumerate(PARTNERS):
             nodes.append(_start_node(root, p, keys, certs, fleet, app_pub, fingerprint, {
-                "partition-id": i, "num-partitions": len(PARTNERS),
-                "ledger-path": str(root / "nodes" / p / "ledger.sqlite")}))
+                "partition-id": i, "num-partitions": len(PARTNERS), "partner": p,
+                "ledger-path": str(root / "nodes" / p / "ledger.sqlite"), "node-key": str(keys[p][0])}))
             procs.append(nodes[-1])
         for node in nodes:  # Flower logs the node id once the SuperLink has activated the node
             node.wait_for_log("SuperNode ID:", timeout=60)
