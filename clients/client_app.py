@@ -194,6 +194,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                 # The ledger entry is committed BEFORE the update is handed to Flower; no entry, no update.
                 try:
                     with times.phase("ledger"):
+                        ledger_id = res.ledger.ledger_id
                         entry = LH.commit_round(res, update_hash=LH.update_hash(new_sd), extra={
                             "heads": heads_tag, "run_epsilon": privacy.epsilon(), "accountant": privacy.accountant,
                             "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise})
@@ -208,7 +209,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         _add_partner_name(content, context)
         if entry is not None:
             content["ledger"] = ConfigRecord(
-                {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash}
+                {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash,
+                 "ledger-id": ledger_id, "ledger-partner": node.partner}
             )
         return Message(content=content, reply_to=msg)
 

@@ -54,6 +54,8 @@ INVENTORY: tuple[Field, ...] = (
     Field("train", "configs:ledger/update-hash", PUBLIC, "SHA-256 of the released update (a commitment to the DP release)"),
     Field("train", "configs:ledger/entry-seq", PUBLIC, "sequence number of the ledger entry that recorded this release"),
     Field("train", "configs:ledger/entry-hash", PUBLIC, "hash of that ledger entry (the server keeps it as a witness)"),
+    Field("train", "configs:ledger/ledger-id", PUBLIC, "the partner ledger's id (a new id after an explicit reset)"),
+    Field("train", "configs:ledger/ledger-partner", PUBLIC, "the partner name its ledger records"),
     Field("train", "metrics:metrics/train-loss", NON_PRIVATE, "mean training loss: only when privacy.enabled=false"),
     # ---------------------------------------------------------------- evaluate reply
     Field("evaluate", "metrics:metrics/*.hist.pos", DP, "per public score bin, held-out positives + discrete Gaussian "

@@ -50,6 +50,33 @@ def _release_or_refuse(out: RunOutputs, cfg: FedpropConfig, *, tag: str, heads, 
     release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=pooled)
 
 
+WITNESS_FILE = "federation_ledger.sqlite"
+
+
+def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> None:
+    """The server's witness: each partner's ledger head (id, seq, entry hash) as it replied this round, appended to
+    the run's federation ledger (signed with the server's key from ``release.key_dir``). ``fedprop budget verify
+    <partner ledger> --against <run>/federation_ledger.sqlite`` later detects a partner ledger rolled back,
+    truncated or replaced after the run."""
+    heads = {}
+    for p in rec.get("partners", {}).values():
+        led = p.get("ledger")
+        if led and led.get("ledger-partner"):
+            heads[led["ledger-partner"]] = {"seq": int(led["entry-seq"]), "entry_hash": led["entry-hash"],
+                                            "ledger_id": led.get("ledger-id")}
+    if not heads:
+        return
+    from federation.privacy.ledger import generate_node_key
+    from server.federation_ledger import open_federation_ledger, record_partner_heads
+
+    key = Path(cfg.release.key_dir) / "federation-ledger.key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generate_node_key(key)
+    with open_federation_ledger(out.dir / WITNESS_FILE, key_path=key) as ledger:
+        record_partner_heads(ledger, run_id=run_id, round=int(rec["round"]), heads=heads)
+
+
 def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], out: RunOutputs, run_id: str = "") -> None:
     torch.manual_seed(cfg.seed)
     names = feature_names(cfg.data)
@@ -63,6 +90,7 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         now = time.perf_counter()
         rec.setdefault("wall_s", now - clock[0])  # train + evaluate, as the server saw it
         clock[0] = now
+        witness(out, cfg, run_id=run_id or config_hash(cfg)[:16], rec=rec)
         out.record_round(tag, rec)
         print(progress_line(tag, rec, rounds=cfg.rounds, heads=heads), flush=True)
 

@@ -168,7 +168,8 @@ class RecordingStrategy(Strategy):
             if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
                 led = msg.content["ledger"]  # the server's witness against a later rollback of that ledger
                 rec["ledger"] = {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
-                                 "update-hash": str(led["update-hash"]), "node": int(msg.metadata.src_node_id)}
+                                 "update-hash": str(led["update-hash"]), "node": int(msg.metadata.src_node_id),
+                                 **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
             self._current["partners"][partner_id(msg)] = rec
         return self.inner.aggregate_train(server_round, replies)
 

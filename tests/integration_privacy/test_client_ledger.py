@@ -235,3 +235,43 @@ def test_restarted_node_restores_its_run_state_and_never_spends_twice_for_a_roun
     assert r2.content["metrics"]["epsilon"] > eps1  # cumulative over both processes, not reset
     kinds = [(e.kind, e.round) for e in _entries(cfg, 0)]
     assert kinds.count(("dpsgd_round", 1)) == 1 and kinds.count(("run_start", None)) == 1
+
+
+def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path):
+    """In-process federation of the real ClientApp and ServerApp strategy: the server records each partner's
+    ledger head per round; restoring an older copy of a partner's ledger afterwards fails verify --against."""
+    import shutil
+
+    from federation.privacy.ledger import LedgerVerificationError, verify_against
+    from server.outputs import RunOutputs
+    from server.server_app import WITNESS_FILE, run_federation
+    from tests.secagg_integration.conftest import InProcessGrid
+
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")})
+    app = make_client_app(config=cfg, loader=load_partner)
+    node = LH.resolve_node_ledger(cfg, {"partition-id": 0})
+    grid = InProcessGrid(app, cfg.partners)
+    out = RunOutputs(tmp_path / "run")
+    out.write_config(cfg)
+
+    snapshots = []
+    real = grid.send_and_receive
+
+    def snap(messages, **kw):  # copy partner 0's ledger after each exchange (the owner's backup)
+        replies = real(messages, **kw)
+        if node.ledger_path.exists():
+            snapshots.append(tmp_path / f"snap{len(snapshots)}.sqlite")
+            shutil.copy(node.ledger_path, snapshots[-1])
+        return replies
+
+    grid.send_and_receive = snap
+    run_federation(grid, cfg, heads=("churn", "propensity"), out=out, run_id="wit")
+    fed = out.dir / WITNESS_FILE
+    fed_pub = tmp_path / "srvkeys" / "federation-ledger.key.pub"
+    ok = verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
+                        partner=node.partner)
+    assert ok is not None
+    shutil.copy(snapshots[0], node.ledger_path)  # roll back to the copy taken after round 1
+    with pytest.raises(LedgerVerificationError):
+        verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
+                       partner=node.partner)
