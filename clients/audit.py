@@ -260,6 +260,17 @@ def from_json(data: dict) -> list[AuditResult]:
     return out
 
 
+def load_audit(path: str) -> list[AuditResult]:
+    """Read an audit JSON written by ``fedprop audit --out`` (for reports)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FedpropError(f"audit file {path}: cannot be read as JSON ({type(e).__name__}); re-run "
+                           "`fedprop audit --out FILE`") from None
+    return from_json(data)
+
+
 def audit_line(results: list[AuditResult]) -> str:
     """One line for a compliance report: the claim tested, not just computed."""
     parts = []
@@ -268,7 +279,7 @@ def audit_line(results: list[AuditResult]) -> str:
         parts.append(f"{r.engine}/{what}: claimed {r.claimed_epsilon:.2f}, lower bound {r.epsilon_lower_bound:.2f} "
                      f"({r.correct}/{r.guesses} correct, m={r.canaries}) {'ok' if r.passed else 'FAILED'}")
     c = results[0]
-    head = (f"Empirical audit ({'PASS' if all(r.passed for r in results) else 'FAIL'}; one run, "
+    head = (f"Empirical audit, tested not just computed ({'PASS' if all(r.passed for r in results) else 'FAIL'}; one run, "
             f"{c.confidence:.0%} confidence, adversary sees {'every step' if c.observe == 'step' else 'every round'}, "
             f"delta {c.delta:g}): ")
     return head + "; ".join(parts)

@@ -153,9 +153,9 @@ def test_cli_writes_json_that_reads_back(tmp_path, monkeypatch, capsys):
     out = tmp_path / "audit.json"
     rc = main(["audit", "--engine", "fast", "--canaries", "100", "--epsilon", "1", "--out", str(out)])
     text = capsys.readouterr().out
-    assert calls == ["fast", "fast"] and "Empirical audit (" in text and "lower bound" in text
+    assert calls == ["fast", "fast"] and "Empirical audit, tested not just computed (" in text and "lower bound" in text
     data = json.loads(out.read_text())
-    results = audit.from_json(data)
+    results = audit.load_audit(str(out))
     assert rc == (0 if data["passed"] else 1) and [r.dp for r in results] == [True, False]
     assert data["line"] == audit.audit_line(results)
     assert audit.render_audit(results).splitlines()[0].startswith("engine")
@@ -163,6 +163,9 @@ def test_cli_writes_json_that_reads_back(tmp_path, monkeypatch, capsys):
         audit.from_json({**data, "schema": "other/1"})
     with pytest.raises(FedpropError, match="fields"):
         audit.from_json({**data, "results": [{**data["results"][0], "extra": 1}]})
+    out.write_text("{not json")
+    with pytest.raises(FedpropError, match="cannot be read"):
+        audit.load_audit(str(out))
 
 
 def test_cli_refuses_too_few_canaries():
