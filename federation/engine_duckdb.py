@@ -80,6 +80,7 @@ def connect(settings: EngineSettings = EngineSettings()):
     if settings.temp_directory:
         con.execute(f"SET temp_directory = {_lit(settings.temp_directory)}")
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
@@ -228,8 +229,9 @@ def _is_text(t: str) -> bool:
 
 
 def _text(col: str, t: str, *, cid: bool = False) -> str:
-    if _is_text(t):
-        return f"trim({_id(col)}, {_lit(WHITESPACE)})"
+    if _is_text(t):  # str.strip(): the full trim only when an end is a whitespace character (it is slow)
+        x, w = _id(col), _lit(WHITESPACE)
+        return f"(CASE WHEN strpos({w}, left({x}, 1)) = 0 AND strpos({w}, right({x}, 1)) = 0 THEN {x} ELSE trim({x}, {w}) END)"
     if cid and re.fullmatch(r"u?int(8|16|32|64)", t):
         return f"CAST({_id(col)} AS VARCHAR)"
     raise _Fallback(f"column {col!r} of Parquet type {t} is read by the pandas path")
@@ -324,8 +326,7 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
             suspect.append(f"({t} <> '' AND NOT {_in(t, tuple(f.vocabulary))})")
     sel += [f"{keep} AS keep", f"coalesce({' OR '.join(suspect)}, false) AS early", f"{unknown} AS unknown",
             f"{aware} AS aware"]
-    rows = "file_row_number AS __row" if not csv else "row_number() OVER () - 1 AS __row"
-    typed = f"SELECT {', '.join(sel)} FROM (SELECT {rows}, * FROM {src})"
+    typed = f"SELECT {', '.join(sel)} FROM {src}"
     flags = f"coalesce(early OR {' OR '.join(late)}, false) AS suspect"
     return f"SELECT * EXCLUDE (early), {flags} FROM ({typed})", {**has, "static": static}
 
@@ -351,15 +352,20 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
     required = V._preflight(c, source, P, stats=stats)
     src, types = _source_sql(source, required)
     csv = source.format == "csv"
-    view, has = _typed_view(c, src, types, csv, now)
     con = connect(settings)
     timings: dict[str, float] = {}
     try:
-        con.execute(f"SET preserve_insertion_order = {'true' if csv else 'false'}")
-        if csv:  # row_number() needs the file order: materialise the typed rows once (spills under memory_limit)
-            con.execute(f"CREATE TEMP TABLE ev AS {view}")
+        if csv:  # row numbers need the file order: one single-threaded read into a table (spills under memory_limit)
+            con.execute("SET preserve_insertion_order = true")
+            con.execute(f"CREATE TEMP TABLE raw_rows AS SELECT row_number() OVER () - 1 AS __row, "
+                        f"{', '.join(map(_id, required))} FROM {src}")
+            src = "raw_rows"
         else:
-            con.execute(f"CREATE TEMP VIEW ev AS {view}")
+            src = f"(SELECT file_row_number AS __row, * FROM {src})"
+        con.execute("SET preserve_insertion_order = false")
+        view, has = _typed_view(c, src, types, csv, now)
+        con.execute(f"CREATE TEMP VIEW ev AS {view}")
+        timings["prepare"] = time.perf_counter() - t0
         e = c.events
         cut = pd.Timestamp(e.cutoff)
         cut_ns, lb_ns = int(cut.value), int((cut - pd.Timedelta(days=e.lookback_days)).value)
@@ -386,7 +392,7 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         sql = aggregate_sql(rel, cutoff=cut, schema=c.schema(), lookback_days=e.lookback_days,
                             horizon_days=e.horizon_days, has=has, extra=extra)
         con.execute(f"CREATE TEMP TABLE agg AS {sql}")
-        timings["scan"] = time.perf_counter() - t0
+        timings["aggregate"] = time.perf_counter() - t0 - timings["prepare"]
         tot = con.execute(
             "SELECT sum(n_rows), sum(n_kept), sum(n_suspect), sum(n_unknown), sum(n_aware), max(last_ts), "
             "sum(n_horizon), count(*) FILTER (WHERE in_pop), count(*) FILTER (WHERE in_pop AND act_h), "
@@ -402,10 +408,13 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         if csv and stats.get("records") is not None and int(n_rows) != int(stats["records"]):
             raise _Fallback("DuckDB and the CSV structure pass disagree on the number of records")
         notes: dict[str, int] = V._Counter()
+        t1 = time.perf_counter()
         if n_suspect:
             _judge_suspects(con, c, source, required, P, now, notes)
+        timings["suspects"] = time.perf_counter() - t1
         notes[V.UNKNOWN_TYPES_NOTE] = int(n_unknown)
         V._mixed_timezones(P, c.columns.timestamp)
+        t1 = time.perf_counter()
         if c.deduplicate or maybe_dups:
             dup_rows = con.execute(
                 f"SELECT __row FROM (SELECT __row, row_number() OVER (PARTITION BY cid, {', '.join(dup_cols)} "
@@ -413,6 +422,7 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
             if len(dup_rows):
                 V._duplicate_finding(c, P, notes, np.ones(len(dup_rows), dtype=bool), np.asarray(dup_rows))
         n_dups = int(len(dup_rows)) if (c.deduplicate or maybe_dups) else 0
+        timings["duplicates"] = time.perf_counter() - t1
         report = V.Report(source=source.describe, contract=c.name, contract_hash=c.contract_hash(), rows_read=int(n_rows))
         used = int(n_kept) - (n_dups if c.deduplicate else 0)
         if not used:

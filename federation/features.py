@@ -180,14 +180,26 @@ def _days_before(ts: pd.Series, cutoff: pd.Timestamp) -> np.ndarray:
     return (np.datetime64(cutoff.to_datetime64()) - t) / np.timedelta64(1, "D")
 
 
+ENGINES = ("pandas", "duckdb")
+
+
 def raw_event_features(
-    events: pd.DataFrame, *, cutoff: pd.Timestamp, schema: EventSchema = EventSchema(), lookback_days: int = 365
+    events: pd.DataFrame, *, cutoff: pd.Timestamp, schema: EventSchema = EventSchema(), lookback_days: int = 365,
+    engine: str = "pandas",
 ) -> pd.DataFrame:
     """Per-customer raw (un-encoded) features from events strictly before ``cutoff``.
 
     Customers are those with at least one activity event in the lookback window before the cutoff;
     the frame is indexed by customer id (sorted), one column per name in ``EVENT_FEATURE_NAMES``.
+    ``engine="duckdb"`` computes the same aggregates with DuckDB (federation.engine_duckdb); files too large for
+    memory go through ``federation.engine_duckdb.read_event_features`` instead.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
+    if engine == "duckdb":
+        from federation.engine_duckdb import frame_event_features
+
+        return frame_event_features(events, cutoff=pd.Timestamp(cutoff), schema=schema, lookback_days=lookback_days)
     s = schema
     cutoff = pd.Timestamp(cutoff)
     age_all = _days_before(events[s.timestamp], cutoff)
@@ -339,13 +351,15 @@ def build_event_features(
     categorical: tuple[CategoricalFeature, ...] = (),
     lookback_days: int = 365,
     numeric: tuple[NumericFeature, ...] = EVENT_FEATURES,
+    engine: str = "pandas",
 ) -> FeatureSet:
     """Event log (+ optional static attributes indexed by customer id) -> encoded FeatureSet.
 
-    ``numeric`` lets a contract override the declared bounds of the event features (same names).
+    ``numeric`` lets a contract override the declared bounds of the event features (same names);
+    ``engine`` picks the aggregation engine (see ``raw_event_features``; the result is the same).
     """
     cutoff = pd.Timestamp(cutoff)
-    raw = raw_event_features(events, cutoff=cutoff, schema=schema, lookback_days=lookback_days)
+    raw = raw_event_features(events, cutoff=cutoff, schema=schema, lookback_days=lookback_days, engine=engine)
     if static is not None and categorical:
         raw = raw.join(static[[c.name for c in categorical]], how="left")
     X, names = encode(raw, numeric, categorical)

@@ -1,0 +1,227 @@
+"""The DuckDB engine (federation/engine_duckdb.py) equals the pandas path: same reports (message for message),
+same feature matrices (bit for bit after encoding), on the corpus, the bundled online_retail log, the default
+simulation's partners and generated edge cases; the point-in-time property holds on it; its memory limit and
+threads reach DuckDB."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from federation.config import FedpropConfig
+from federation.contract import build_features, load_contract
+from federation.engine_duckdb import EngineSettings, connect, read_event_features
+from federation.errors import DataValidationError
+from federation.features import build_event_features, raw_event_features
+from federation.featurespec import SYNTHETIC_CATEGORICAL
+from federation.validation import read_validated
+from simulations.synthetic import generate_partner, partner_profile, partner_sizes
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+EVENT_FILES = sorted(p.name for p in CORPUS.iterdir() if p.name.startswith(("events_", "good_events")))
+NOW = "2026-01-01"
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except DataValidationError as exc:
+        return "error", [(str(p), p.code, p.column, p.count) for p in exc.problems]
+
+
+def assert_same(contract, path, *, now=NOW, expect_engine="duckdb", **kw):
+    """Both paths on one input: identical problems, or identical report, ids, X and labels."""
+    a = _outcome(lambda: read_validated(contract, str(path), now=now, **kw))
+    b = _outcome(lambda: read_event_features(contract, str(path), now=now, **kw))
+    assert a[0] == b[0], (a, b)
+    if a[0] == "error":
+        assert a[1] == b[1]
+        return None
+    fs, res = build_features(a[1].frame, contract), b[1]
+    assert res.engine.startswith(expect_engine), res.engine
+    assert a[1].report == res.report
+    assert list(fs.customer_ids) == list(res.features.customer_ids) and fs.feature_names == res.features.feature_names
+    np.testing.assert_array_equal(fs.X, res.features.X)
+    for k in fs.y:
+        np.testing.assert_array_equal(fs.y[k], res.features.y[k])
+    return res
+
+
+@pytest.mark.parametrize("name", EVENT_FILES)
+def test_corpus_event_logs_get_the_same_report(name):
+    assert_same(load_contract(str(CORPUS / "events.yaml")), CORPUS / name)
+
+
+@pytest.mark.slow  # ~15 s idle, 30 s on a loaded 2-core machine
+def test_online_retail_same_report_and_features(shared_data):
+    res = assert_same(load_contract("contracts/online_retail.yaml"), shared_data / "online_retail" / "online_retail.csv.gz",
+                      now=None)
+    assert res.report.customers == 3370 and len(res.features) == 3370
+    assert any("repeat an earlier event" in n for n in res.report.notes)  # duplicates found by the query path
+
+
+@pytest.mark.slow
+def test_online_retail_deduplicated_same(shared_data):
+    c = load_contract("contracts/online_retail.yaml").replace(deduplicate=True)
+    res = assert_same(c, shared_data / "online_retail" / "online_retail.csv.gz", now=None)
+    assert any("duplicate rows dropped" in n for n in res.report.notes)
+
+
+def _default_partners():
+    cfg = FedpropConfig()
+    d = cfg.data
+    sizes = partner_sizes(cfg.partners, min_customers=d.min_customers, max_customers=d.max_customers, seed=cfg.seed)
+    for pid in range(cfg.partners):
+        yield d, generate_partner(partner_profile(pid, sizes[pid], seed=cfg.seed), seed=cfg.seed, cutoff=d.cutoff,
+                                  history_days=d.history_days, horizon_days=d.horizon_days)
+
+
+SYN_CONTRACT = """name: synthetic_stream
+kind: events
+columns: {customer_id: user_id, timestamp: timestamp, event_type: event_type, amount: [amount], channel: channel}
+events: {cutoff: "2024-01-01", horizon_days: 90, lookback_days: 365}
+min_customers: 100
+"""
+
+
+def test_default_simulation_matrices_identical_on_both_engines(tmp_path):
+    (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
+    contract = load_contract(str(tmp_path / "c.yaml"))
+    for pid, (d, (events, customers)) in enumerate(_default_partners()):
+        kw = dict(cutoff=d.cutoff, horizon_days=d.horizon_days, static=customers, categorical=SYNTHETIC_CATEGORICAL)
+        a, b = build_event_features(events, **kw), build_event_features(events, engine="duckdb", **kw)
+        assert list(a.customer_ids) == list(b.customer_ids) and a.feature_names == b.feature_names
+        np.testing.assert_array_equal(a.X, b.X)
+        for k in a.y:
+            np.testing.assert_array_equal(a.y[k], b.y[k])
+        if pid < 2:  # and the streaming path from a Parquet export of the same log
+            path = tmp_path / f"p{pid}.parquet"
+            events.to_parquet(path, index=False)
+            assert_same(contract, path, now="2030-01-01")
+
+
+EDGE_CONTRACT = """name: edges
+kind: events
+columns: {customer_id: cid, timestamp: ts, event_type: type, amount: [amount], channel: ch, product: sku}
+events: {activity: [visit, purchase, return], purchase: [purchase], returns: [return], support: [],
+         cutoff: "2024-01-01", horizon_days: 30, lookback_days: 90}
+static: [{column: region, kind: categorical, vocabulary: [north, south]}]
+min_customers: 3
+"""
+
+
+def _edge_log() -> pd.DataFrame:
+    C = pd.Timestamp("2024-01-01")
+    rows = [
+        ("exact", C, "purchase", 50.0, "web", "a", "north"),  # exactly at the cutoff: a label, never a feature
+        ("exact", C - pd.Timedelta(days=3), "visit", 0.0, "web", "a", "north"),
+        ("one", C - pd.Timedelta(hours=5), "purchase", 12.5, "app", "b", "south"),  # a single event
+        ("old", C - pd.Timedelta(days=200), "purchase", 9.0, "web", "c", "north"),  # outside the lookback: absent
+        ("old", C + pd.Timedelta(days=2), "visit", 0.0, "web", "c", "north"),
+        ("empty7", C - pd.Timedelta(days=60), "visit", 0.0, "store", "a", "east"),  # empty 7/30-day windows
+        ("empty7", C - pd.Timedelta(days=89, hours=23), "return", 4.0, "store", "a", "east"),
+        ("edge90", C - pd.Timedelta(days=90), "visit", 0.0, "web", "d", None),  # exactly at the lookback edge
+        ("edge90", C + pd.Timedelta(days=30), "purchase", 3.0, "web", "d", None),  # exactly at the horizon end
+        ("ties", C - pd.Timedelta(days=10), "purchase", 1.0, "web", "a", "south"),  # same time: last row wins
+        ("ties", C - pd.Timedelta(days=10), "purchase", 2.0, "app", "b", "north"),
+        ("ties", C - pd.Timedelta(days=1), "other", 7.0, "web", "a", None),  # an uncounted type
+    ]
+    return pd.DataFrame(rows, columns=["cid", "ts", "type", "amount", "ch", "sku", "region"])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "parquet_tz", "csv_tz"])
+def test_generated_edge_cases_same_on_both_paths(tmp_path, fmt):
+    (tmp_path / "c.yaml").write_text(EDGE_CONTRACT)
+    c = load_contract(str(tmp_path / "c.yaml"))
+    ev = _edge_log()
+    path = tmp_path / ("log.parquet" if fmt.startswith("parquet") else "log.csv")
+    if fmt == "parquet_tz":  # stored in another zone: both paths convert to UTC
+        ev["ts"] = ev["ts"].dt.tz_localize("UTC").dt.tz_convert("America/New_York")
+    if fmt == "csv_tz":  # text offsets: the query path hands over to pandas (same result, says so)
+        ev["ts"] = ev["ts"].dt.tz_localize("UTC").dt.tz_convert("Asia/Kolkata").map(lambda t: t.isoformat())
+    (ev.to_parquet(path, index=False) if fmt.startswith("parquet") else ev.to_csv(path, index=False))
+    res = assert_same(c, path, expect_engine="pandas" if fmt == "csv_tz" else "duckdb")
+    ids = list(res.features.customer_ids)
+    assert ids == ["edge90", "empty7", "exact", "one", "ties"]  # 'old' has nothing in the lookback window
+    raw = raw_event_features(ev.assign(ts=pd.to_datetime(ev["ts"], utc=True).dt.tz_localize(None)).rename(
+        columns={"cid": "user_id", "ts": "timestamp", "type": "event_type"}), cutoff=pd.Timestamp("2024-01-01"),
+        lookback_days=90)
+    assert raw.loc["exact", "frequency"] == 0 and raw.loc["one", "frequency"] == 1
+    assert res.features.y["propensity"][ids.index("exact")] == 1 and res.features.y["churn"][ids.index("edge90")] == 1
+
+
+def test_a_contract_problem_in_a_parquet_log_gets_the_pandas_message(tmp_path):
+    (tmp_path / "c.yaml").write_text(EDGE_CONTRACT)
+    c = load_contract(str(tmp_path / "c.yaml"))
+    ev = pd.concat([_edge_log()] * 40, ignore_index=True)
+    ev.loc[[5, 300], "cid"] = None
+    ev.loc[7, "amount"] = np.inf
+    ev.loc[[8, 9], "type"] = "purchase"
+    ev.loc[[8, 9], "amount"] = -3.0
+    ev.to_parquet(tmp_path / "bad.parquet", index=False, row_group_size=100)
+    with pytest.raises(DataValidationError):
+        read_event_features(c, str(tmp_path / "bad.parquet"), now=NOW)
+    assert_same(c, tmp_path / "bad.parquet")
+    c2 = dataclasses.replace(c, source=dataclasses.replace(c.source, chunksize=97))  # problems across chunks
+    assert_same(c2, tmp_path / "bad.parquet")
+
+
+# ---- the point-in-time property on the DuckDB engine (as tests/data/test_leakage.py does for pandas)
+CUT = pd.Timestamp("2024-01-01")
+TYPES = ["visit", "purchase", "support_ticket", "return"]
+
+
+def _log(seed: int, n: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "user_id": rng.choice([f"c{i}" for i in range(12)], n),
+        "timestamp": CUT + pd.to_timedelta(rng.integers(-400 * 86400, 120 * 86400, n), unit="s"),
+        "event_type": rng.choice(TYPES, n), "amount": np.round(rng.exponential(30.0, n), 2),
+        "channel": rng.choice(["web", "app", "store"], n), "product": rng.choice(["a", "b", "c", "d"], n),
+    })
+
+
+future_event = st.tuples(st.sampled_from([f"c{i}" for i in range(15)]), st.integers(0, 200 * 86400),
+                         st.sampled_from(TYPES), st.floats(0, 1e4, allow_nan=False), st.sampled_from(["web", "x"]),
+                         st.sampled_from(["a", "z"]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 80), extra=st.lists(future_event, max_size=25))
+def test_future_events_never_change_duckdb_features(seed, n, extra):
+    ev = _log(seed, n)
+    base = raw_event_features(ev, cutoff=CUT, engine="duckdb")
+    pd.testing.assert_frame_equal(base, raw_event_features(ev, cutoff=CUT), check_index_type=False, rtol=1e-12)
+    add = pd.DataFrame(extra, columns=["user_id", "sec", "event_type", "amount", "channel", "product"])
+    add["timestamp"] = CUT + pd.to_timedelta(add.pop("sec"), unit="s")
+    grown = pd.concat([ev, add[ev.columns]], ignore_index=True).sample(frac=1.0, random_state=seed)
+    after = raw_event_features(grown, cutoff=CUT, engine="duckdb")
+    assert list(base.index) == list(after.index)
+    pd.testing.assert_frame_equal(base, after, check_index_type=False, rtol=1e-12)
+
+
+# ---- resources
+def test_memory_limit_and_threads_reach_duckdb(tmp_path):
+    con = connect(EngineSettings(memory_limit="300MB", threads=1, temp_directory=str(tmp_path)))
+    limit, threads, tmp = con.execute("SELECT current_setting('memory_limit'), current_setting('threads'), "
+                                      "current_setting('temp_directory')").fetchone()
+    assert limit.startswith("286") and threads == 1 and tmp == str(tmp_path)  # 300 MB = 286.1 MiB
+    with pytest.raises(ValueError, match="memory_limit"):
+        EngineSettings(memory_limit="lots")
+
+
+def test_a_tight_memory_limit_spills_and_gives_the_same_features(tmp_path):
+    (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
+    contract = load_contract(str(tmp_path / "c.yaml"))
+    d, (events, _) = next(_default_partners())
+    events.to_parquet(tmp_path / "p.parquet", index=False)
+    tight = read_event_features(contract, str(tmp_path / "p.parquet"), now="2030-01-01",
+                                settings=EngineSettings(memory_limit="48MB", threads=1, temp_directory=str(tmp_path / "spill")))
+    ref = read_event_features(contract, str(tmp_path / "p.parquet"), now="2030-01-01")
+    assert tight.engine == "duckdb" and tight.report == ref.report
+    np.testing.assert_array_equal(tight.features.X, ref.features.X)
