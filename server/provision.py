@@ -4,6 +4,7 @@
     fedprop certs node-key DIR --partner NAME        # run by a partner; send only NAME.pub to the coordinator
     fedprop certs check DIR [--warn-days 30]          # exit 1 if a certificate expired or expires soon
     fedprop certs app-key DIR                         # coordinator: app-signing key pair, prints fingerprint
+    fedprop certs ledger-key DIR --partner NAME       # partner: the Ed25519 key that signs its privacy ledger
 
 Private keys are never printed; only file names are.
 """
@@ -78,6 +79,21 @@ def cmd_app_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_key(args: argparse.Namespace) -> int:
+    from federation.privacy.ledger import generate_node_key
+    from federation.signing import public_key_fingerprint
+
+    if not pki._PARTNER_RE.match(args.partner):
+        raise pki.PkiError(f"partner name {args.partner!r} is invalid: use 1-64 letters, digits, '_', '.', '-'")
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = d / f"{args.partner}-ledger.key"
+    generate_node_key(key)
+    print(f"ledger key: {key} (0600; node config node-key='{key.resolve()}'; keep it outside the ledger's folder)")
+    print(f"public key: {key}.pub ({public_key_fingerprint(str(key) + '.pub')}; auditors verify your ledger with it)")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     report = pki.check_certs(Path(args.dir), warn_days=args.warn_days)
     width = max(len(r.file) for r in report)
@@ -130,6 +146,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     app_key = sub.add_parser("app-key", help="the coordinator's app-signing key pair (nodes run only apps it signs)")
     app_key.add_argument("dir")
     app_key.set_defaults(func=_guarded(cmd_app_key))
+
+    ledger_key = sub.add_parser("ledger-key", help="a partner's Ed25519 ledger-signing key (node config node-key)")
+    ledger_key.add_argument("dir")
+    ledger_key.add_argument("--partner", required=True, help="partner name (becomes NAME-ledger.key)")
+    ledger_key.set_defaults(func=_guarded(cmd_ledger_key))
 
     check = sub.add_parser("check", help="print certificate expiry; exit 1 if any expired or expiring")
     check.add_argument("dir")

@@ -136,6 +136,7 @@ def federation(tmp_path_factory):
     keys = {}
     for p in [*PARTNERS, "spare"]:  # partner guide step 2: each partner makes its own key
         _fedprop("certs", "node-key", root / "keys" / p, "--partner", p)
+        _fedprop("certs", "ledger-key", root / "ledger-keys" / p, "--partner", p)
         keys[p] = (root / "keys" / p / f"{p}.key", root / "keys" / p / f"{p}.pub")
     fleet_port, control_port = deploy.free_port(HOST), deploy.free_port(HOST)
     fleet, control = f"{PUBLIC}:{fleet_port}", f"{HOST}:{control_port}"
@@ -155,7 +156,7 @@ def federation(tmp_path_factory):
         for i, p in enumerate(PARTNERS):
             nodes.append(_start_node(root, p, keys, certs, fleet, app_pub, fingerprint, {
                 "partition-id": i, "num-partitions": len(PARTNERS), "partner": p,
-                "ledger-path": str(root / "nodes" / p / "ledger.sqlite"), "node-key": str(keys[p][0])}))
+                "ledger-path": str(root / "nodes" / p / "ledger.sqlite"), "node-key": str(root / "ledger-keys" / p / f"{p}-ledger.key")}))
             procs.append(nodes[-1])
         for node in nodes:  # Flower logs the node id once the SuperLink has activated the node
             node.wait_for_log("SuperNode ID:", timeout=60)
@@ -200,6 +201,11 @@ def test_registered_nodes_online_over_tls(federation):
     assert all(n.alive() for n in federation.nodes), "a registered SuperNode exited"
     statuses = _statuses(federation)
     assert [statuses[str(federation.node_ids[p])] for p in PARTNERS] == ["online"] * len(PARTNERS)
+    # the coordinator's view: `fedprop server nodes` (4 registered, the 3 partners online; spare never started)
+    out = _fedprop("server", "nodes", "--certs", federation.certs, "--superlink", f"{HOST}:{federation.control_port}",
+                   "--state-dir", federation.root / "nodes-cli").stdout
+    assert "3 of 4 registered SuperNodes online" in out
+    assert all(str(federation.node_ids[p]) in out for p in PARTNERS)
     log = (federation.state / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1:" in log  # TLS, loopback only
     assert "SuperExec authentication is experimental" in log  # the runtime auth secret is in force
