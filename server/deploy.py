@@ -1,8 +1,17 @@
-"""Build and run Flower 1.41 deployment commands: SuperLink, SuperNodes, node registration, run submission.
+"""Build and run Flower 1.41 deployment commands: coordinator (SuperLink, SuperExec, Fleet proxy), SuperNodes,
+node registration, signed run submission.
 
-Everything here shells out to Flower's own executables (``flower-superlink``, ``flower-supernode``, ``flwr``)
-with explicit arguments, so an operator can copy the exact command lines from :func:`superlink_command` /
-:func:`supernode_command` and run them by hand.
+Processes are Flower's own executables (``flower-superlink``, ``flower-superexec``, ``flower-supernode``,
+``flwr``), resolved to absolute paths in this interpreter's ``bin/`` and started with that directory first on
+PATH (Flower starts its children by bare name), plus fedprop's Fleet proxy (server/fleet_proxy.py). The exact
+command lines come from :func:`coordinator_commands` / :func:`supernode_command`. Run submission is in-process
+(:func:`start_run`, the Control API's ``StartRun`` that ``flwr run`` calls), so the app package the
+coordinator signed (:func:`write_fab_signature`) is byte for byte the one the SuperLink stores.
+
+Security layout: the SuperLink listens on 127.0.0.1 only (Control API, unauthenticated without OIDC; ServerApp
+runtime API, guarded by the SuperExec secret in ``--isolation process``); partners reach only the proxy,
+which forwards the Fleet routes; SuperNodes run only app packages signed by the key they pinned
+(``--trusted-entities``).
 
 Facts about Flower 1.41 this module relies on (verified by running it, see tests/deploy/test_loopback.py):
 
