@@ -1,6 +1,16 @@
-"""Baselines on exactly the federation's splits: a centralized non-private model on the pooled training
-data (the upper bound federation approaches) and local-only non-private models, one per partner (what a
-partner gets alone, where no release happens and so no DP is needed)."""
+"""Baselines on exactly the federation's splits, all NON-PRIVATE references (no DP: they are never released):
+
+* centralized: one model per task head on everyone's pooled training customers, the best of a tuned logistic
+  regression (C grid) and HistGradientBoosting, chosen on a validation split of the pooled TRAINING data
+  (``clients.personalize.fit_reference``); what the federation would reach without silos and without DP;
+* local-only: the same reference procedure on each partner's own training customers (what a partner gets alone);
+* personalised (when the global DP model is given): each partner's model derived from the global model and its
+  own data (``clients.personalize.personalise``), which never leaves its node.
+
+Every model is scored on the same held-out customers. Pooled metrics concatenate each partner's test customers;
+for local-only and personalised models (one model per partner) "pooled" scores each partner's customers with
+that partner's own model, so pooled compares with pooled and per-partner with per-partner.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,49 +19,89 @@ import numpy as np
 import torch
 
 from clients.node import PartnerData
-from clients.training import train_nonprivate
+from clients.personalize import PersonalisedModel, fit_reference, personalise
 from federation import metrics as M
 from federation.config import FedpropConfig
-from federation.models import build_model, predict_proba
+from federation.models import predict_proba
 
 
-def _fit(cfg: FedpropConfig, X: torch.Tensor, Y: torch.Tensor, *, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, n_features=X.shape[1], n_outputs=Y.shape[1])
-    train_nonprivate(model, X, Y, epochs=cfg.baselines.epochs, lr=cfg.baselines.lr, batch_size=256,
-                     generator=torch.Generator().manual_seed(seed))
-    return model
+class ReferenceModel:
+    """One non-private reference per head (``clients.personalize.LocalModel``), scored like a torch model."""
+
+    def __init__(self, heads: tuple[str, ...], per_head: dict[str, Any]):
+        self.heads, self.per_head = heads, per_head
+
+    def predict_proba(self, X: torch.Tensor) -> np.ndarray:
+        Xn = X.numpy()
+        return np.stack([1 / (1 + np.exp(-np.clip(self.per_head[h].logit(Xn), -30, 30))) for h in self.heads], axis=1)
+
+    def describe(self) -> dict[str, str]:
+        return {h: m.kind for h, m in self.per_head.items()}
 
 
-def head_metrics(model: torch.nn.Module, data: PartnerData) -> dict[str, dict[str, Any]]:
-    P = predict_proba(model, data.X_test).numpy()
-    Y = data.Y_test.numpy()
+def fit_references(X: torch.Tensor, Y: torch.Tensor, heads: tuple[str, ...], *, seed: int) -> ReferenceModel:
+    Xn, Yn = X.numpy(), Y.numpy()
+    return ReferenceModel(heads, {h: fit_reference(Xn, Yn[:, j], seed=seed) for j, h in enumerate(heads)})
+
+
+def scores(model: Any, X: torch.Tensor) -> np.ndarray:
+    """[n, heads] probabilities of a torch logits model or of a reference / personalised model."""
+    if isinstance(model, torch.nn.Module):
+        return predict_proba(model, X).numpy()
+    return np.asarray(model.predict_proba(X))
+
+
+def head_metrics(model: Any, data: PartnerData) -> dict[str, dict[str, Any]]:
+    P, Y = scores(model, data.X_test), data.Y_test.numpy()
     return {h: M.metrics_from_scores(Y[:, j], P[:, j]) for j, h in enumerate(data.heads)}
 
 
-def pooled_metrics(model: torch.nn.Module, parts: list[PartnerData]) -> dict[str, dict[str, Any]]:
-    P = np.concatenate([predict_proba(model, p.X_test).numpy() for p in parts])
+def pooled_metrics(model: Any, parts: list[PartnerData]) -> dict[str, dict[str, Any]]:
+    """One model scores every partner's test customers."""
+    return pooled_over({p.partition_id: model for p in parts}, parts)
+
+
+def pooled_over(models: dict[int, Any], parts: list[PartnerData]) -> dict[str, dict[str, Any]]:
+    """Each partner's test customers scored by ``models[partition_id]``, then pooled."""
+    P = np.concatenate([scores(models[p.partition_id], p.X_test) for p in parts])
     Y = np.concatenate([p.Y_test.numpy() for p in parts])
     return {h: M.metrics_from_scores(Y[:, j], P[:, j]) for j, h in enumerate(parts[0].heads)}
 
 
 def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
-                  progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """``progress(done, total, what)`` is called after each model (1 centralized + one local-only per partner)."""
-    total = 1 + len(parts)
-    X = torch.cat([p.X_train for p in parts])
-    Y = torch.cat([p.Y_train for p in parts])
-    central = _fit(cfg, X, Y, seed=cfg.seed)
+                  progress: Callable[[int, int, str], None] | None = None,
+                  global_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """``progress(done, total, what)`` is called after each model (1 centralized + one local-only per partner,
+    + one personalised per partner when ``global_model`` is given)."""
+    heads = parts[0].heads
+    total = 1 + len(parts) * (2 if global_model is not None else 1)
+    central = fit_references(torch.cat([p.X_train for p in parts]), torch.cat([p.Y_train for p in parts]), heads,
+                             seed=cfg.seed)
     if progress:
-        progress(1, total, f"centralized model on {len(X)} pooled training customers")
+        progress(1, total, f"centralized reference ({', '.join(f'{h}: {k}' for h, k in central.describe().items())}) "
+                 f"on {sum(p.n_train for p in parts)} pooled training customers")
     out: dict[str, Any] = {
-        "centralized": {"pooled": pooled_metrics(central, parts),
+        "centralized": {"pooled": pooled_metrics(central, parts), "model": central.describe(),
                         "per_partner": {str(p.partition_id): head_metrics(central, p) for p in parts}},
-        "local_only": {"per_partner": {}},
+        "local_only": {"per_partner": {}, "model": {}},
     }
+    local: dict[int, ReferenceModel] = {}
     for i, p in enumerate(parts):
-        local = _fit(cfg, p.X_train, p.Y_train, seed=cfg.seed + 1000 + p.partition_id)
-        out["local_only"]["per_partner"][str(p.partition_id)] = head_metrics(local, p)
+        local[p.partition_id] = fit_references(p.X_train, p.Y_train, heads, seed=cfg.seed + 1000 + p.partition_id)
+        out["local_only"]["per_partner"][str(p.partition_id)] = head_metrics(local[p.partition_id], p)
+        out["local_only"]["model"][str(p.partition_id)] = local[p.partition_id].describe()
         if progress:
-            progress(2 + i, total, f"local-only model of partner {p.partition_id}")
+            progress(2 + i, total, f"local-only reference of partner {p.partition_id}")
+    out["local_only"]["pooled"] = pooled_over(local, parts)
+    if global_model is not None:
+        pers: dict[int, PersonalisedModel] = {}
+        out["personalised"] = {"per_partner": {}, "model": {}}
+        for i, p in enumerate(parts):
+            pers[p.partition_id] = personalise(global_model, p.X_train, p.Y_train, heads=heads,
+                                               seed=cfg.seed + 2000 + p.partition_id)
+            out["personalised"]["per_partner"][str(p.partition_id)] = head_metrics(pers[p.partition_id], p)
+            out["personalised"]["model"][str(p.partition_id)] = pers[p.partition_id].describe()
+            if progress:
+                progress(2 + len(parts) + i, total, f"personalised model of partner {p.partition_id}")
+        out["personalised"]["pooled"] = pooled_over(pers, parts)
     return out

@@ -191,7 +191,8 @@ def _run(cfg: FedpropConfig, run_dir: Path, partner_loader, split_key: bytes, na
         sd, meta = load_model(run_dir / f"model_{tag}.pt")
         model = build_model(cfg.model, n_features=len(meta["feature_names"]), n_outputs=len(heads))
         model.load_state_dict(sd)
-        base = run_baselines(cfg, parts, progress=_progress(tag)) if cfg.baselines.enabled else None
+        base = (run_baselines(cfg, parts, progress=_progress(tag), global_model=model)  # + personalised, per node
+                if cfg.baselines.enabled else None)
         results[tag] = {
             "heads": list(heads),
             "federated_pooled": pooled_metrics(model, parts),

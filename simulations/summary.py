@@ -1,10 +1,16 @@
-"""The run summary: per task, federated-DP vs centralized vs local-only, the federation's value to each
-partner, and each partner's epsilon.
+"""The run summary: per task, federated-DP vs centralized vs local-only vs personalised, the federation's value to
+each partner, and each partner's epsilon.
 
-Federation value, per partner and head, all on that partner's own held-out customers (the same split the
-federation evaluated): the partner's local-only non-private model, the final federated-DP global model and
-the centralized non-private model trained on everyone's pooled training data (the upper bound). The gain
-from federating is ``federated_dp - local_only`` (AUC points and top-decile lift).
+Like is compared with like. Pooled AUCs score every partner's held-out customers together: the global models
+(federated-DP, centralized) score them all; the one-model-per-partner references (local-only, personalised)
+score each partner's customers with that partner's own model. Per-partner AUCs are on each partner's own
+held-out customers and are averaged only with other per-partner AUCs.
+
+Federation value, per partner and head: the partner's local-only non-private reference, the final federated-DP
+global model, its personalised model (derived at the node from the global model and its own data; never
+released) and the centralized non-private reference (best of tuned logistic regression and HistGradientBoosting
+on everyone's pooled training data). The gain from federating is ``federated_dp - local_only`` and, for the
+model a partner would actually use, ``personalised - local_only``.
 """
 from __future__ import annotations
 
@@ -37,13 +43,17 @@ def _curves(m: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def partner_value(head: str, pid: str, *, federated: dict | None, local: dict | None, central: dict | None,
-                  n_test: int) -> dict[str, Any]:
+                  n_test: int, personalised: dict | None = None) -> dict[str, Any]:
     """One partner's row of the federation-value table for ``head`` (None where a model is missing)."""
     row: dict[str, Any] = {"n_test": n_test}
-    for name, m in (("local_only", local), ("federated_dp", federated), ("centralized", central)):
+    for name, m in (("local_only", local), ("federated_dp", federated), ("centralized", central),
+                    ("personalised", personalised)):
         row[f"{name}_auc"] = _get(m, head, "auc_roc")
         row[f"{name}_top_decile_lift"] = _get(m, head, "top_decile_lift")
+    row["test_positives"] = None if _get(local or federated, head, "base_rate") is None else round(
+        _get(local or federated, head, "base_rate") * n_test)
     row["gain_auc"] = _diff(row["federated_dp_auc"], row["local_only_auc"])
+    row["personalised_gain_auc"] = _diff(row["personalised_auc"], row["local_only_auc"])
     row["gain_top_decile_lift"] = _diff(row["federated_dp_top_decile_lift"], row["local_only_top_decile_lift"])
     row["gap_to_centralized_auc"] = _diff(row["centralized_auc"], row["federated_dp_auc"])
     return row
@@ -84,10 +94,15 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
                 row["centralized_auc"] = cpool["auc_roc"]
                 row["centralized_top_decile_lift"] = cpool["top_decile_lift"]
                 row["curves"]["centralized"] = _curves(cpool)
+                row["centralized_model"] = (base["centralized"].get("model") or {}).get(head)
                 local = base["local_only"]["per_partner"]
+                # per-partner mean (compare with the other per-partner means below, never with a pooled AUC)
                 row["local_only_auc_mean"] = _mean([_get(local.get(pid), head, "auc_roc") for pid in r["partners"]])
                 row["local_only_top_decile_lift_mean"] = _mean(
                     [_get(local.get(pid), head, "top_decile_lift") for pid in r["partners"]])
+                for name in ("local_only", "personalised"):  # pooled: each partner's own model on its customers
+                    pooled_m = (base.get(name) or {}).get("pooled")
+                    row[f"{name}_auc_pooled"] = _get(pooled_m, head, "auc_roc")
             for pid, info in r["partners"].items():
                 federated = fed_pp.get(pid)
                 if federated is None:  # fall back on the partner's own evaluation reply of the last round
@@ -98,10 +113,18 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
                     head, pid, federated=federated,
                     local=base["local_only"]["per_partner"].get(pid) if base else None,
                     central=base["centralized"]["per_partner"].get(pid) if base else None,
+                    personalised=(base.get("personalised") or {}).get("per_partner", {}).get(pid) if base else None,
                     n_test=info["n_test"])
-            gains = [v["gain_auc"] for v in row["per_partner"].values()]
+                row["per_partner"][pid]["n_train"] = info["n_train"]
+            pp = row["per_partner"].values()
+            gains = [v["gain_auc"] for v in pp]
             row["partners_gaining_auc"] = sum(1 for g in gains if g is not None and g > 0)
             row["mean_gain_auc"] = _mean(gains)
+            pgains = [v["personalised_gain_auc"] for v in pp]
+            row["partners_gaining_auc_personalised"] = sum(1 for g in pgains if g is not None and g > 0)
+            row["mean_gain_auc_personalised"] = _mean(pgains)
+            for name in ("federated_dp", "centralized", "personalised"):
+                row[f"{name}_auc_partner_mean"] = _mean([v[f"{name}_auc"] for v in pp])
             tasks[head] = row
     rounds_with_training = {
         tag: sum(1 for rr in r["rounds"] if any("train" in p for p in rr["partners"].values())) for tag, r in results.items()
@@ -132,27 +155,72 @@ def _f(x: Any, nd: int = 3, signed: bool = False) -> str:
 
 
 def render_value_table(s: dict[str, Any]) -> list[str]:
-    """Markdown lines: per task and partner, local-only / fed-DP / centralized AUC and top-decile lift."""
-    lines = ["| task | partner | test customers | local-only AUC | fed-DP AUC | centralized AUC | gain AUC "
+    """Markdown lines: per task and partner, local-only / fed-DP / personalised / centralized AUC and lift."""
+    lines = ["| task | partner | train / test customers (test positives) | local-only AUC | fed-DP AUC | personalised AUC "
+             "| centralized AUC | gain AUC fed-DP | gain AUC personalised "
              "| local-only lift@10% | fed-DP lift@10% | centralized lift@10% | gain lift |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in s["tasks"].items():
         for pid, v in sorted(r.get("per_partner", {}).items(), key=lambda kv: int(kv[0])):
+            pos = "" if v.get("test_positives") is None else f" ({v['test_positives']})"
             lines.append(
-                f"| {task} | {pid} | {v['n_test']} | {_f(v['local_only_auc'])} | {_f(v['federated_dp_auc'])} | "
+                f"| {task} | {pid} | {v.get('n_train', '-')} / {v['n_test']}{pos} | {_f(v['local_only_auc'])} | "
+                f"{_f(v['federated_dp_auc'])} | {_f(v.get('personalised_auc'))} | "
                 f"{_f(v['centralized_auc'])} | {_f(v['gain_auc'], signed=True)} | "
+                f"{_f(v.get('personalised_gain_auc'), signed=True)} | "
                 f"{_f(v['local_only_top_decile_lift'], 2)} | {_f(v['federated_dp_top_decile_lift'], 2)} | "
                 f"{_f(v['centralized_top_decile_lift'], 2)} | {_f(v['gain_top_decile_lift'], 2, signed=True)} |")
     return lines
 
 
+def explain_gains(task: str, r: dict[str, Any]) -> str:
+    """Which partners gain AUC over their local-only model, and a reason a data scientist can check: gains go to
+    partners with few training customers or few positives, whose own model is noisy; large partners lose little."""
+    pp = sorted(r["per_partner"].items(), key=lambda kv: int(kv[0]))
+    n = len(pp)
+    text = (f"{task}: {r.get('partners_gaining_auc', 0)} of {n} partners gain AUC with the federated-DP model "
+            f"(mean gain {_f(r.get('mean_gain_auc'), signed=True)})")
+    if any(v.get("personalised_auc") is not None for _, v in pp):
+        text += (f"; {r.get('partners_gaining_auc_personalised', 0)} of {n} with their personalised model "
+                 f"(mean gain {_f(r.get('mean_gain_auc_personalised'), signed=True)})")
+    text += "."
+    best = [(pid, v) for pid, v in pp if v.get("personalised_gain_auc") is not None or v.get("gain_auc") is not None]
+    if best:
+        def size(v: dict[str, Any]) -> str:
+            pos = v.get("test_positives")
+            return f"{v.get('n_train', '?')} train customers" + ("" if pos is None else f", {pos} test positives")
+
+        def gain(v: dict[str, Any]) -> float:
+            g = [x for x in (v.get("gain_auc"), v.get("personalised_gain_auc")) if x is not None]
+            return max(g) if g else float("nan")
+
+        gainers = [f"{pid} ({size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if gain(v) > 0]
+        others = [f"{pid} ({size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if not gain(v) > 0]
+        if gainers:
+            text += " Gaining (best of fed-DP and personalised): " + "; ".join(gainers) + "."
+        if others:
+            text += (" Not gaining: " + "; ".join(others) + " -- a partner whose own data already nearly match the "
+                     "centralized reference has little to gain, and DP noise costs it more than it adds.")
+    return text
+
+
 def render_summary(s: dict[str, Any]) -> str:
     lines = ["", "## fedprop summary", "",
-             "| task | federated-DP AUC | centralized AUC | local-only AUC (mean) | fed-DP top-decile lift | base rate |",
-             "|---|---|---|---|---|---|"]
+             "Pooled AUC (every partner's held-out customers together; local-only and personalised: each partner's "
+             "own model on its own customers). Centralized, local-only and personalised are NON-PRIVATE references "
+             "(never released); only the federated-DP model carries the DP guarantee.", "",
+             "| task | federated-DP | centralized (reference model) | local-only | personalised | fed-DP top-decile lift "
+             "| base rate |", "|---|---|---|---|---|---|---|"]
     for task, r in s["tasks"].items():
-        lines.append(f"| {task} | {_f(r['federated_dp_auc'])} | {_f(r.get('centralized_auc'))} | "
-                     f"{_f(r.get('local_only_auc_mean'))} | {_f(r['federated_dp_top_decile_lift'], 2)} | {_f(r['base_rate'])} |")
+        cm = f" ({r['centralized_model']})" if r.get("centralized_model") else ""
+        lines.append(f"| {task} | {_f(r['federated_dp_auc'])} | {_f(r.get('centralized_auc'))}{cm} | "
+                     f"{_f(r.get('local_only_auc_pooled'))} | {_f(r.get('personalised_auc_pooled'))} | "
+                     f"{_f(r['federated_dp_top_decile_lift'], 2)} | {_f(r['base_rate'])} |")
+    lines += ["", "Per-partner AUC, mean over partners (each on its own held-out customers):", "",
+              "| task | federated-DP | centralized | local-only | personalised |", "|---|---|---|---|---|"]
+    for task, r in s["tasks"].items():
+        lines.append(f"| {task} | {_f(r.get('federated_dp_auc_partner_mean'))} | {_f(r.get('centralized_auc_partner_mean'))} "
+                     f"| {_f(r.get('local_only_auc_mean'))} | {_f(r.get('personalised_auc_partner_mean'))} |")
     lines += ["", "Federated evaluation (what a deployment sees: partners' DP releases of held-out counts, summed; "
               "the table above is the simulation's exact evaluation of the same model):"]
     for task, r in s["tasks"].items():
@@ -174,8 +242,7 @@ def render_summary(s: dict[str, Any]) -> str:
     lines += render_value_table(s)
     for task, r in s["tasks"].items():
         if r.get("per_partner"):
-            lines.append(f"\n{task}: {r.get('partners_gaining_auc', 0)} of {len(r['per_partner'])} partners gain AUC "
-                         f"by federating (mean gain {_f(r.get('mean_gain_auc'), signed=True)}).")
+            lines.append("\n" + explain_gains(task, r))
     pv = s["privacy"]
     if pv.get("noise") == "reproducible" and pv["enabled"]:
         lines[1:1] = ["", "**WARNING: privacy.noise=reproducible: the DP noise of this run is derived from its seed. It "
