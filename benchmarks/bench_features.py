@@ -1,113 +1,178 @@
-"""Feature-building throughput on a generated event log, against the equivalent DuckDB query.
+"""Event features on a large partner, from the Parquet file to the encoded matrix, each path in its own process.
 
-    python benchmarks/bench_features.py              # 10 million events
-    python benchmarks/bench_features.py --events 1000000
+    python benchmarks/bench_features.py                       # 10 million events, 200,000 customers
+    python benchmarks/bench_features.py --events 100000000    # 100 million events, 2 million customers
+    python benchmarks/bench_features.py --events 1000000 --threads 2 --memory-limit 2GB
 
-Prints events/s and peak memory for fedprop (``raw_event_features``) and DuckDB (same aggregates, same
-point-in-time filter, on the same in-memory frame), the ratio, and checks both agree on a few columns.
-Peak memory: tracemalloc (numpy/pandas allocations) for fedprop; process peak RSS is printed too
-(DuckDB allocates outside tracemalloc's view, so only RSS covers it).
+The event log is generated once as Parquet under --data-dir (default /tmp/fedprop-bench, reused when it exists).
+Three measurements, each in a fresh child process (peak RSS from os.wait4, so one measurement's memory never
+hides in another's):
+
+  reference   the bare DuckDB query: the same per-customer aggregates and labels straight from the file, no
+              validation, result fetched to pandas (what "as fast as DuckDB" means)
+  duckdb      fedprop's node path, end to end: read + validate (every contract check, one report) + features +
+              labels + encoding -> FeatureSet (federation.engine_duckdb.read_event_features)
+  pandas      the previous path: read_validated (chunked read, whole log in pandas) + build_features; skipped
+              above --pandas-max events (it needs several times the log in memory)
+
+Prints events/s, the ratio to the reference, peak RSS and wall time; checks that duckdb and pandas give the same
+report and the same encoded matrix (bit for bit) when both ran.
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
+import subprocess
+import sys
 import time
-import tracemalloc
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from federation.features import EventSchema, raw_event_features
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 TYPES = ["visit", "purchase", "support_ticket", "return"]
-
-
-def generate(n_events: int, n_customers: int, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    start = np.datetime64("2023-01-01T00:00:00", "s")
-    secs = rng.integers(0, 455 * 86_400, n_events)  # 365 d of history + 90 d of horizon
-    return pd.DataFrame({
-        "user_id": rng.integers(0, n_customers, n_events).astype(np.int64),
-        "timestamp": (start + secs.astype("timedelta64[s]")).astype("datetime64[ns]"),
-        "event_type": pd.Categorical.from_codes(rng.choice(4, n_events, p=[0.7, 0.2, 0.05, 0.05]), TYPES),
-        "amount": np.round(rng.lognormal(3.0, 0.7, n_events), 2),
-        "channel": pd.Categorical.from_codes(rng.integers(0, 4, n_events), ["web", "app", "store", "phone"]),
-    })
-
-
-DUCK = """
-WITH b AS (
-  SELECT user_id, event_type::VARCHAR AS et, amount, channel::VARCHAR AS ch,
-         epoch(TIMESTAMP '{cut}' - timestamp) / 86400.0 AS age
-  FROM ev WHERE timestamp < TIMESTAMP '{cut}'
-), w AS (
-  SELECT *, age <= {lb} AND et IN ('visit','purchase','support_ticket','return') AS act,
-            age <= {lb} AND et = 'purchase' AS buy FROM b
-)
-SELECT user_id,
-  min(CASE WHEN act THEN age END) AS recency_days, max(age) AS tenure_days,
-  count(*) FILTER (WHERE buy) AS frequency, coalesce(sum(amount) FILTER (WHERE buy), 0) AS monetary,
-  count(*) FILTER (WHERE act AND age <= 7) AS events_7d, count(*) FILTER (WHERE act AND age <= 30) AS events_30d,
-  count(*) FILTER (WHERE act AND age <= 90) AS events_90d,
-  count(*) FILTER (WHERE buy AND age <= 30) AS purchases_30d, count(*) FILTER (WHERE buy AND age <= 90) AS purchases_90d,
-  coalesce(sum(amount) FILTER (WHERE buy AND age <= 30), 0) AS amount_30d,
-  coalesce(sum(amount) FILTER (WHERE buy AND age <= 90), 0) AS amount_90d,
-  count(*) FILTER (WHERE age <= 90 AND et = 'support_ticket') AS support_90d,
-  count(*) FILTER (WHERE age <= 90 AND et = 'return') AS returns_90d,
-  count(*) FILTER (WHERE act AND age > 30 AND age <= 90) AS e30_90,
-  (max(CASE WHEN act THEN age END) - min(CASE WHEN act THEN age END)) / greatest(count(*) FILTER (WHERE act) - 1, 1) AS mean_gap_days,
-  count(DISTINCT CASE WHEN age <= {lb} THEN ch END) AS distinct_channels,
-  (max(CASE WHEN buy THEN age END) - min(CASE WHEN buy THEN age END)) / greatest(count(*) FILTER (WHERE buy) - 1, 1) AS purchase_gap_days
-FROM w GROUP BY user_id HAVING count(*) FILTER (WHERE act) > 0 ORDER BY user_id
+CHANNELS = ["web", "app", "store", "phone"]
+CONTRACT = """name: bench_events
+kind: events
+columns: {customer_id: user_id, timestamp: timestamp, event_type: event_type, amount: [amount], channel: channel}
+events: {cutoff: "2024-01-01", horizon_days: 90, lookback_days: 365}
+min_customers: 100
 """
+NOW = "2030-01-01"
+
+
+def generate(path: Path, n_events: int, n_customers: int, seed: int = 0, batch: int = 5_000_000) -> None:
+    """Write the log in batches (bounded memory): 365 days of history + 90 of horizon, 4 types, 4 channels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    start = np.datetime64("2023-01-01T00:00:00", "us")
+    tmp = path.with_suffix(".tmp")
+    writer = None
+    try:
+        for lo in range(0, n_events, batch):
+            k = min(batch, n_events - lo)
+            secs = rng.integers(0, 455 * 86_400, k)
+            t = pa.table({
+                "user_id": rng.integers(0, n_customers, k).astype(np.int64),
+                "timestamp": pa.array(start + (secs * 1_000_000).astype("timedelta64[us]")),
+                "event_type": pa.array(np.asarray(TYPES, dtype=object)[rng.choice(4, k, p=[0.7, 0.2, 0.05, 0.05])]),
+                "amount": np.round(rng.lognormal(3.0, 0.7, k), 2),
+                "channel": pa.array(np.asarray(CHANNELS, dtype=object)[rng.integers(0, 4, k)]),
+            })
+            writer = writer or pq.ParquetWriter(tmp, t.schema, compression="snappy")
+            writer.write_table(t, row_group_size=1_000_000)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- child-process measurements
+def _measure(kind: str, path: str, contract_path: str, out: str, memory_limit: str, threads: int, spill: str) -> None:
+    from federation.contract import load_contract
+    from federation.engine_duckdb import EngineSettings, aggregate_sql, connect, read_event_features
+
+    c = load_contract(contract_path)
+    settings = EngineSettings(memory_limit=memory_limit, threads=threads, temp_directory=spill)
+    t = time.perf_counter()
+    result: dict = {"kind": kind}
+    if kind == "reference":
+        con = connect(settings)
+        con.execute("SET preserve_insertion_order = false")
+        rel = (f"(SELECT user_id AS cid, timestamp AS ts, event_type AS et, amount AS amt, channel AS ch "
+               f"FROM read_parquet('{path}'))")
+        sql = aggregate_sql(rel, cutoff=c.events.cutoff, schema=c.schema(), lookback_days=c.events.lookback_days,
+                            horizon_days=c.events.horizon_days, has={"amt": True, "ch": True})
+        df = con.execute(f"SELECT * FROM ({sql}) WHERE recency_days IS NOT NULL ORDER BY cid").df()
+        result["customers"] = len(df)
+    elif kind == "duckdb":
+        r = read_event_features(c, path, now=NOW, settings=settings, allow_fallback=False)
+        result.update(customers=len(r.features), engine=r.engine, timings=r.timings, report=repr(r.report))
+        np.save(out + ".X.npy", r.features.X)
+    else:
+        from federation.contract import build_features
+        from federation.validation import read_validated
+
+        v = read_validated(c, path, now=NOW)
+        fs = build_features(v.frame, c)
+        result.update(customers=len(fs), report=repr(v.report))
+        np.save(out + ".X.npy", fs.X)
+    result["seconds"] = time.perf_counter() - t
+    Path(out).write_text(json.dumps(result))
+
+
+def _run_child(kind: str, args, path: Path, contract: Path) -> dict:
+    out = str(args.data_dir / f"result-{kind}.json")
+    cmd = [sys.executable, __file__, "--child", kind, "--path", str(path), "--contract", str(contract), "--out", out,
+           "--memory-limit", args.memory_limit, "--threads", str(args.threads), "--spill", str(args.data_dir / "spill")]
+    proc = subprocess.Popen(cmd, cwd=str(ROOT))
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        return {"kind": kind, "failed": f"exit status {status}", "rss_mib": usage.ru_maxrss / 1024}
+    res = json.loads(Path(out).read_text())
+    res["rss_mib"] = usage.ru_maxrss / 1024  # Linux: KiB
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--customers", type=int, default=0, help="default: events / 50")
-    ap.add_argument("--threads", type=int, default=0, help="DuckDB threads (0 = DuckDB's default)")
+    ap.add_argument("--threads", type=int, default=0, help="DuckDB threads (0 = one per core)")
+    ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit (it spills beyond it)")
+    ap.add_argument("--pandas-max", type=int, default=20_000_000, help="skip the pandas path above this many events")
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDPROP_BENCH_DIR", "/tmp/fedprop-bench")))
+    ap.add_argument("--only", default="reference,duckdb,pandas")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--contract", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--spill", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        _measure(args.child, args.path, args.contract, args.out, args.memory_limit, args.threads, args.spill)
+        return 0
     n_cust = args.customers or max(args.events // 50, 1)
-    ev = generate(args.events, n_cust)
-    cutoff = pd.Timestamp("2024-01-01")
-    print(f"generated {len(ev):,} events, {n_cust:,} customers; cutoff {cutoff.date()}")
-
-    tracemalloc.start()
-    t = time.perf_counter()
-    ours = raw_event_features(ev, cutoff=cutoff, schema=EventSchema(), lookback_days=365)
-    t_ours = time.perf_counter() - t
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    rss_after_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    import duckdb
-
-    con = duckdb.connect()
-    if args.threads:
-        con.execute(f"SET threads={args.threads}")
-    con.register("ev", ev)
-    t = time.perf_counter()
-    duck = con.execute(DUCK.format(cut=cutoff, lb=365)).df()
-    t_duck = time.perf_counter() - t
-    rss_after_duck = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
-
-    duck = duck.set_index("user_id")
-    for col in ("recency_days", "frequency", "monetary", "events_30d", "distinct_channels", "purchase_gap_days"):
-        a = ours[col].to_numpy()
-        b = duck[col].reindex(ours.index).fillna(365.0 if col == "purchase_gap_days" else 0).to_numpy(dtype=float)
-        if col == "purchase_gap_days":
-            b = np.where(ours["frequency"].to_numpy() > 1, b, 365.0)
-        assert np.allclose(a, b, rtol=1e-6, atol=1e-6), f"fedprop and DuckDB disagree on {col}"
-    assert len(ours) == len(duck), (len(ours), len(duck))
-    eps_ours, eps_duck = len(ev) / t_ours, len(ev) / t_duck
-    print(f"fedprop raw_event_features: {t_ours:7.2f} s  {eps_ours / 1e6:7.2f} M events/s  "
-          f"peak traced {peak / 2**20:,.0f} MiB (input frame {ev.memory_usage(deep=True).sum() / 2**20:,.0f} MiB)")
-    print(f"DuckDB ({threads} threads):          {t_duck:7.2f} s  {eps_duck / 1e6:7.2f} M events/s")
-    print(f"process peak RSS: {rss_after_ours:,.0f} MiB after fedprop, {rss_after_duck:,.0f} MiB after DuckDB")
-    print(f"ratio fedprop/DuckDB throughput: {eps_ours / eps_duck:.2f}x  (results agree on {len(ours):,} customers)")
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    path = args.data_dir / f"events-{args.events}-{n_cust}.parquet"
+    if not path.exists():
+        t = time.perf_counter()
+        generate(path, args.events, n_cust)
+        print(f"generated {path} in {time.perf_counter() - t:.0f} s")
+    contract = args.data_dir / "bench_contract.yaml"
+    contract.write_text(CONTRACT)
+    print(f"{args.events:,} events, {n_cust:,} customers, {path.stat().st_size / 2**20:,.0f} MiB Parquet; "
+          f"DuckDB memory_limit={args.memory_limit} threads={args.threads or os.cpu_count()}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    kinds = [k for k in ("reference", "duckdb", "pandas") if k in args.only.split(",")]
+    if args.events > args.pandas_max and "pandas" in kinds:
+        kinds.remove("pandas")
+        print(f"pandas path skipped: {args.events:,} events > --pandas-max {args.pandas_max:,}")
+    results = {k: _run_child(k, args, path, contract) for k in kinds}
+    ref = results.get("reference", {}).get("seconds")
+    print(f"{'path':<10} {'seconds':>8} {'M events/s':>11} {'x reference':>12} {'peak RSS MiB':>13}  customers")
+    for k, r in results.items():
+        if "failed" in r:
+            print(f"{k:<10} FAILED ({r['failed']}), peak RSS {r['rss_mib']:,.0f} MiB")
+            continue
+        eps = args.events / r["seconds"]
+        ratio = f"{ref / r['seconds']:.2f}x" if ref else "-"
+        print(f"{k:<10} {r['seconds']:8.1f} {eps / 1e6:11.2f} {ratio:>12} {r['rss_mib']:13,.0f}  {r['customers']:,}")
+    if "duckdb" in results and "timings" in results["duckdb"]:
+        print("duckdb stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["duckdb"]["timings"].items()))
+    if "failed" not in results.get("duckdb", {"failed": 1}) and "failed" not in results.get("pandas", {"failed": 1}):
+        same_x = np.array_equal(np.load(str(args.data_dir / "result-duckdb.json") + ".X.npy"),
+                                np.load(str(args.data_dir / "result-pandas.json") + ".X.npy"))
+        same_report = results["duckdb"]["report"] == results["pandas"]["report"]
+        print(f"duckdb vs pandas: encoded matrices {'identical' if same_x else 'DIFFER'}, "
+              f"reports {'identical' if same_report else 'DIFFER'}")
+        if not (same_x and same_report):
+            return 1
     return 0
 
 

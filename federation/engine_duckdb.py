@@ -228,12 +228,10 @@ def _is_text(t: str) -> bool:
                                              t.startswith("dictionary<values=large_string"))
 
 
-def _text(col: str, t: str, *, cid: bool = False) -> str:
+def _text(col: str, t: str) -> str:
     if _is_text(t):  # str.strip(): the full trim only when an end is a whitespace character (it is slow)
         x, w = _id(col), _lit(WHITESPACE)
         return f"(CASE WHEN strpos({w}, left({x}, 1)) = 0 AND strpos({w}, right({x}, 1)) = 0 THEN {x} ELSE trim({x}, {w}) END)"
-    if cid and re.fullmatch(r"u?int(8|16|32|64)", t):
-        return f"CAST({_id(col)} AS VARCHAR)"
     raise _Fallback(f"column {col!r} of Parquet type {t} is read by the pandas path")
 
 
@@ -257,9 +255,14 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
     cols, e = c.columns, c.events
     sel = ["__row"]
     suspect = []
-    cid_t = _text(cols.customer_id, types[cols.customer_id], cid=True)
-    blank_cid = f"({cid_t} IS NULL OR {cid_t} = '')"
-    sel.append(f"CASE WHEN {blank_cid} THEN NULL ELSE {cid_t} END AS cid")
+    ct = types[cols.customer_id]
+    if re.fullmatch(r"u?int(8|16|32|64)", ct):  # group by the integer; its text (validation's id) at the end
+        blank_cid, cid_text = f"({_id(cols.customer_id)} IS NULL)", "CAST(cid AS VARCHAR)"
+        sel.append(f"{_id(cols.customer_id)} AS cid")
+    else:
+        cid_t, cid_text = _text(cols.customer_id, ct), "cid"
+        blank_cid = f"({cid_t} IS NULL OR {cid_t} = '')"
+        sel.append(f"CASE WHEN {blank_cid} THEN NULL ELSE {cid_t} END AS cid")
     keep = f"NOT {blank_cid}" if e.drop_missing_customer else "true"
     suspect.append(blank_cid)
     # timestamps
@@ -328,7 +331,7 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
             f"{aware} AS aware"]
     typed = f"SELECT {', '.join(sel)} FROM {src}"
     flags = f"coalesce(early OR {' OR '.join(late)}, false) AS suspect"
-    return f"SELECT * EXCLUDE (early), {flags} FROM ({typed})", {**has, "static": static}
+    return f"SELECT * EXCLUDE (early), {flags} FROM ({typed})", {**has, "static": static, "cid_text": cid_text}
 
 
 class _MappedProblems(V._Problems):
@@ -410,7 +413,7 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         notes: dict[str, int] = V._Counter()
         t1 = time.perf_counter()
         if n_suspect:
-            _judge_suspects(con, c, source, required, P, now, notes)
+            _judge_suspects(con, c, source, required, P, now, notes, has["cid_text"])
         timings["suspects"] = time.perf_counter() - t1
         notes[V.UNKNOWN_TYPES_NOTE] = int(n_unknown)
         V._mixed_timezones(P, c.columns.timestamp)
@@ -441,8 +444,8 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
             str(p) for p in P.messages() if p.code.startswith("note:")]
         t1 = time.perf_counter()
         names = list(EVENT_AGGREGATES) + ["label_active", "label_bought"] + has["static"]
-        df = con.execute(f"SELECT cid, {', '.join(names)} FROM agg WHERE cid IS NOT NULL AND recency_days IS NOT NULL "
-                         "ORDER BY cid").df()
+        df = con.execute(f"SELECT {has['cid_text']} AS cid, {', '.join(names)} FROM agg WHERE cid IS NOT NULL AND "
+                         f"recency_days IS NOT NULL ORDER BY {has['cid_text']}").df()
         timings["fetch"] = time.perf_counter() - t1
     finally:
         con.close()
@@ -466,11 +469,11 @@ def _feature_set(df: pd.DataFrame, c: DataContract, static: list[str]) -> Featur
 
 
 def _judge_suspects(con, c: DataContract, source: Source, required: list[str], P: _MappedProblems,
-                    now: pd.Timestamp, notes: dict[str, int]) -> None:
+                    now: pd.Timestamp, notes: dict[str, int], cid_text: str) -> None:
     """Run the pandas conversion (validation's own checks and messages) on the suspect rows of each original
     chunk, in file order; then insist that, where pandas accepts a row, both conversions agree on its values."""
     suspects = np.sort(con.execute("SELECT __row FROM ev WHERE suspect").fetchnumpy()["__row"].astype(np.int64))
-    mine = con.execute("SELECT __row, cid, epoch_ns(ts) AS ts, et" + (", amt" if c.columns.amount else "") +
+    mine = con.execute(f"SELECT __row, {cid_text} AS cid, epoch_ns(ts) AS ts, et" + (", amt" if c.columns.amount else "") +
                        " FROM ev WHERE suspect AND keep ORDER BY __row").df()
     theirs, offset = [], 0
     for chunk in source.chunks(required):
