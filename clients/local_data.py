@@ -24,6 +24,11 @@ def load_node_features(cfg: FedpropConfig, node_config: dict) -> FeatureSet:
         if not contract_path:
             raise ConfigError("node config key 'contract' (path to the data contract YAML) is required with data-path")
         contract = load_contract(contract_path)
+        if contract.kind == "events":  # out of core: validation + features in one DuckDB pass (same result, report)
+            from federation.engine_duckdb import default_settings, read_event_features
+
+            return read_event_features(contract, str(node_config["data-path"]), delta=cfg.privacy.delta,
+                                       settings=default_settings()).features
         validated = read_validated(contract, str(node_config["data-path"]), delta=cfg.privacy.delta)
         return build_features(validated.frame, contract)
     if cfg.data.kind == "synthetic" and "partition-id" in node_config:

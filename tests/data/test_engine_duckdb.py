@@ -242,3 +242,17 @@ def test_integer_customer_ids_sort_as_validation_text(tmp_path):
     res = assert_same(load_contract(str(tmp_path / "c.yaml")), tmp_path / "ints.parquet", now="2030-01-01")
     assert res is not None, "the generated log should pass validation"
     assert list(res.features.customer_ids[:3]) == ["0", "1", "10"]
+
+
+def test_a_deployed_node_builds_event_features_with_the_duckdb_engine(tmp_path, monkeypatch):
+    from clients.local_data import load_node_features
+
+    (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
+    d, (events, _) = next(_default_partners())
+    events.to_parquet(tmp_path / "p.parquet", index=False)
+    monkeypatch.setenv("FEDPROP_DUCKDB_MEMORY", "512MB")
+    fs = load_node_features(FedpropConfig(), {"data-path": str(tmp_path / "p.parquet"), "contract": str(tmp_path / "c.yaml")})
+    c = load_contract(str(tmp_path / "c.yaml"))
+    ref = build_features(read_validated(c, str(tmp_path / "p.parquet"), delta=1e-5).frame, c)
+    assert list(fs.customer_ids) == list(ref.customer_ids)
+    np.testing.assert_array_equal(fs.X, ref.X)
