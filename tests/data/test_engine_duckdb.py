@@ -215,7 +215,7 @@ def test_memory_limit_and_threads_reach_duckdb(tmp_path):
         EngineSettings(memory_limit="lots")
 
 
-def test_a_tight_memory_limit_spills_and_gives_the_same_features(tmp_path):
+def test_a_tight_memory_limit_gives_the_same_features(tmp_path):
     (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
     contract = load_contract(str(tmp_path / "c.yaml"))
     d, (events, _) = next(_default_partners())
