@@ -80,7 +80,15 @@ def _candidates(seed: int):
 
 def fit_reference(X: np.ndarray, y: np.ndarray, *, seed: int) -> LocalModel:
     """Best of tuned logistic regression (C grid) and HistGradientBoosting on a validation split of (X, y),
-    refit on all of (X, y). The non-private reference every baseline uses (local-only and centralized)."""
+    refit on all of (X, y). The non-private reference every baseline uses (local-only and centralized).
+    One OpenMP thread: on a shared machine HistGradientBoosting's thread pool spins far slower than one thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _fit_reference(X, y, seed=seed)
+
+
+def _fit_reference(X: np.ndarray, y: np.ndarray, *, seed: int) -> LocalModel:
     fit, val = validation_split(len(X), seed=seed)
     best: tuple[float, str, Any] | None = None
     if y[val].sum() >= MIN_VAL_POSITIVES and (1 - y[val]).sum() >= MIN_VAL_POSITIVES and 0 < y[fit].sum() < len(fit):

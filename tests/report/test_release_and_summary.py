@@ -88,4 +88,4 @@ def test_summary_per_partner_federation_value(run_dir):
         assert s["tasks"][head]["partners_gaining_auc"] == sum(1 for v in pp.values() if v["gain_auc"] > 0)
     text = render_summary(s)
     assert "Federation value per partner" in text
-    assert sum(1 for line in text.splitlines() if line.startswith("| churn | ") and line.count("|") == 12) == 3
+    assert sum(1 for line in text.splitlines() if line.startswith("| churn | ") and line.count("|") == 14) == 3  # + personalised AUC, its gain
