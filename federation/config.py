@@ -72,6 +72,10 @@ class StrategyConfig:
     server_lr: float = 0.05  # fedadam eta
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    # Liveness: a round starts once this many partners are online and proceeds with whoever answers within
+    # round_timeout seconds, so one dead partner does not stall the federation. 0 = max(1, ceil(partners / 2)).
+    min_partners: int = 0
+    round_timeout: float = 600.0
 
 
 @dataclass
@@ -169,6 +173,11 @@ class FedpropConfig:
     verbose: bool = False
 
 
+def min_partners(cfg: FedpropConfig) -> int:
+    """Partners that must be online for a round to start (``strategy.min_partners``, 0 = half, at least 1)."""
+    return cfg.strategy.min_partners or max(1, -(-cfg.partners // 2))
+
+
 def evaluation_rounds(cfg: FedpropConfig) -> tuple[int, ...]:
     """The server rounds whose global model is evaluated: ``evaluation.rounds`` of them, evenly spaced, last = final."""
     if not cfg.evaluation.enabled:
@@ -233,6 +242,10 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     p += _allowed("strategy.name", cfg.strategy.name, STRATEGIES)
     if not 0 < cfg.strategy.fraction_train <= 1:
         p.append(f"strategy.fraction_train={cfg.strategy.fraction_train} must be in (0, 1]")
+    if not 0 <= cfg.strategy.min_partners <= cfg.partners:
+        p.append(f"strategy.min_partners={cfg.strategy.min_partners} must be in [0, partners={cfg.partners}] (0 = half)")
+    if not cfg.strategy.round_timeout > 0:
+        p.append(f"strategy.round_timeout={cfg.strategy.round_timeout} must be > 0 seconds")
     if not 0 <= cfg.strategy.fraction_evaluate <= 1:
         p.append(f"strategy.fraction_evaluate={cfg.strategy.fraction_evaluate} must be in [0, 1]")
     p += _allowed("data.kind", cfg.data.kind, ("synthetic", "events", "table"))

@@ -119,6 +119,7 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         train_config=ConfigRecord({"heads": ",".join(heads)}),
         evaluate_config=ConfigRecord({"heads": ",".join(heads)}),
         evaluate_fn=checkpoint,
+        timeout=cfg.strategy.round_timeout,  # replies later than this: that partner misses the round
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
     _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final, pooled=strategy.pooled)

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from federation import metrics as M
-from federation.config import FedpropConfig
+from federation.config import FedpropConfig, min_partners
 
 HIST = ".hist."
 
@@ -85,9 +85,10 @@ def build_strategy(cfg: FedpropConfig, *, heads: tuple[str, ...], num_partners: 
     common = dict(
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_train_nodes=max(1, min(num_partners, math.ceil(cfg.strategy.fraction_train * num_partners))),
-        min_evaluate_nodes=max(0, min(num_partners, math.ceil(cfg.strategy.fraction_evaluate * num_partners))),
-        min_available_nodes=num_partners,
+        # a round needs min_partners online (not all): one dead partner must not stall the federation
+        min_train_nodes=max(1, min(min_partners(cfg), math.ceil(cfg.strategy.fraction_train * num_partners))),
+        min_evaluate_nodes=max(0, min(min_partners(cfg), math.ceil(cfg.strategy.fraction_evaluate * num_partners))),
+        min_available_nodes=min_partners(cfg),
         evaluate_metrics_aggr_fn=aggregate_eval_metrics(heads),
         train_metrics_aggr_fn=lambda records, key: MetricRecord({key: sum(int(next(iter(r.metric_records.values()))[key]) for r in records)}),
     )
