@@ -4,8 +4,10 @@ Each customer has a latent engagement level and a latent trend. Daily activity f
 driven by both, customers may quit (after which they produce no events), and the probability that a
 visit converts to a purchase rises with engagement. Churn (no activity in the horizon) and propensity
 (a purchase in the horizon) therefore depend on the latent state only through behaviour a partner can
-observe before the cutoff: recency, frequency, trend, purchases. Partners differ in size (spread over
-an order of magnitude), base activity, purchase and churn rates, and channel mix.
+observe before the cutoff: recency, frequency, trend, purchases. Partners look like real data silos: several
+small business units and a few large ones (``partner_sizes``), with different base activity, purchase and churn
+rates (base rates), channel mix, and shifted behaviour (how strongly engagement and trend drive quitting, and a
+regional effect of their own). The shared part of the behaviour is what a small unit gains from federating.
 
 Deterministic for (seed, partner index): partner p's log does not depend on how many partners there are
 (beyond the size schedule), and a client generates only its own partner.
@@ -30,13 +32,22 @@ class PartnerProfile:
     purchase_bias: float  # logit offset of a visit converting
     churn_bias: float  # logit offset of quitting
     channel_mix: tuple[float, ...]
+    # shifted behaviour: this partner's weights of engagement and trend in quitting, and its regional effects
+    churn_engagement: float = 0.7
+    churn_trend: float = 0.6
+    region_effect: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
 
 
 def partner_sizes(partners: int, *, min_customers: int, max_customers: int, seed: int) -> list[int]:
-    """Log-spaced sizes from min to max (shuffled deterministically), so they span an order of magnitude."""
+    """A few large partners (about a third, log-spaced from max/2 to max) and several small ones (log-spaced from
+    min to 3 x min, at most max/2), shuffled deterministically: the shape of real business units."""
     if partners == 1:
         return [max_customers]
-    sizes = np.geomspace(min_customers, max_customers, partners).round().astype(int)
+    n_large = max(1, round(0.35 * partners))
+    large = np.geomspace(max(min_customers, max_customers / 2), max_customers, n_large)
+    small_top = max(min_customers, min(3 * min_customers, max_customers / 2))
+    small = np.geomspace(min_customers, small_top, partners - n_large)
+    sizes = np.concatenate([small, large]).round().astype(int)
     rng = np.random.default_rng([seed, 7919])
     return [int(s) for s in rng.permutation(sizes)]
 
@@ -49,8 +60,11 @@ def partner_profile(partner: int, n_customers: int, *, seed: int) -> PartnerProf
         n_customers=n_customers,
         base_rate=float(rng.normal(-2.9, 0.35)),
         purchase_bias=float(rng.normal(-1.9, 0.4)),
-        churn_bias=float(rng.normal(-1.1, 0.4)),
+        churn_bias=float(rng.normal(-1.1, 0.6)),
         channel_mix=tuple(float(x) for x in mix),
+        churn_engagement=float(0.7 * np.exp(rng.normal(0.0, 0.25))),
+        churn_trend=float(0.6 * np.exp(rng.normal(0.0, 0.25))),
+        region_effect=tuple(float(x) for x in rng.normal(0.0, 0.4, len(REGIONS))),
     )
 
 
@@ -78,7 +92,8 @@ def generate_partner(
     signup = np.maximum(signup_offset, 0)  # first day with possible activity (in the window)
     # Quitting: hazard rises with low engagement and negative trend; quit day uniformly over the
     # last 120 days of history and the horizon, so some quit before the cutoff, some after.
-    quit_logit = profile.churn_bias - 0.7 * engagement - 0.6 * trend + rng.logistic(0.0, 1.0, n)
+    quit_logit = (profile.churn_bias - profile.churn_engagement * engagement - profile.churn_trend * trend
+                  + np.asarray(profile.region_effect)[region] + rng.logistic(0.0, 1.0, n))
     quits = rng.random(n) < 1.0 / (1.0 + np.exp(-quit_logit))
     quit_day = np.where(quits, rng.integers(history_days - 60, total_days, n), total_days + 1)
 
