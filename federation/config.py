@@ -27,8 +27,8 @@ ACCOUNTANTS = ("tight", "rdp")
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    kind: str = "logreg"  # robust under DP at epsilon 0.5-8 (benchmarks/bench_utility.py); "mlp" for more capacity
+    hidden: list[int] = field(default_factory=list)
     # "two_head": one model with a churn head and a propensity head, trained in one federation
     # (one privacy spend for both tasks). "separate": one federation per task.
     heads: str = "two_head"
@@ -57,9 +57,9 @@ class PrivacyConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128  # expected Poisson batch size: sampling rate q = batch_size / n_train
+    batch_size: int = 256  # expected Poisson batch size: sampling rate q = batch_size / public size
     local_epochs: float = 2.0  # expected passes over local data per round: steps = ceil(epochs / q)
-    lr: float = 2.0  # tuned on the synthetic default (lr 0.5-4, epochs 1-3, batch 128-512, C 0.5-1)
+    lr: float = 1.0  # same defaults as conf/config.yaml (lr 2.0 with the MLP diverged at epsilon <= 1)
     momentum: float = 0.0
     engine: str = "auto"  # auto: fast fused DP-SGD when the model supports it, else Opacus
     test_fraction: float = 0.2

@@ -8,7 +8,7 @@ from federation.featurespec import feature_names
 from federation.models import build_model
 from simulations.partners import load_partner
 
-CFG = from_dict({"partners": 2, "rounds": 2, "privacy": {"epsilon": 2.0},
+CFG = from_dict({"partners": 2, "rounds": 2, "privacy": {"epsilon": 2.0}, "train": {"batch_size": 64},
                  "data": {"min_customers": 300, "max_customers": 600}})
 
 
