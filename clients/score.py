@@ -255,7 +255,9 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
     return {"out": str(path), "customers": len(scores), "heads": list(sm.heads), "thresholds": th,
             "segments": {k: int(n) for k, n in counts.items()}, "model_sha256": sm.manifest["sha256"],
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
-            "validation": v.report.summary()}
+            "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
+            "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
+            "rows_used": int(v.report.rows_used)}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -307,4 +309,10 @@ def _cmd(args) -> int:
     print(f"scored {result['customers']} customers ({', '.join(result['heads'])}) -> {result['out']}\n"
           f"  segments: {seg}\n  thresholds: {result['thresholds']}; model sha256 {result['model_sha256'][:12]}, "
           f"key {result['key_fingerprint'][:19]}" + (f"; cutoff {result['cutoff']}" if result["cutoff"] else ""))
+    if result["skipped"] or result["rows_used"] < result["rows_read"]:
+        why = ("customers with no event before the cutoff have no features at that date"
+               if result["cutoff"] else "rows the contract's validation set aside (see the notes below)")
+        print(f"  skipped: {result['skipped']} of {result['customers_in_data']} customers, "
+              f"{result['rows_read'] - result['rows_used']} of {result['rows_read']} rows not used ({why})\n"
+              + "\n".join(f"  {line}" for line in result["validation"].splitlines()[1:]))
     return 0
