@@ -115,7 +115,7 @@ def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any], *, d
                 f"node config {' and '.join(missing)} not set: in a deployment the partner's ledger and its signing key "
                 "are named in the node's own --node-config, never by the coordinator's run config; e.g. "
                 "ledger-path='/var/lib/fedprop/ledger.sqlite' node-key='/etc/fedprop/keys/ledger.key' "
-                "(create the key with `fedprop certs node-key`)")
+                "(create the key with `fedprop certs ledger-key`)")
         ledger_path, key_path = Path(str(node_config["ledger-path"])), Path(str(node_config["node-key"]))
         if key_path.resolve().parent == ledger_path.resolve().parent:
             raise ConfigError(
