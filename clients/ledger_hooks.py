@@ -141,7 +141,7 @@ def _ensure_key(node: NodeLedger) -> None:
         return
     if node.key_explicit:
         raise ConfigError(
-            f"node config node-key={str(node.key_path)!r} does not exist; create it with `fedprop certs node-key` "
+            f"node config node-key={str(node.key_path)!r} does not exist; create it with `fedprop certs ledger-key` "
             "or leave node-key unset to generate one next to the ledger"
         )
     node.key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
