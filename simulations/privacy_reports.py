@@ -18,7 +18,7 @@ from typing import Any
 from clients.ledger_hooks import resolve_node_ledger
 from federation.config import FedpropConfig
 from federation.privacy.ledger import Ledger, verify
-from federation.privacy.policy import load_policy
+from federation.privacy.policy import default_policy, load_policy
 from federation.privacy.report import build_report, write_report
 
 __all__ = ["prepare_ledgers", "write_privacy_reports", "render_privacy_section"]
@@ -51,7 +51,7 @@ def write_privacy_reports(cfg: FedpropConfig, run_dir: Path) -> dict[str, Any]:
     rdir = Path(run_dir) / "privacy"
     rdir.mkdir(parents=True, exist_ok=True)
     out["dir"] = str(rdir)
-    policy = load_policy(cfg.privacy.policy) if cfg.privacy.policy else None
+    policy = load_policy(cfg.privacy.policy) if cfg.privacy.policy else default_policy()  # what the nodes enforced
     for i in range(cfg.partners):
         node = resolve_node_ledger(cfg, {"partition-id": i})
         if not node.ledger_path.exists():
@@ -89,7 +89,7 @@ def render_privacy_section(index: dict[str, Any]) -> str:
         return ""
     lines = ["", "### Privacy budget reports", "",
              f"Verified ledgers in {index['ledger_dir']} (per run unless privacy.ledger_dir names a shared folder); reports in {index['dir']} "
-             f"(partner-<i>.md / .json / .html). Policy: {index['policy'] or 'none (spend recorded, not enforced)'}.",
+             f"(partner-<i>.md / .json / .html). Policy: {index['policy'] or 'fedprop default policy (epsilon 5 per calendar month, 10 lifetime, tight accountants; enforced)'}.",
              "", "| partner | rounds released (this run) | refusals (this run) | epsilon in period | remaining | policy |",
              "|---|---|---|---|---|---|"]
     for pid, p in sorted(index["partners"].items(), key=lambda kv: int(kv[0])):
