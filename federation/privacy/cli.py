@@ -69,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     report.add_argument("--server-ledger", type=Path, help="the server's federation ledger (partner-level layer)")
     report.add_argument("--server-public-key", type=Path, help="public key of the server ledger")
     report.add_argument("--partner", help="partner to report on (when the ledger holds several)")
+    report.add_argument("--audit", type=Path, help="a `fedprop audit --out` JSON: its line goes into the statement "
+                        "(the claim tested, not just computed)")
     report.add_argument("--format", choices=("html", "md", "json"), default="md")
     report.add_argument("--out", type=Path, help="output file (default: stdout for md/json)")
     report.set_defaults(budget_func=_report)
@@ -205,6 +207,20 @@ def _load_verified(path: Path, public_key: Path | None, fingerprint: str | None 
         return ledger.entries(), result
 
 
+def _audit_summary(path: Path) -> dict:
+    """The audit JSON written by ``fedprop audit --out`` (schema checked; plain JSON, no torch here)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise FedpropError(f"--audit {path}: not a readable audit JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("fedprop-audit") \
+            or not isinstance(data.get("line"), str) or not isinstance(data.get("passed"), bool):
+        raise FedpropError(f"--audit {path}: not a fedprop audit file (write one with `fedprop audit --out FILE`)")
+    return {"line": data["line"], "passed": data["passed"], "results": data.get("results", [])}
+
+
 def _report(args: argparse.Namespace, out) -> int:
     entries, result = _load_verified(args.ledger, args.public_key, args.fingerprint)
     if args.server_ledger is not None:
@@ -214,6 +230,9 @@ def _report(args: argparse.Namespace, out) -> int:
         entries = entries + [e for e in server_entries if e.layer == "partner"]
     policy = load_policy(args.policy) if args.policy else None
     report = build_report(entries, policy=policy, verification=result, partner=args.partner)
+    if args.audit is not None:
+        report["audit"] = _audit_summary(args.audit)
+        report["statement"] += ("\n\n" + report["audit"]["line"] + f" (from {args.audit})")
     if args.out is not None:
         write_report(report, args.out, fmt=args.format)
         out.write(f"wrote {args.out}\n")

@@ -152,3 +152,21 @@ def test_privacy_core_imports_neither_torch_nor_flwr_nor_opacus():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_report_audit_file_is_schema_checked(tmp_path):
+    import json as _json
+
+    import pytest as _pytest
+
+    from federation.errors import FedpropError
+    from federation.privacy.cli import _audit_summary
+
+    good = tmp_path / "a.json"
+    good.write_text(_json.dumps({"schema": "fedprop-audit/1", "passed": True, "line": "Empirical audit (PASS; ...)",
+                                 "results": []}))
+    assert _audit_summary(good)["line"].startswith("Empirical audit")
+    bad = tmp_path / "b.json"
+    bad.write_text(_json.dumps({"schema": "other", "line": "x"}))
+    with _pytest.raises(FedpropError, match="not a fedprop audit file"):
+        _audit_summary(bad)
