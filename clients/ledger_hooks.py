@@ -8,12 +8,13 @@ The ClientApp calls, in this order, for each federation (``heads``) of a run:
    holds in the policy's current period is checked against the policy (``policy.check_run``). A refused
    run is recorded as a ``refusal`` entry and raises ``BudgetExceededError`` / ``PolicyViolationError``
    whose message states the numbers; an allowed run is recorded as ``run_start``;
-3. ``check_round(...)`` before every round's training: the round's mechanism against the remaining
-   budget (``policy.check_round``), re-reading the ledger and the policy file (a concurrent run in another
-   federation, or a tightened policy, stops the partner mid-run). Refusals are recorded too;
-4. ``record_round(...)`` after training and BEFORE the update is handed back to Flower: one
-   ``dpsgd_round`` entry, committed with ``synchronous=FULL`` when it returns. If it raises, the caller
-   must not release the update.
+3. ``round_reservation(...)`` before every round's training: in ONE ledger transaction the round's
+   mechanism is checked against the remaining budget (``policy.check_round``, re-reading the policy file, so a
+   concurrent run in another federation or a tightened policy stops the partner mid-run) and its spend is
+   reserved. Refusals are recorded. A reservation left open (process killed) counts as spent;
+4. the node trains, then ``commit_round(...)`` BEFORE the update is handed back to Flower: the reservation
+   becomes one ``dpsgd_round`` entry, committed with ``synchronous=FULL`` when it returns. If training or the
+   commit raises, the reservation is released and the caller must not release the update.
 
 What "before touching data" means here: the sampling rate q = batch_size / n_train needs the count of
 training customers, so the node has loaded and split its table when ``preflight`` runs (the count is all
@@ -52,7 +53,7 @@ from federation.config import FedpropConfig
 from federation.errors import ConfigError, PrivacyError
 from federation.privacy.events import PoissonSampledGaussian
 from federation.privacy.ledger import Ledger, LedgerEntry, Reservation, generate_node_key, open_node_ledger
-from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_round as _check_round, check_run, default_policy, load_policy
+from federation.privacy.policy import BudgetCheck, BudgetPolicy, check_run, default_policy, load_policy
 
 __all__ = [
     "NodeLedger",
@@ -61,8 +62,8 @@ __all__ = [
     "load_node_policy",
     "round_event",
     "preflight",
-    "check_round",
-    "record_round",
+    "round_reservation",
+    "commit_round",
     "record_refusal",
     "update_hash",
     "opacus_round_epsilon",
@@ -242,32 +243,6 @@ def preflight(
     return check
 
 
-def check_round(
-    node: NodeLedger,
-    *,
-    run_id: str,
-    round: int,
-    sampling_rate: float,
-    noise_multiplier: float,
-    steps: int,
-) -> BudgetCheck | None:
-    """Before training round ``round``: refuse (recorded) if its mechanism would exceed the remaining budget."""
-    policy = load_node_policy(node)
-    if policy is None:
-        return None
-    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
-    with open_ledger(node) as ledger:
-        try:
-            return _check_round(policy, spent_events=_spent(ledger, node, policy), round_event=event, round_number=round,
-                                lifetime_events=_lifetime(ledger, node))
-        except PrivacyError as exc:
-            ledger.append(
-                kind="refusal", partner=node.partner, run_id=run_id, round=round,
-                extra={"scope": "round", "reason": str(exc), "mechanism": event.describe()},
-            )
-            raise
-
-
 @contextmanager
 def round_reservation(
     node: NodeLedger, *, run_id: str, round: int, sampling_rate: float, noise_multiplier: float, steps: int,
@@ -304,37 +279,6 @@ def commit_round(res: Reservation, *, update_hash: str, extra: Mapping[str, Any]
     return res.commit(update_hash=update_hash, reported_accountant="rdp", extra=dict(extra or {}),
                       reported_epsilon=opacus_round_epsilon(sampling_rate=q, noise_multiplier=sigma, steps=steps,
                                                             delta=res.entry.delta))
-
-
-def record_round(
-    node: NodeLedger,
-    *,
-    run_id: str,
-    round: int,
-    sampling_rate: float,
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    clipping_norm: float,
-    config_hash: str,
-    update_hash: str,
-    extra: Mapping[str, Any] | None = None,
-) -> LedgerEntry:
-    """Append the round's ``dpsgd_round`` entry; durable (committed, fsynced) when this returns.
-
-    ``reported_epsilon`` is the Opacus RDP accountant's epsilon of this round's mechanism alone (the
-    ledger's ``rdp`` accountant recomputes it on verify); the run's cumulative Opacus figure goes in
-    ``extra`` for information -- the report recomputes every cumulative figure from the mechanisms."""
-    event = round_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps)
-    with open_ledger(node) as ledger:
-        return ledger.append(
-            kind="dpsgd_round", partner=node.partner, run_id=run_id, round=round, delta=delta,
-            mechanism=event, clipping_norm=clipping_norm, config_hash=config_hash, update_hash=update_hash,
-            privacy_unit="customer",
-            reported_epsilon=opacus_round_epsilon(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
-                                                  steps=steps, delta=delta),
-            reported_accountant="rdp", extra=dict(extra or {}),
-        )
 
 
 @functools.lru_cache(maxsize=256)  # the same mechanism every round: compute its epsilon once per process

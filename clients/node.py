@@ -99,9 +99,9 @@ def split_partner(fs: FeatureSet, *, heads: tuple[str, ...], test_fraction: floa
 
 @dataclass
 class PhaseTimes:
-    """Seconds one message spends in each phase of fedprop's own client code, reported with the reply as
-    aggregate metrics: ``time.<phase>-s`` (wall clock) and ``time.<phase>-cpu-s`` (CPU time of this process,
-    the robust figure on a shared machine). Phases: data-prep, deserialize, train, ledger, serialize, evaluate."""
+    """Seconds one message spends in each phase of fedprop's own client code (wall clock and this process's CPU
+    time). Only the wall-clock figures leave the node, rounded (``public_timings``); the CPU times stay local.
+    Phases: data-prep, deserialize, train, ledger, serialize, evaluate."""
 
     wall: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -114,11 +114,6 @@ class PhaseTimes:
         finally:
             self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w0
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
-
-    def metrics(self) -> dict[str, float]:
-        out = {f"time.{k}-s": float(v) for k, v in self.wall.items()}
-        out.update({f"time.{k}-cpu-s": float(v) for k, v in self.cpu.items()})
-        return out
 
 
 def public_timings(times: PhaseTimes) -> dict[str, float]:
