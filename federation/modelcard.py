@@ -242,9 +242,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         hw = m.get("auc_roc_half_width")
         lines += ["", "Computed from the partners' differentially private evaluation releases: per-class counts of "
                   "held-out customers in public score bins plus discrete Gaussian noise, summed over partners. "
-                  f"95% noise interval of the AUC: +-{_cell(hw)}"
+                  f"Approximate 95% noise interval of the AUC (parametric bootstrap of the noise): +-{_cell(hw)}"
                   + ("" if m.get("auc_roc_meaningful", True) else " (too wide: the AUC is not meaningful at this noise)")
-                  + ". Log loss, Brier and calibration use each bin's public representative score (approximate)."]
+                  + ". Noise biases a released AUC towards 0.5 on small test sets, so the interval covers less than 95% "
+                  "when it is wider than +-0.05 (then the AUC is marked not meaningful). Log loss, Brier and calibration "
+                  "use each bin's public representative score (approximate)."]
     elif m.get("score_resolution"):
         lines += ["", f"Combined from partners' score histograms (bin width {m['score_resolution']:g}): log loss "
                   "and Brier are exact, ECE is exact for its bins, and AUC-ROC is within "
