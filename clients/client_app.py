@@ -43,6 +43,23 @@ ERR_BUDGET = 4201
 ERR_LEDGER = 4202  # the round's ledger entry could not be written: the update is withheld
 
 
+RUN_ID_KEY = "fedprop-run-id"
+_RUN_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def ledger_run_id(msg: Message, context: Context) -> str:
+    """The run id this node keys its ledger entries by: the fedprop run id the server sends in the message config
+    (it survives a resume, which is a new Flower run), else Flower's run id. The coordinator chooses it: re-using
+    an id gets no second release of a recorded (run, round, heads) (``LH.round_recorded``), and a new id is new
+    spend under this node's policy, so no choice of it lets the coordinator spend past the node's budget."""
+    rid = str(msg.content["config"].get(RUN_ID_KEY, "") or "")
+    if not rid:
+        return str(context.run_id)
+    if len(rid) > 64 or not set(rid) <= _RUN_ID_CHARS:
+        raise ValueError(f"message config {RUN_ID_KEY} is not 1-64 letters, digits, '.', '_' or '-'")
+    return rid
+
+
 def _default_loader(cfg: FedpropConfig, node_config: dict):
     """Deployment: the node's data comes from its own node config (data-path + contract)."""
     from clients.local_data import load_node_features
@@ -131,7 +148,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             key = f"{STATE_KEY}.{heads_tag}"
             lkey = f"{LEDGER_STATE_KEY}.{heads_tag}"
             node = LH.resolve_node_ledger(cfg, dict(context.node_config), deployment=config is None)
-            run_id, server_round = str(context.run_id), int(msg.content["config"]["server-round"])
+            run_id, server_round = ledger_run_id(msg, context), int(msg.content["config"]["server-round"])
             if lkey in context.state:  # the whole run was refused at preflight: nothing more to check
                 return Message(Error(code=ERR_BUDGET, reason=str(context.state[lkey]["run-refused"])), reply_to=msg)
             restored = None
@@ -243,7 +260,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                 with times.phase("ledger"):
                     LH.record_evaluation(
                         LH.resolve_node_ledger(cfg, dict(context.node_config), deployment=config is None),
-                        run_id=str(context.run_id),
+                        run_id=ledger_run_id(msg, context),
                         round=int(msg.content["config"].get("server-round", 0)), mechanisms=mechanisms,
                         delta=privacy.delta, config_hash=config_hash(cfg),
                     )

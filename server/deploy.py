@@ -340,6 +340,7 @@ class RunResult:
     run_id: int
     status: str
     details: dict
+    fedprop_run_id: str = ""  # the id partners key their ledgers by (kept by a resume; Flower's run_id is not)
 
     @property
     def completed(self) -> bool:
@@ -444,11 +445,51 @@ def submit_run(
 
     A run that has not finished within ``timeout`` seconds is stopped (``flwr stop``) and DeployError raised.
     """
+    from dataclasses import replace
+
+    from server.run_id import RUN_ID_KEY, new_run_id
+
+    run_config = {RUN_ID_KEY: new_run_id(), **run_config}  # drawn once here: a resume re-uses it (run.json)
     fab = build_fab(app_dir)
     if app_signing_key is not None:
         write_fab_signature(fab, app_signing_key, signatures_dir)
     run_id = start_run(fab, superlink, run_config)
-    return wait_for_run(run_id, superlink, timeout=timeout, poll_interval=poll_interval)
+    result = wait_for_run(run_id, superlink, timeout=timeout, poll_interval=poll_interval)
+    return replace(result, fedprop_run_id=str(run_config[RUN_ID_KEY]))
+
+
+def resume_run(
+    run_dir: str | Path,
+    app_dir: str | Path,
+    superlink: CliConnection,
+    *,
+    app_signing_key: str | Path | None,
+    signatures_dir: str | Path,
+    timeout: float = 600.0,
+    poll_interval: float = 1.0,
+) -> RunResult:
+    """Submit the run of ``run_dir`` again (its run config and fedprop run id from ``run.json``) with
+    ``fedprop-resume=true``: the ServerApp continues from the last checkpoint, keeping round numbers and outputs.
+    Checks here first (finished run, missing run.json, unreadable or foreign checkpoint) so that the error is one
+    message naming the file, not a failed run."""
+    from federation.config import from_run_config
+    from federation.models import federations
+    from server.outputs import RunOutputs, check_resumable, last_checkpoint
+    from server.run_id import RESUME_KEY, RUN_ID_KEY
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    run = check_resumable(run_dir)
+    cfg = from_run_config(run["run_config"])
+    records = RunOutputs(run_dir)  # read here; the resumed ServerApp writes them
+    records.load_rounds()
+    for heads in federations(cfg.task, cfg.model.heads):
+        tag = "+".join(heads)
+        if not (run_dir / f"model_{tag}.pt").exists() and not (run_dir / f"RELEASE_REFUSED_{tag}.json").exists():
+            last_checkpoint(run_dir, tag, cfg, recorded=[int(r["round"]) for r in records.rounds.get(tag, [])])
+    run_config = {**run["run_config"], RUN_ID_KEY: run["fedprop_run_id"], "fedprop-run-dir": str(run_dir),
+                  RESUME_KEY: True}
+    return submit_run(app_dir, superlink, run_config, app_signing_key=app_signing_key, signatures_dir=signatures_dir,
+                      timeout=timeout, poll_interval=poll_interval)
 
 
 def wait_for_run(run_id: int, superlink: CliConnection, *, timeout: float, poll_interval: float = 1.0) -> RunResult:

@@ -5,6 +5,7 @@
     fedprop server register-node KEY.pub --certs DIR [--superlink 127.0.0.1:9093]
     fedprop server nodes --certs DIR [--superlink 127.0.0.1:9093] [--json]
     fedprop server submit APP_DIR --certs DIR --app-key app-signing.key [--run-config "num-server-rounds=2"]
+    fedprop server resume RUN_DIR --certs DIR --app-key app-signing.key [--app-dir .]
     fedprop client start --certs DIR --superlink HOST:9092 --key KEY --app-public-key app-signing.pub
                          [--app-key-fingerprint sha256:...] [--port 9094] --node-config "partition-id=0"
 
@@ -145,7 +146,16 @@ def cmd_server_submit(args: argparse.Namespace) -> int:
     run_config = parse_run_config(args.run_config)
     result = deploy.submit_run(args.app_dir, _connection(args), run_config, app_signing_key=args.app_key,
                                signatures_dir=args.signatures_dir, timeout=args.timeout)
-    print(f"run {result.run_id}: {result.status}")
+    print(f"run {result.run_id} (fedprop run {result.fedprop_run_id}): {result.status}")
+    return 0 if result.completed else 1
+
+
+def cmd_server_resume(args: argparse.Namespace) -> int:
+    result = deploy.resume_run(args.run_dir, args.app_dir, _connection(args), app_signing_key=args.app_key,
+                               signatures_dir=args.signatures_dir, timeout=args.timeout)
+    print(f"run {result.run_id} (fedprop run {result.fedprop_run_id}, resumed from {args.run_dir}): {result.status}")
+    if not result.completed:
+        print(f"see the ServerApp's log: flwr log {result.run_id} (or the files in {args.run_dir})", file=sys.stderr)
     return 0 if result.completed else 1
 
 
@@ -179,7 +189,7 @@ def _superlink_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``server`` (start, register-node, nodes, submit) and ``client`` (start); each sets ``func``."""
+    """Add ``server`` (start, register-node, nodes, submit, resume) and ``client`` (start); each sets ``func``."""
     server = subparsers.add_parser("server", help="run the federation's SuperLink")
     ssub = server.add_subparsers(dest="server_command", required=True)
     start = ssub.add_parser("start", help="SuperLink on loopback + SuperExec + the partner-facing Fleet proxy")
@@ -216,6 +226,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='override app config keys, e.g. "num-server-rounds=2" (repeatable)')
     submit.add_argument("--timeout", type=float, default=3600.0, help="stop the run after this many seconds")
     submit.set_defaults(func=_guarded(cmd_server_submit))
+
+    resume = ssub.add_parser("resume", help="continue a crashed run from its last checkpoint (same fedprop run id, "
+                                            "rounds k+1.., no second spend of a recorded round)")
+    resume.add_argument("run_dir", help="the run's directory (fedprop-run-dir): run.json, checkpoints/, ...")
+    _superlink_args(resume)
+    resume.add_argument("--app-dir", default=".", help="the app directory submitted originally (default .)")
+    resume.add_argument("--app-key", required=True, help="the coordinator's app-signing private key")
+    resume.add_argument("--signatures-dir", default=f"./fedprop-superlink/{deploy.SIGNATURES_DIR}",
+                        help="STATE_DIR/fab-signatures of `fedprop server start` (the proxy reads it)")
+    resume.add_argument("--timeout", type=float, default=3600.0, help="stop the run after this many seconds")
+    resume.set_defaults(func=_guarded(cmd_server_resume))
 
     client = subparsers.add_parser("client", help="run a partner's SuperNode")
     csub = client.add_subparsers(dest="client_command", required=True)

@@ -152,21 +152,27 @@ def run_secure_fedavg(
     on_round: Callable[[dict[str, Any]], None],
     checkpoint: Callable[[int, ArrayRecord], None],
     entropy: Entropy = os.urandom,
+    start_round: int = 1,
+    previous: Sequence[dict[str, Any]] = (),
 ) -> SecureFedAvgResult:
-    """Run ``cfg.rounds`` secure rounds; return the final global model, the partners' last evaluation metric
-    records (aggregates and histograms, as in the plain strategy) and how many rounds aggregated."""
+    """Run secure rounds ``start_round``..``cfg.rounds``; return the final global model, the partners' last
+    evaluation metric records (aggregates and histograms, as in the plain strategy) and how many rounds aggregated.
+
+    A resumed run passes ``start_round=k+1``, ``initial`` = round k's checkpoint and ``previous`` = the rounds
+    recorded before the interruption (they count towards ``rounds_aggregated`` and the partner-level epsilon)."""
     arrays = initial
     num_params = int(_flatten(initial).size)
     rng = random.Random(cfg.seed)
     aggregate_eval = aggregate_eval_metrics(heads)
-    config_base = {"heads": ",".join(heads)}
+    config_base = {"heads": ",".join(heads), "fedprop-run-id": run_id}  # partners key their ledgers by it
     if cfg.strategy.name == "fedprox":
         config_base["proximal-mu"] = float(cfg.strategy.proximal_mu)
-    released = 0
-    aggregated = 0
-    aborted: dict[int, str] = {}
+    released = sum(1 for r in previous if "partner_epsilon" in r.get("secagg", {}))
+    aggregated = sum(1 for r in previous if "survivors" in r.get("secagg", {}))
+    aborted: dict[int, str] = {int(r["round"]): str(r["secagg"]["aborted"]) for r in previous
+                               if "aborted" in r.get("secagg", {})}
     last_eval: list[dict[str, Any]] = []
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         nodes = _wait_for_nodes(grid, cfg.partners, cfg.secagg.timeout)
         train_nodes = _sample(nodes, cfg.strategy.fraction_train, rng, minimum=2)

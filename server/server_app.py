@@ -3,6 +3,12 @@
 For each federation (one two-head model, or one per task) it builds the initial model from the declared
 feature layout (no partner data), runs the wrapped strategy, checkpoints the global model every round and
 writes per-round metrics and the final model into the run directory.
+
+Run identity and resume: partners key their ledgers by the fedprop run id (run config ``fedprop-run-id``, drawn
+from the OS CSPRNG at submit or here when absent), sent in every train/evaluate config as ``fedprop-run-id``;
+never by Flower's run id, which a resumed run does not keep. ``fedprop-resume=true`` continues the run in
+``fedprop-run-dir`` from its last checkpoint at round k+1 (``server.outputs.RunOutputs.resume_point``); a
+partner that recorded round k+1 before the crash refuses it (no second spend) and is a dropout there.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from federation.errors import FedpropError
 from federation.config import FedpropConfig, config_hash, evaluation_rounds, from_run_config
 from federation.featurespec import feature_names
 from federation.models import build_model, federations
-from server.outputs import RunOutputs, progress_line
+from server.outputs import RunOutputs, check_resumable, progress_line
+from server.run_id import RESUME_KEY, RUN_ID_KEY, ResumeError, run_identity
 from server.release import release_model
 from server.secure_fedavg import run_secure_fedavg
 from server.strategy import RecordingStrategy, build_strategy, pooled_summaries
@@ -77,12 +84,38 @@ def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> N
         record_partner_heads(ledger, run_id=run_id, round=int(rec["round"]), heads=heads)
 
 
-def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], out: RunOutputs, run_id: str = "") -> None:
+RECORDED_REFUSAL = "already released and recorded"  # clients/client_app.py: a round this partner already spent
+
+
+def _note_recorded_dropouts(rec: dict, tag: str) -> None:
+    """A partner that refused a round it had recorded before a crash: say so (its spend is lost but counted)."""
+    for r in rec.get("refusals", []):
+        if RECORDED_REFUSAL in str(r.get("reason", "")):
+            r["recorded-before-crash"] = True
+            print(f"fedprop: [{tag}] round {rec['round']}: node {r.get('node')} had already recorded this round in its "
+                  "ledger before the interruption and refuses to spend it twice; it is a dropout for this round (its "
+                  "privacy spend for it is counted, its update was lost)", flush=True)
+
+
+def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], out: RunOutputs, run_id: str = "",
+                   resume: bool = False) -> None:
+    """Run (or with ``resume``, continue from its last checkpoint) the federation of ``heads``; release its model."""
     torch.manual_seed(cfg.seed)
     names = feature_names(cfg.data)
     model = build_model(cfg.model, n_features=len(names), n_outputs=len(heads))
     tag = "+".join(heads)
     num_partners = cfg.partners
+    run_id = run_id or config_hash(cfg)[:16]
+    start = 0
+    if resume:
+        if out.federation_finished(tag):
+            print(f"fedprop: [{tag}] already finished before the interruption; nothing to resume", flush=True)
+            return
+        start, state = out.resume_point(tag, cfg)
+        if state is not None:
+            model.load_state_dict(state)
+        print(f"fedprop: [{tag}] resuming run {run_id} after round {start} of {cfg.rounds}", flush=True)
+    round_config = {"heads": ",".join(heads), RUN_ID_KEY: run_id}
 
     clock = [time.perf_counter()]
 
@@ -90,14 +123,15 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         now = time.perf_counter()
         rec.setdefault("wall_s", now - clock[0])  # train + evaluate, as the server saw it
         clock[0] = now
-        witness(out, cfg, run_id=run_id or config_hash(cfg)[:16], rec=rec)
+        _note_recorded_dropouts(rec, tag)
+        witness(out, cfg, run_id=run_id, rec=rec)
         out.record_round(tag, rec)
         print(progress_line(tag, rec, rounds=cfg.rounds, heads=heads), flush=True)
 
     if cfg.secagg.enabled:  # the server sees only sums of updates: server/secure_fedavg.py
         secure = run_secure_fedavg(
             grid, cfg, heads=heads, initial=ArrayRecord(model.state_dict()), run_dir=out.dir,
-            run_id=run_id or config_hash(cfg)[:16], on_round=on_round,
+            run_id=run_id, on_round=on_round, start_round=start + 1, previous=out.rounds.get(tag, []),
             checkpoint=lambda rnd, arrays: out.save_checkpoint(tag, rnd, arrays.to_torch_state_dict()),
         )  # secure.rounds_aggregated == 0: nothing trained (the no-release exit is wired here)
         final, last_eval = secure.arrays, secure.last_eval
@@ -105,24 +139,49 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
                            pooled=pooled_summaries(last_eval) if last_eval else {})
         return
     strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round,
-                                 evaluate_rounds=evaluation_rounds(cfg))
+                                 evaluate_rounds=evaluation_rounds(cfg), round_offset=start)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0:
-            out.save_checkpoint(tag, server_round, arrays.to_torch_state_dict())
+    def checkpoint(loop_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if loop_round > 0:  # Flower's loop counts 1..rounds-start; the run's round is start + that
+            out.save_checkpoint(tag, start + loop_round, arrays.to_torch_state_dict())
         return None
 
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.rounds,
-        train_config=ConfigRecord({"heads": ",".join(heads)}),
-        evaluate_config=ConfigRecord({"heads": ",".join(heads)}),
+        num_rounds=cfg.rounds - start,
+        train_config=ConfigRecord(round_config),
+        evaluate_config=ConfigRecord(round_config),
         evaluate_fn=checkpoint,
         timeout=cfg.strategy.round_timeout,  # replies later than this: that partner misses the round
     )
-    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())  # model = the checkpoint
     _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final, pooled=strategy.pooled)
+
+
+def open_run(run_dir: str | Path, cfg: FedpropConfig, run_config: dict, *,
+             flower_run_id: int) -> tuple[RunOutputs, str, bool]:
+    """The run's outputs, its fedprop run id and whether it resumes (``fedprop-resume``): a new run writes its
+    config; a resume checks that ``run_dir`` holds this run (run.json: id and config hash) and reads its rounds."""
+    out = RunOutputs(Path(run_dir))
+    run_id, resume = run_identity(run_config)
+    if resume:
+        run = check_resumable(out.dir)
+        if run["fedprop_run_id"] != run_id:
+            raise ResumeError(f"{out.dir}/run.json is run {run['fedprop_run_id']}, not {run_id}: resume it with "
+                              "`fedprop server resume RUN_DIR`, which takes the id from run.json")
+        if run["config_hash"] != config_hash(cfg):
+            raise ResumeError(f"{out.dir}/run.json was written under config hash {str(run['config_hash'])[:12]}, this "
+                              f"run's config is {config_hash(cfg)[:12]}: resume with the run's own run config (run.json)")
+        out.cfg = cfg
+        out.load_rounds()
+    else:
+        out.write_config(cfg)
+    out.write_run(run_id=run_id, run_config={k: v for k, v in run_config.items() if k != RESUME_KEY},
+                  flower_run_id=flower_run_id)
+    print(f"fedprop: run {run_id} (Flower run {flower_run_id}){' resumed' if resume else ''}; outputs in {out.dir}",
+          flush=True)
+    return out, run_id, resume
 
 
 def make_server_app(*, config: FedpropConfig | None = None, run_dir: str | Path | None = None) -> ServerApp:
@@ -131,12 +190,13 @@ def make_server_app(*, config: FedpropConfig | None = None, run_dir: str | Path 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or from_run_config(context.run_config)
-        out = RunOutputs(Path(run_dir or context.run_config.get("fedprop-run-dir", "") or f"runs/flwr-{context.run_id}"))
-        out.write_config(cfg)
+        out, run_id, resume = open_run(
+            run_dir or context.run_config.get("fedprop-run-dir", "") or f"runs/flwr-{context.run_id}", cfg,
+            dict(context.run_config), flower_run_id=int(context.run_id))
         refused: list[str] = []
         for heads in federations(cfg.task, cfg.model.heads):
             try:
-                run_federation(grid, cfg, heads=heads, out=out, run_id=str(context.run_id))
+                run_federation(grid, cfg, heads=heads, out=out, run_id=run_id, resume=resume)
             except ReleaseRefused as exc:
                 refused.append(str(exc))
         out.finish()

@@ -1,7 +1,9 @@
 """Strategy composition for the server: a Flower Message-API strategy (FedAvg / FedProx / FedAdam)
 wrapped by ``RecordingStrategy``, which sorts replies before aggregation (determinism), records per-partner
 train/eval metrics and refusals, and combines evaluation histograms into exact pooled metrics.
-It wraps, it does not fork: every decision is delegated to the inner strategy.
+It wraps, it does not fork: every decision is delegated to the inner strategy. A resumed run
+(``round_offset=k``) lets Flower's loop count 1..R-k and hands the inner strategy, the nodes and the records
+the run's own rounds k+1..R.
 """
 from __future__ import annotations
 
@@ -128,8 +130,9 @@ class RecordingStrategy(Strategy):
     """Delegating wrapper: deterministic aggregation order + per-partner records + progress output."""
 
     def __init__(self, inner: Strategy, *, on_round: Callable[[dict[str, Any]], None] | None = None,
-                 evaluate_rounds: Iterable[int] | None = None) -> None:
+                 evaluate_rounds: Iterable[int] | None = None, round_offset: int = 0) -> None:
         self.inner = inner
+        self.round_offset = int(round_offset)  # rounds done before a resume: loop round r is the run's round r + offset
         self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self.on_round = on_round
         self.rounds: list[dict[str, Any]] = []
@@ -141,6 +144,7 @@ class RecordingStrategy(Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._current = {"round": server_round, "partners": {}, "refusals": [], "server": {}}
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._mark = time.perf_counter()
@@ -154,7 +158,7 @@ class RecordingStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         t0 = time.perf_counter()
         self._timed("train-wait-s", self._mark)
-        result = self._aggregate_train(server_round, replies)
+        result = self._aggregate_train(server_round + self.round_offset, replies)
         self._timed("aggregate-train-s", t0)
         return result
 
@@ -175,6 +179,7 @@ class RecordingStrategy(Strategy):
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
             self._mark = time.perf_counter()  # evaluation is a DP release: only the scheduled rounds ask for it
             return []
@@ -184,6 +189,7 @@ class RecordingStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         t0 = time.perf_counter()
+        server_round += self.round_offset
         self._timed("evaluate-wait-s", self._mark)
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
