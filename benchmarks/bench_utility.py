@@ -55,7 +55,8 @@ def load_parts(cfg, heads: tuple[str, ...], split_key: bytes):
                          heads_key=",".join(heads), split_key=split_key) for i in range(cfg.partners)]
 
 
-def replay_federation(cfg, parts) -> dict[str, Any]:
+def replay_federation(cfg, parts, *, server_momentum: float = 0.0, server_lr: float = 1.0,
+                      tail: float = 0.0) -> dict[str, Any]:
     """FedAvg over ``parts`` with each partner's DP-SGD rounds, in process. Returns the final model, the round-1
     model and the pooled mean training loss after every round (driver-side divergence check)."""
     import torch
@@ -63,7 +64,9 @@ def replay_federation(cfg, parts) -> dict[str, Any]:
     from clients.node import initial_privacy_state, train_round
     from clients.training import mean_loss
     from federation.models import build_model
+    from server.optimizers import ServerOptimizer
 
+    opt = ServerOptimizer(rounds=cfg.rounds, momentum=server_momentum, lr=server_lr, tail=tail)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, n_features=parts[0].X_train.shape[1], n_outputs=len(parts[0].heads))
     states = {p.partition_id: initial_privacy_state(cfg, p) if cfg.privacy.enabled else None for p in parts}
@@ -81,11 +84,14 @@ def replay_federation(cfg, parts) -> dict[str, Any]:
             updates.append(sd)
             weights.append(float(metrics["num-examples"]))
         total = sum(weights)
-        model.load_state_dict({k: sum(w * u[k] for w, u in zip(weights, updates)) / total for k in global_sd})
+        model.load_state_dict(opt.step(global_sd, {k: sum(w * u[k] for w, u in zip(weights, updates)) / total
+                                                   for k in global_sd}))
         losses.append(mean_loss(model, X, Y))
         if rnd == 1:
             first = build_model(cfg.model, n_features=X.shape[1], n_outputs=Y.shape[1])
             first.load_state_dict(model.state_dict())
+    model.load_state_dict(opt.released())
+    losses[-1] = mean_loss(model, X, Y)  # the released model's loss
     sigmas = {p.partition_id: (states[p.partition_id].noise_multiplier if states[p.partition_id] else 0.0,
                                states[p.partition_id].sample_rate if states[p.partition_id] else 1.0,
                                states[p.partition_id].steps_per_round if states[p.partition_id] else 0)
@@ -95,7 +101,8 @@ def replay_federation(cfg, parts) -> dict[str, Any]:
                         for p in parts}}
 
 
-def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bool = True) -> dict[str, Any]:
+def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bool = True,
+                     server: dict[str, float] | None = None) -> dict[str, Any]:
     from federation import metrics as M
     from federation.models import federations
     from simulations.baselines import head_metrics, pooled_metrics, run_baselines
@@ -105,7 +112,7 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
     split_key = secrets.token_bytes(32)
     parts = load_parts(cfg, heads, split_key)
     t0 = time.perf_counter()
-    fed = replay_federation(cfg, parts)
+    fed = replay_federation(cfg, parts, **(server or {}))
     t_fed = time.perf_counter() - t0
     model = fed["model"]
     base = run_baselines(cfg, parts, global_model=model if personalise else None)
@@ -123,6 +130,7 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
             fd = fed_pp[pid][head]["auc_roc"]
             pers = (base.get("personalised", {}).get("per_partner", {}).get(pid) or {}).get(head, {}).get("auc_roc")
             rows.append({"partner": pid, "n_train": p.n_train, "local": lo, "fed": fd, "personalised": pers,
+                         "choice": (base.get("personalised", {}).get("model", {}).get(pid) or {}).get(head, ""),
                          "central": base["centralized"]["per_partner"][pid][head]["auc_roc"]})
         n = len(rows)
         out["heads"][head] = {
@@ -160,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eps", nargs="*", type=float, default=[1.0, 3.0])
     ap.add_argument("--set", action="append", default=[], help="a Hydra override, e.g. train.lr=0.5 (repeatable)")
     ap.add_argument("--no-personalise", action="store_true")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM beta (server/optimizers.py)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM eta")
+    ap.add_argument("--tail", type=float, default=0.0, help="release the mean of the last ceil(tail*rounds) models")
     ap.add_argument("--per-partner", action="store_true", help="also print each partner's AUCs")
     ap.add_argument("--json", help="write all results to this file")
     a = ap.parse_args(argv)
@@ -170,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for data in a.data:
         for eps in a.eps:
             t0 = time.perf_counter()
-            r = evaluate_dataset(data, eps, a.set, personalise=not a.no_personalise)
+            r = evaluate_dataset(data, eps, a.set, personalise=not a.no_personalise,
+                                 server={"server_momentum": a.server_momentum, "server_lr": a.server_lr, "tail": a.tail})
             results.append(r)
             print(render([r]).splitlines()[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if a.per_partner:
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     for row in h["per_partner"]:
                         print(f"    {head} partner {row['partner']} (n_train {row['n_train']}): local {row['local']:.3f} "
                               f"fed {row['fed']:.3f} pers {row['personalised'] or float('nan'):.3f} "
-                              f"central {row['central']:.3f}", flush=True)
+                              f"central {row['central']:.3f} [{row['choice']}]", flush=True)
     print()
     print(render(results))
     if a.json:

@@ -2,11 +2,14 @@
 (best of a tuned logistic regression and HistGradientBoosting, chosen on a validation split of its training
 customers) and the personalised model derived from the global DP model.
 
-Personalisation (per task head): candidates are the global DP model, the local model, the global model
-fine-tuned on the partner's training customers, and blends of global and local logits
-(``alpha * logit_global + (1 - alpha) * logit_local``). The partner picks the candidate with the best AUC on a
-validation split of its training customers (ties favour the global model), then refits the chosen candidate on
-all its training customers. Its held-out test customers are never used for a choice.
+Personalisation (per task head): candidates are convex blends of the global DP model's and the local model's
+logits (``alpha * logit_global + (1 - alpha) * logit_local``, alpha on a grid from 0 = the local-only model to
+1 = the global model), the global model fine-tuned on the partner's training customers, and the local model's
+kind refitted with the global model's logit as one more feature (stacking). The partner scores
+each by its mean AUC over out-of-fold validation folds of its training customers (the local model and the
+fine-tuning refitted without the fold) and keeps the best (ties favour the local-only model, then the global
+one); a blend then uses the partner's local-only model itself. Its held-out test customers are never used for a
+choice. Since local-only is a candidate, validation never prefers a model it scores below local-only.
 
 Privacy: the personalised model is a function of the partner's raw data; it is NOT a DP release and must never
 leave the node (no coordinator, partner or model card sees it). The global model it starts from is DP
@@ -24,10 +27,12 @@ import torch
 from torch import nn
 
 LR_CS = (0.01, 0.1, 1.0, 10.0)
-BLEND_ALPHAS = (0.25, 0.5, 0.75)
+BLEND_ALPHAS = tuple(i / 20 for i in range(21))  # 0 = local-only, 1 = global
+N_FOLDS = 5
 FINE_TUNE_EPOCHS = (2, 8)
 VAL_FRACTION = 0.25
 MIN_VAL_POSITIVES = 5  # below this a validation AUC decides nothing: fall back on the simplest candidate
+# (fit_reference: on its validation split; personalise: per class and fold, on average)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -109,11 +114,12 @@ def _fit_reference(X: np.ndarray, y: np.ndarray, *, seed: int) -> LocalModel:
 
 @dataclass
 class HeadChoice:
-    kind: str  # global | local | fine_tune | blend
-    alpha: float = 1.0  # blend weight of the global logits
+    kind: str  # global | local | fine_tune | blend | stack
+    alpha: float = 1.0  # blend weight of the global logits (1 = global, 0 = local)
     epochs: int = 0  # fine_tune epochs
-    validation_auc: float = float("nan")
+    validation_auc: float = float("nan")  # mean out-of-fold AUC of the chosen candidate on the training customers
     local_kind: str = ""
+    local_validation_auc: float = float("nan")  # the same for the local-only model (alpha 0)
 
 
 @dataclass
@@ -125,6 +131,7 @@ class PersonalisedModel:
     choices: dict[str, HeadChoice]
     local: dict[str, LocalModel] = field(default_factory=dict)
     tuned: dict[str, nn.Module] = field(default_factory=dict)
+    stacked: dict[str, LocalModel] = field(default_factory=dict)  # local model with the global logit as a feature
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
         from federation.models import predict_proba
@@ -139,6 +146,8 @@ class PersonalisedModel:
                 out[:, j] = _sigmoid(self.local[h].logit(X.numpy()))
             elif c.kind == "blend":
                 out[:, j] = _sigmoid(c.alpha * _logit(g[:, j]) + (1 - c.alpha) * self.local[h].logit(X.numpy()))
+            elif c.kind == "stack":
+                out[:, j] = _sigmoid(self.stacked[h].logit(np.c_[X.numpy(), _logit(g[:, j])]))
             else:
                 out[:, j] = predict_proba(self.tuned[h], X).numpy()[:, j]
         return out
@@ -149,6 +158,8 @@ class PersonalisedModel:
                 return f"blend(global {c.alpha:g}, local {c.local_kind})"
             if c.kind == "fine_tune":
                 return f"fine_tune({c.epochs} epochs)"
+            if c.kind == "stack":
+                return f"stack(local {c.local_kind} + global logit)"
             return c.kind if c.kind != "local" else f"local {c.local_kind}"
 
         return {h: one(c) for h, c in self.choices.items()}
@@ -164,38 +175,94 @@ def fine_tune(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, epoc
     return model
 
 
+def cv_folds(n: int, *, seed: int, k: int = N_FOLDS) -> list[np.ndarray]:
+    """``k`` disjoint validation folds covering the training customers. Not privacy randomness: nothing is released."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(f) for f in np.array_split(perm, k)]
+
+
+def _refit(local: LocalModel, X: np.ndarray, y: np.ndarray) -> LocalModel:
+    """The same estimator (kind and hyperparameters) as ``local``, fitted on (X, y)."""
+    from sklearn.base import clone
+
+    if local.kind == "constant" or not 0 < y.sum() < len(y):
+        from sklearn.dummy import DummyClassifier
+
+        return LocalModel("constant", DummyClassifier(strategy="most_frequent").fit(X, y))
+    return LocalModel(local.kind, clone(local.estimator).fit(X, y))
+
+
 def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, heads: tuple[str, ...],
-                seed: int) -> PersonalisedModel:
-    """Choose and fit this partner's personalised model on its training customers (X, Y) only."""
+                seed: int, local: dict[str, LocalModel] | None = None) -> PersonalisedModel:
+    """Choose and fit this partner's personalised model on its training customers (X, Y) only.
+
+    ``local``: the partner's local-only model per head (``fit_reference`` on the same (X, Y)); fitted here when
+    not given. Candidates per head: convex blends ``alpha * logit_global + (1 - alpha) * logit_local`` for alpha
+    in ``BLEND_ALPHAS`` (0 is the local-only model itself, 1 the global model) and the global model fine-tuned for
+    ``FINE_TUNE_EPOCHS`` and the local model's kind refitted with the global logit as one more feature (stacking).
+    Each is scored by its mean AUC over ``N_FOLDS`` out-of-fold validation folds of the
+    training customers (the local model and the fine-tuning refitted without the fold; the global model is a DP
+    release, used as is); the best wins and is refitted on all training customers (for a blend: the given
+    local-only model). Local-only is a candidate, so validation never prefers a model worse than it."""
+    from threadpoolctl import threadpool_limits
+
     from federation.models import predict_proba
 
     Xn, Yn = X.numpy(), Y.numpy()
-    fit, val = validation_split(len(X), seed=seed)
-    g_val = _logit(predict_proba(global_model, X[val]).numpy())
-    tuned_val = {e: predict_proba(fine_tune(global_model, X[fit], Y[fit], epochs=e, seed=seed), X[val]).numpy()
-                 for e in FINE_TUNE_EPOCHS}
+    n = len(X)
+    folds = cv_folds(n, seed=seed)
+    g_all = _logit(predict_proba(global_model, X).numpy())
+    rest = [np.setdiff1d(np.arange(n), f) for f in folds]
+    tuned_oof: dict[int, np.ndarray] = {}
     choices: dict[str, HeadChoice] = {}
-    local: dict[str, LocalModel] = {}
+    local = dict(local or {})
     for j, h in enumerate(heads):
-        y_val = Yn[val, j]
-        if y_val.sum() < MIN_VAL_POSITIVES or (1 - y_val).sum() < MIN_VAL_POSITIVES:
-            choices[h] = HeadChoice("global")  # a validation AUC on so few would decide by chance
+        y = Yn[:, j]
+        if min(y.sum(), (1 - y).sum()) < N_FOLDS * MIN_VAL_POSITIVES:
+            choices[h] = HeadChoice("global")  # fold AUCs on so few would decide by chance
             continue
-        loc_fit = fit_reference(Xn[fit], Yn[fit, j], seed=seed)
-        l_val = loc_fit.logit(Xn[val])
-        cands = [(_auc(y_val, g_val[:, j]), 2, HeadChoice("global"))]
-        cands.append((_auc(y_val, l_val), 0, HeadChoice("local", local_kind=loc_fit.kind)))
-        cands += [(_auc(y_val, a * g_val[:, j] + (1 - a) * l_val), 1, HeadChoice("blend", alpha=a, local_kind=loc_fit.kind))
-                  for a in BLEND_ALPHAS]
-        cands += [(_auc(y_val, p[:, j]), 1, HeadChoice("fine_tune", epochs=e)) for e, p in tuned_val.items()]
+        if h not in local:
+            local[h] = fit_reference(Xn, y, seed=seed)
+        # out-of-fold logits of the local model (same kind and hyperparameters, refitted without the fold)
+        l_oof, s_oof = np.empty(n), np.empty(n)
+        Xs = np.c_[Xn, g_all[:, j]]  # stacking: the local model's kind with the global logit as one more feature
+        with threadpool_limits(limits=1):
+            for f, r in zip(folds, rest):
+                l_oof[f] = _refit(local[h], Xn[r], y[r]).logit(Xn[f])
+                s_oof[f] = _refit(local[h], Xs[r], y[r]).logit(Xs[f])
+        if not tuned_oof:  # one fine-tuning per fold and epoch count serves every head
+            for e in FINE_TUNE_EPOCHS:
+                tuned_oof[e] = np.empty((n, len(heads)))
+                for k, (f, r) in enumerate(zip(folds, rest)):
+                    m = fine_tune(global_model, X[r], Y[r], epochs=e, seed=seed + k)
+                    tuned_oof[e][f] = predict_proba(m, X[f]).numpy()
+
+        def cv_auc(s: np.ndarray) -> float:
+            a = [_auc(y[f], s[f]) for f in folds]
+            a = [v for v in a if v == v]
+            return float(np.mean(a)) if a else float("nan")
+
+        # (score, preference, choice): among equal scores prefer local, then global, then the rest
+        cands = []
+        for a in BLEND_ALPHAS:
+            kind = "local" if a == 0 else "global" if a == 1 else "blend"
+            c = HeadChoice(kind, alpha=float(a), local_kind=local[h].kind)
+            cands.append((cv_auc(a * g_all[:, j] + (1 - a) * l_oof), {"local": 2, "global": 1}.get(kind, 0), c))
+        cands += [(cv_auc(p[:, j]), 0, HeadChoice("fine_tune", epochs=e, local_kind=local[h].kind))
+                  for e, p in tuned_oof.items()]
+        cands.append((cv_auc(s_oof), 0, HeadChoice("stack", local_kind=local[h].kind)))
         score, _, best = max(cands, key=lambda c: (c[0], c[1]))
         best.validation_auc = score
+        best.local_validation_auc = cands[0][0]
         choices[h] = best
-        if best.kind in ("local", "blend"):
-            local[h] = fit_reference(Xn, Yn[:, j], seed=seed)  # refit on all training customers
-            best.local_kind = local[h].kind
-    tuned = {}
-    for h, c in choices.items():
+    tuned, stacked = {}, {}
+    for j, h in enumerate(heads):
+        c = choices[h]
         if c.kind == "fine_tune":
             tuned[h] = fine_tune(global_model, X, Y, epochs=c.epochs, seed=seed)
-    return PersonalisedModel(tuple(heads), global_model, choices, local, tuned)
+        elif c.kind == "stack":
+            with threadpool_limits(limits=1):
+                stacked[h] = _refit(local[h], np.c_[Xn, g_all[:, j]], Yn[:, j])
+    return PersonalisedModel(tuple(heads), global_model, choices,
+                             {h: m for h, m in local.items() if choices[h].kind in ("local", "blend")}, tuned,
+                             stacked)

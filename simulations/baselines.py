@@ -98,7 +98,8 @@ def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
         out["personalised"] = {"per_partner": {}, "model": {}}
         for i, p in enumerate(parts):
             pers[p.partition_id] = personalise(global_model, p.X_train, p.Y_train, heads=heads,
-                                               seed=cfg.seed + 2000 + p.partition_id)
+                                               seed=cfg.seed + 2000 + p.partition_id,
+                                               local=local[p.partition_id].per_head)  # alpha 0 = local-only
             out["personalised"]["per_partner"][str(p.partition_id)] = head_metrics(pers[p.partition_id], p)
             out["personalised"]["model"][str(p.partition_id)] = pers[p.partition_id].describe()
             if progress:

@@ -74,4 +74,4 @@ def test_personalise_sees_training_data_only():
     import inspect
 
     params = set(inspect.signature(personalise).parameters)
-    assert params == {"global_model", "X", "Y", "heads", "seed"}  # no test split can enter a choice
+    assert params == {"global_model", "X", "Y", "heads", "seed", "local"}  # no test split can enter a choice
