@@ -75,3 +75,47 @@ def test_personalise_sees_training_data_only():
 
     params = set(inspect.signature(personalise).parameters)
     assert params == {"global_model", "X", "Y", "heads", "seed", "local"}  # no test split can enter a choice
+
+
+def test_blend_weight_zero_is_exactly_the_given_local_only_model():
+    """The personalised model's candidate set contains the partner's own local-only model, unchanged."""
+    from clients.personalize import HeadChoice, PersonalisedModel
+
+    rng = np.random.default_rng(4)
+    Xtr, ytr = _linear_data(600, rng, np.array([0.0, 0.0, 5.0, -5.0]))
+    loc = fit_reference(Xtr, ytr, seed=0)
+    pm = PersonalisedModel(("churn",), _global_model(np.array([5.0, -5.0, 0.0, 0.0])),
+                           {"churn": HeadChoice("blend", alpha=0.0)}, {"churn": loc})
+    X = torch.from_numpy(Xtr[:50])
+    assert np.allclose(pm.predict_proba(X)[:, 0], loc.estimator.predict_proba(Xtr[:50])[:, 1], atol=1e-6)
+
+
+def test_personalisation_uses_the_given_local_model_and_never_scores_below_it_on_validation():
+    rng = np.random.default_rng(5)
+    w = np.array([4.0, -4.0, 2.0, 0.0])
+    Xtr, ytr = _linear_data(1500, rng, w)
+    loc = fit_reference(Xtr, ytr, seed=0)
+    pm = personalise(_global_model(np.array([0.0, 0.0, 0.0, 5.0])), torch.from_numpy(Xtr), torch.from_numpy(ytr)[:, None],
+                     heads=("churn",), seed=0, local={"churn": loc})  # a useless global model
+    c = pm.choices["churn"]
+    assert c.validation_auc >= c.local_validation_auc
+    if c.kind in ("local", "blend"):
+        assert pm.local["churn"] is loc
+
+
+def test_a_small_partner_gains_from_a_good_global_model():
+    """30 features, 4 informative: 300 customers overfit alone; the (slightly wrong) global model knows the signal."""
+    w = np.zeros(30)
+    w[:4] = [3.0, -3.0, 3.0, -3.0]
+    rng = np.random.default_rng(3)
+    Xtr, ytr = _linear_data(300, rng, w)
+    Xte, yte = _linear_data(4000, rng, w)
+    wg = w.copy()
+    wg[4:8] = 1.0  # a DP global model: right direction, some error
+    g = _global_model(wg)
+    loc = fit_reference(Xtr, ytr, seed=0)
+    pm = personalise(g, torch.from_numpy(Xtr), torch.from_numpy(ytr)[:, None], heads=("churn",), seed=0,
+                     local={"churn": loc})
+    assert pm.choices["churn"].kind != "local"
+    auc_p = roc_auc_score(yte, pm.predict_proba(torch.from_numpy(Xte))[:, 0])
+    assert auc_p > roc_auc_score(yte, loc.logit(Xte)) + 0.02
