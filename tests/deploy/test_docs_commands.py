@@ -155,7 +155,14 @@ def test_documented_fedprop_command_parses(where, argv):
 
 
 def _app_config_keys() -> dict:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    """pyproject's [tool.flwr.app.config], flat as Flower reads it (TOML's dotted keys are nested tables)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    return flat(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
 
 
 def _read_by_code(key: str) -> bool:
