@@ -286,19 +286,35 @@ def _run_doc(root: Path, argv: list[str], mapping: dict[str, str]):
     return fedprop(*_subst(argv, mapping), cwd=root, check=False)
 
 
-def test_cheap_documented_commands_run(tmp_path):
+def _run_in_process(argv: list[str], mapping: dict[str, str]):
+    """``fedprop ARGV`` through simulations/cli.py:main in this process (the CWD set by the caller)."""
+    from types import SimpleNamespace
+
+    from simulations.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(_subst(argv, mapping))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_cheap_documented_commands_run(tmp_path, monkeypatch):
     """The coordinator's and partners' setup lines run as written (hosts/ports/dirs substituted); `server start`
     and `client start` build their Flower command lines (`--print-command`) from the files the setup made."""
     from federation import signing
 
     root = tmp_path
+    monkeypatch.chdir(root)
     mapping = _substitutions(root)
     guide = _section_commands("docs/partner-guide.md")
     coordinator = [a for a in guide if a[:2] in ([["certs", "init"], ["certs", "app-key"]])]
     assert len(coordinator) == 2, coordinator
     ran = []
     for argv in coordinator:  # the coordinator first: the partners need its CA and app key
-        res = _run_doc(root, argv, mapping)
+        res = _run_in_process(argv, mapping)
         assert res.returncode == 0, f"`fedprop {shlex.join(argv)}` failed:\n{res.stdout}{res.stderr}"
         ran.append(argv[:2])
     _hand_over(root)
@@ -310,9 +326,79 @@ def test_cheap_documented_commands_run(tmp_path):
             if key not in CHEAP | PRINT_ONLY or argv in coordinator:
                 continue
             args = [*argv, "--print-command"] if key in PRINT_ONLY else argv
-            res = _run_doc(root, args, mapping)
+            res = _run_in_process(args, mapping)
             assert res.returncode == 0, f"{doc}: `fedprop {shlex.join(args)}` failed:\n{res.stdout}{res.stderr}"
             if key in PRINT_ONLY:
                 assert "flower-super" in res.stdout, res.stdout
             ran.append(argv[:2])
     assert ["server", "start"] in ran and ["client", "start"] in ran and ["certs", "node-key"] in ran, ran
+
+
+@pytest.mark.slow  # a real coordinator + one partner node on loopback and a 1-round fedprop run: minutes
+def test_documented_federation_runs_on_loopback(tmp_path):
+    """The partner guide's coordinator section and partner steps, run as written on loopback: `certs init`,
+    `certs app-key`, `certs node-key`, `server start`, `server register-node`, `server nodes`, `client start`
+    (real data: README's `data synth` event log as the partner's Parquet file, the synthetic-events contract,
+    the example policy) and `server submit`. Substituted: hosts, ports, absolute directories; `--superlink`
+    is added where a line relies on the default control port; `submit` gets a second `--run-config` for this
+    single partner and 1 round (the documented line's own run config stays)."""
+    import pandas as pd
+
+    from federation import signing
+    from server import deploy
+    from tests.deploy.harness import FEDPROP, clean_env, fedprop
+
+    root = tmp_path
+    fleet, control, node = (deploy.free_port("127.0.0.1") for _ in range(3))
+    mapping = {**_substitutions(root, fleet=fleet, control=control, node=node), "0.0.0.0": "127.0.0.1"}
+    guide = _section_commands("docs/partner-guide.md")
+    by = {}
+    for argv in guide:
+        by.setdefault(tuple(argv[:2]), argv)
+    for key in [("certs", "init"), ("certs", "app-key"), ("certs", "node-key")]:
+        res = _run_doc(root, by[key], mapping)
+        assert res.returncode == 0, f"`fedprop {shlex.join(by[key])}`:\n{res.stdout}{res.stderr}"
+    _hand_over(root)
+    pub = next((root / "fedprop-keys").glob("*.pub"))
+    shutil.copy(pub, root / pub.name)  # the partner sends only its .pub
+    mapping["<fingerprint>"] = signing.public_key_fingerprint(root / "app-signing.pub").removeprefix("sha256:")
+    etc = root / "etc" / "fedprop"
+    fedprop("certs", "ledger-key", etc / "keys", "--partner", "acme")  # the node-config table's command
+    shutil.copy(REPO / "conf" / "contracts" / "synthetic_events.yaml", etc / "contract.yaml")
+    shutil.copy(REPO / "docs" / "policy-example.yaml", etc / "policy.yaml")
+    synth = next(a for w, a in FEDPROP if w.startswith("README.md") and a[:2] == ["data", "synth"])
+    res = _run_doc(root, synth, mapping)
+    assert res.returncode == 0, res.stderr
+    (root / "data" / "acme").mkdir(parents=True)
+    pd.read_csv(root / synth[synth.index("--out") + 1]).to_parquet(root / "data" / "acme" / "events.parquet")
+    (root / "var" / "lib" / "fedprop").mkdir(parents=True)
+
+    def with_superlink(argv):
+        return argv if "--superlink" in argv else [*argv, "--superlink", f"127.0.0.1:{control}"]
+
+    procs = []
+    try:
+        server = deploy.ManagedProcess([FEDPROP, *_subst(by[("server", "start")], mapping)], env=clean_env(),
+                                       log_path=root / "server.log", cwd=root)
+        procs.append(server)
+        deploy.wait_for_port("127.0.0.1", control, timeout=90, process=server)
+        deploy.wait_for_port("127.0.0.1", fleet, timeout=90, process=server)
+        for key in [("server", "register-node"), ("server", "nodes")]:
+            res = _run_doc(root, with_superlink(by[key]), mapping)
+            assert res.returncode == 0, f"`fedprop {shlex.join(by[key])}`:\n{res.stdout}{res.stderr}"
+        client = deploy.ManagedProcess([FEDPROP, *_subst(by[("client", "start")], mapping)], env=clean_env(),
+                                       log_path=root / "client.log", cwd=root)
+        procs.append(client)
+        client.wait_for_log("SuperNode ID:", timeout=120)
+        nodes = _run_doc(root, with_superlink(by[("server", "nodes")]), mapping)
+        assert "1 of 1 registered SuperNodes online" in nodes.stdout, nodes.stdout
+        submit = [a if a != "./fedprop" else str(REPO) for a in with_superlink(by[("server", "submit")])]
+        submit += ["--run-config", f"fedprop.partners=1 fedprop.rounds=1 fedprop-run-dir='{root / 'run'}'",
+                   "--timeout", "900"]
+        res = _run_doc(root, submit, mapping)
+        assert res.returncode == 0 and "finished:completed" in res.stdout, (
+            f"{res.stdout}{res.stderr}\nclient log:\n{client.log_text()[-3000:]}")
+        assert (root / "run" / "FEDERATION_DONE").exists()
+    finally:
+        deploy.stop_all(procs[1:])
+        deploy.stop_all(procs[:1])
