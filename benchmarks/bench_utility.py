@@ -96,7 +96,7 @@ def replay_federation(cfg, parts, *, server_momentum: float = 0.0, server_lr: fl
                                states[p.partition_id].sample_rate if states[p.partition_id] else 1.0,
                                states[p.partition_id].steps_per_round if states[p.partition_id] else 0)
               for p in parts}
-    return {"model": model, "round1": first, "train_loss": losses, "dp": sigmas,
+    return {"model": model, "round1": first, "train_loss": losses, "dp": sigmas, "states": states,
             "epsilon": {p.partition_id: states[p.partition_id].epsilon() if states[p.partition_id] else None
                         for p in parts}}
 
@@ -119,6 +119,8 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
     out: dict[str, Any] = {"data": data, "epsilon": eps, "partners": len(parts), "federation_s": t_fed,
                            "train_loss": fed["train_loss"], "dp": fed["dp"], "heads": {}}
     fed_pool = pooled_metrics(model, parts)
+    calibrated = platt_calibrated(cfg, parts, model, fed["states"]) if cfg.privacy.enabled else None
+    cal_pool = pooled_metrics(calibrated[0], parts) if calibrated else None
     fed_pp = {str(p.partition_id): head_metrics(model, p) for p in parts}
     for head in heads:
         c = base["centralized"]["pooled"][head]["auc_roc"]
@@ -136,6 +138,8 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
         out["heads"][head] = {
             "fed_auc": f, "central_auc": c, "central_model": base["centralized"].get("model"),
             "ratio": f / c, "ece": fed_pool[head]["ece"],
+            "ece_platt": cal_pool[head]["ece"] if cal_pool else None,
+            "platt": calibrated[1][head] if calibrated else None,
             "fed_beats_local": sum(r["fed"] > r["local"] for r in rows) / n,
             "pers_beats_local": (sum(r["personalised"] > r["local"] for r in rows if r["personalised"] is not None) / n
                                  if personalise else None),
@@ -148,16 +152,37 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
     return out
 
 
+def platt_calibrated(cfg, parts, model, states):
+    """The released model after federated Platt scaling from the partners' DP evaluation releases of it
+    (``clients.node.evaluate``: the same noisy counts, summed as the server does). Returns (model, per-head a/b).
+    The fit uses the evaluation (test) customers' noisy counts, so the ECE after it is in-sample for 2 parameters."""
+    import copy
+
+    from clients.node import evaluate
+    from federation import metrics as M
+    from federation.calibration import calibrate_last_linear, platt_from_release
+
+    sd = model.state_dict()
+    releases = [evaluate(cfg, p, sd, states[p.partition_id])[0] for p in parts]
+    out, per_head = copy.deepcopy(model), {}
+    for j, head in enumerate(parts[0].heads):
+        scaling = platt_from_release(M.combine_releases(releases, prefix=f"{head}.hist."))
+        calibrate_last_linear(out, j, scaling)
+        per_head[head] = scaling.as_dict()
+    return out, per_head
+
+
 def render(results: list[dict[str, Any]]) -> str:
     lines = ["| data | epsilon | head | fed-DP AUC | centralized AUC (model) | ratio | fed-DP > local-only | "
-             "personalised > local-only (>= -0.005) | ECE fed-DP | train loss r1 -> final | diverged |",
+             "personalised > local-only (>= -0.005) | ECE fed-DP (after DP Platt) | train loss r1 -> final | diverged |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for head, h in r["heads"].items():
+            cal = "" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f})"
             pers = "-" if h["pers_beats_local"] is None else f"{h['pers_beats_local']:.0%} ({h['pers_no_loss']:.0%})"
             lines.append(
                 f"| {r['data']} | {r['epsilon']:g} | {head} | {h['fed_auc']:.3f} | {h['central_auc']:.3f} "
-                f"({h['central_model']}) | {h['ratio']:.3f} | {h['fed_beats_local']:.0%} | {pers} | {h['ece']:.3f} | "
+                f"({h['central_model']}) | {h['ratio']:.3f} | {h['fed_beats_local']:.0%} | {pers} | {h['ece']:.3f}{cal} | "
                 f"{r['train_loss'][1]:.3f} -> {r['train_loss'][-1]:.3f} | {'YES' if r['diverged'] else 'no'} |")
     return "\n".join(lines)
 

@@ -29,6 +29,8 @@ from torch import nn
 LR_CS = (0.01, 0.1, 1.0, 10.0)
 BLEND_ALPHAS = tuple(i / 20 for i in range(21))  # 0 = local-only, 1 = global
 N_FOLDS = 5
+# A candidate replaces local-only only if its mean per-fold AUC gain exceeds this many standard errors of the gain
+MIN_GAIN_SE = 0.0
 FINE_TUNE_EPOCHS = (2, 8)
 VAL_FRACTION = 0.25
 MIN_VAL_POSITIVES = 5  # below this a validation AUC decides nothing: fall back on the simplest candidate
@@ -193,7 +195,8 @@ def _refit(local: LocalModel, X: np.ndarray, y: np.ndarray) -> LocalModel:
 
 
 def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, heads: tuple[str, ...],
-                seed: int, local: dict[str, LocalModel] | None = None) -> PersonalisedModel:
+                seed: int, local: dict[str, LocalModel] | None = None,
+                min_gain_se: float = MIN_GAIN_SE) -> PersonalisedModel:
     """Choose and fit this partner's personalised model on its training customers (X, Y) only.
 
     ``local``: the partner's local-only model per head (``fit_reference`` on the same (X, Y)); fitted here when
@@ -237,10 +240,8 @@ def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, he
                     m = fine_tune(global_model, X[r], Y[r], epochs=e, seed=seed + k)
                     tuned_oof[e][f] = predict_proba(m, X[f]).numpy()
 
-        def cv_auc(s: np.ndarray) -> float:
-            a = [_auc(y[f], s[f]) for f in folds]
-            a = [v for v in a if v == v]
-            return float(np.mean(a)) if a else float("nan")
+        def cv_auc(s: np.ndarray) -> np.ndarray:  # per-fold AUCs
+            return np.array([_auc(y[f], s[f]) for f in folds])
 
         # (score, preference, choice): among equal scores prefer local, then global, then the rest
         cands = []
@@ -251,7 +252,12 @@ def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, he
         cands += [(cv_auc(p[:, j]), 0, HeadChoice("fine_tune", epochs=e, local_kind=local[h].kind))
                   for e, p in tuned_oof.items()]
         cands.append((cv_auc(s_oof), 0, HeadChoice("stack", local_kind=local[h].kind)))
-        score, _, best = max(cands, key=lambda c: (c[0], c[1]))
+        cands = [(float(np.nanmean(a)), pref, c, a) for a, pref, c in cands]
+        score, _, best, fold_aucs = max(cands, key=lambda c: (c[0], c[1]))
+        d = fold_aucs - cands[0][3]  # paired per-fold gain over local-only (alpha 0)
+        d = d[d == d]
+        if best.kind != "local" and min_gain_se > 0 and len(d) > 1 and d.mean() < min_gain_se * d.std(ddof=1) / np.sqrt(len(d)):
+            score, _, best, _ = cands[0]  # the gain is within the folds' noise: keep the local-only model
         best.validation_auc = score
         best.local_validation_auc = cands[0][0]
         choices[h] = best

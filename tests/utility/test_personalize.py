@@ -74,7 +74,7 @@ def test_personalise_sees_training_data_only():
     import inspect
 
     params = set(inspect.signature(personalise).parameters)
-    assert params == {"global_model", "X", "Y", "heads", "seed", "local"}  # no test split can enter a choice
+    assert params == {"global_model", "X", "Y", "heads", "seed", "local", "min_gain_se"}  # no test split can enter a choice
 
 
 def test_blend_weight_zero_is_exactly_the_given_local_only_model():
