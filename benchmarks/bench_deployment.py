@@ -74,6 +74,17 @@ def run_fedprop(fed, rounds: int, tmp: Path, *, secure: bool) -> list[float]:
     recs = json.loads((run_dir / "federated_rounds.json").read_text())["churn+propensity"]
     if len(recs) != rounds or any(len(r["partners"]) != len(PARTNERS) for r in recs):
         raise SystemExit(f"fedprop {name}: expected {rounds} rounds with {len(PARTNERS)} partners each: {recs}")
+    phases: dict[str, list[float]] = {}
+    for r in recs[1:]:  # steady state: where a round's time goes (the nodes' public per-phase timings)
+        for k, v in r.get("server", {}).items():
+            phases.setdefault(f"server {k}", []).append(float(v))
+        for p in r["partners"].values():
+            for kind in ("train", "evaluate"):
+                for k, v in p.get(kind, {}).items():
+                    if k.startswith("time.") and isinstance(v, (int, float)):
+                        phases.setdefault(f"node {kind} {k[5:]}", []).append(float(v))
+    print(f"  {name} rounds 2..R, mean seconds: " + ", ".join(
+        f"{k} {statistics.mean(v):.2f}" for k, v in sorted(phases.items())), flush=True)
     return [float(r["wall_s"]) for r in recs]
 
 

@@ -154,6 +154,7 @@ clientapp = "deployfloor.client_app:app"
 num-server-rounds = 3
 min-nodes = 3
 result-path = ""
+fedprop-run-id = ""  # deploy.submit_run adds it to every run config; the SuperLink refuses undeclared keys
 """
 
 # Train + evaluate every round (FedAvg, fraction_evaluate 1), as fedprop's app with evaluation.rounds = rounds.
