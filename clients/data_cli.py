@@ -29,8 +29,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?", default=None, help="input file (default: the contract's source.files)")
     c.add_argument("--delta", type=float, default=None, help="the run's DP delta: also check delta < 1/n")
     c.set_defaults(func=_check)
-    pr = sub.add_parser("propose", help="print a draft contract for a customer table (review it: not DP)")
+    pr = sub.add_parser("propose", help="print a draft contract for a customer table or an event log (review it: not DP)")
     pr.add_argument("file")
+    pr.add_argument("--kind", choices=("table", "events"), default="table",
+                    help="table: one row per customer (default); events: one row per event of a customer")
+    pr.add_argument("--label", default="", help="table: the label column (default: inferred from its name, e.g. Churn, Exited, y)")
+    pr.add_argument("--task", choices=("churn", "propensity"), default=None, help="table: what the label means (default: from its name)")
+    pr.add_argument("--id", default="", dest="id_column", help="the customer id column (default: inferred; never a feature)")
+    pr.add_argument("--timestamp", default="", help="events: the event time column (default: inferred from its name)")
+    pr.add_argument("--event-type", default="", help="events: the event type column")
+    pr.add_argument("--amount", default="", help="events: the amount column")
     pr.add_argument("--name", default="")
     pr.add_argument("--sep", default=",")
     pr.add_argument("--rows", type=int, default=100_000, help="read at most this many rows")
@@ -66,7 +74,13 @@ def _propose(args) -> int:
     except DataValidationError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
-    draft = propose_contract(frame, name=args.name or Path(args.file).name.split(".")[0], file=args.file)
+    try:
+        draft = propose_contract(frame, name=args.name or Path(args.file).name.split(".")[0], file=args.file, sep=args.sep,
+                                 label=args.label, id_column=args.id_column, task=args.task or "", kind=args.kind,
+                                 timestamp=args.timestamp, event_type=args.event_type, amount=args.amount)
+    except ConfigError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 2
     print("# DRAFT contract proposed from ONE partner's data: bounds are NOT DP; review before use.")
     print(yaml.safe_dump(draft, sort_keys=False), end="")
     return 0

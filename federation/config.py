@@ -95,6 +95,7 @@ class DataConfig:
     partitioner: str = "natural"  # natural (the dataset's own groups) | dirichlet | iid
     partition_by: str = ""  # natural scheme name (simulations/realdata.py); "" = the dataset's default
     dirichlet_alpha: float = 0.5  # dirichlet: label/size skew (smaller = more skewed)
+    min_positives: int = 10  # real data: refuse a split that leaves a partner fewer positives (and negatives) per task
 
 
 @dataclass
@@ -252,6 +253,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     p += _allowed("data.partitioner", cfg.data.partitioner, ("natural", "dirichlet", "iid"))
     if cfg.data.kind in ("events", "table") and not cfg.data.contract:
         p.append(f"data.contract is empty: data.kind={cfg.data.kind!r} needs a contract YAML (conf/contracts/)")
+    if not (isinstance(cfg.data.min_positives, int) and cfg.data.min_positives >= 0):
+        p.append(f"data.min_positives={cfg.data.min_positives!r} must be an integer >= 0")
     if not cfg.data.dirichlet_alpha > 0:
         p.append(f"data.dirichlet_alpha={cfg.data.dirichlet_alpha} must be > 0")
     if cfg.data.kind == "events" and cfg.data.horizon_days < 1:

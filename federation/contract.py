@@ -492,26 +492,142 @@ PROPOSAL_WARNING = (
 )
 
 
-def propose_contract(frame, *, name: str, file: str, max_categories: int = 20) -> dict[str, Any]:
-    """A draft table contract from a sample frame: numeric bounds (outward-rounded), top categories.
+LABEL_NAMES = ("churn", "churned", "exited", "attrition", "attrited", "label", "target", "y", "class", "outcome",
+               "response", "responded", "converted", "conversion", "purchased", "subscribed", "deposit", "default")
+CHURN_NAMES = ("churn", "churned", "exited", "attrition", "attrited", "left", "cancelled", "canceled")
+POSITIVE_VALUES = ("1", "yes", "y", "true", "t", "churn", "churned", "exited", "attrited", "positive", "1.0")
+ID_NAMES = ("id", "customerid", "customer_id", "customer", "clientid", "client_id", "accountid", "account_id", "userid",
+            "user_id", "cust_id", "custid", "rownumber", "row_number", "index")
+TIME_NAMES = ("timestamp", "time", "date", "datetime", "ts", "event_time", "eventtime", "created_at", "invoicedate")
 
-    The caller must show PROPOSAL_WARNING: nothing here is private.
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum() or ch == "_")
+
+
+def _pick(columns, names: tuple[str, ...]) -> str:
+    by = {_norm(c): c for c in columns}
+    for n in names:
+        if n in by:
+            return by[n]
+    return ""
+
+
+def _id_like(s) -> bool:
+    """Unique per row and not a measurement: an identifier, never a feature."""
+    n = int(s.notna().sum())
+    if n <= 20 or int(s.nunique(dropna=True)) != n:
+        return False
+    import pandas as pd
+
+    num = pd.to_numeric(s.astype("string").str.strip(), errors="coerce")
+    # text ids, or whole numbers (a unique float measurement such as a balance is not an id)
+    return bool(num.isna().any() or (num.dropna() == num.dropna().round()).all())
+
+
+def _draft_cutoff(ts, *, horizon_days: int) -> str:
+    """The last day whose whole label horizon lies inside the sample (review it: it must be the same everywhere)."""
+    import pandas as pd
+
+    t = pd.to_datetime(ts, errors="coerce", utc=True).dropna()
+    if t.empty:
+        return "YYYY-MM-DD"
+    return str((t.max() - pd.Timedelta(days=horizon_days)).date())
+
+
+def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, sep: str = ",", label: str = "", id_column: str = "",
+                     task: str = "", kind: str = "table", timestamp: str = "", event_type: str = "",
+                     amount: str = "") -> dict[str, Any]:
+    """A draft contract from a sample frame: numeric bounds (outward-rounded), top categories.
+
+    Table (``kind="table"``): the label column is ``label`` or inferred from its name (churn, exited, target, ...)
+    among two-valued columns; ``ConfigError`` when none can be inferred (name it with ``--label``). The label
+    and identifier columns (``id_column``, or a unique-per-row column with an id-like name) are never features.
+    Events (``kind="events"``): the customer id, timestamp (inferred by name), event type and amount columns
+    map onto the event schema; other low-cardinality columns become static attributes. ``file`` is written
+    as an absolute path so the draft passes ``fedprop data check`` from any folder. The caller must show
+    PROPOSAL_WARNING: nothing here is private.
     """
     import numpy as np
     import pandas as pd
 
-    feats: list[dict[str, Any]] = []
-    for col in frame.columns:
-        s = frame[col]
-        num = pd.to_numeric(s.astype("string").str.strip().replace("", pd.NA), errors="coerce")
-        if num.notna().mean() > 0.95 and s.nunique(dropna=True) > 2:
-            lo, hi = float(np.floor(num.min())), float(np.ceil(num.max()))
-            hi = hi if hi > lo else lo + 1
-            tr = "log1p" if lo >= 0 and hi > 1000 else "identity"
-            feats.append({"column": col, "kind": "numeric", "lo": lo, "hi": hi, "transform": tr,
-                          **({"fill": lo} if num.isna().any() else {})})
-        else:
-            top = s.astype("string").value_counts().head(max_categories).index.tolist()
-            feats.append({"column": col, "kind": "categorical", "vocabulary": [str(v) for v in top]})
-    return {"name": name, "kind": "table", "source": {"files": [file]}, "columns": {"customer_id": "", "label": ""},
-            "label": {"column": "", "positive": ["1"], "negative": ["0"], "task": "churn"}, "features": feats}
+    cols = [str(c) for c in frame.columns]
+
+    def need(col: str, what: str) -> str:
+        if col and col not in cols:
+            near = difflib.get_close_matches(col, cols, n=1)
+            raise ConfigError(f"{what} {col!r} is not a column of {file}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; columns: {', '.join(cols)}")
+        return col
+
+    id_col = need(id_column, "--id column") or _pick(cols, ID_NAMES)
+    if id_col and not id_column and kind == "table" and not _id_like(frame[id_col]):
+        id_col = ""  # in a customer table, an id-like NAME whose values repeat is not an identifier
+    ids = {id_col} if id_col else set()
+    ids |= {c for c in cols if c != id_col and _norm(c) in ID_NAMES and _id_like(frame[c])}
+    path = str(Path(file).expanduser().resolve())
+    source = {"files": [path], **({"sep": sep} if sep != "," else {})}
+
+    def features(skip: set[str]) -> list[dict[str, Any]]:
+        feats: list[dict[str, Any]] = []
+        for col in cols:
+            if col in skip:
+                continue
+            s = frame[col]
+            num = pd.to_numeric(s.astype("string").str.strip().replace("", pd.NA), errors="coerce")
+            if num.notna().mean() > 0.95 and s.nunique(dropna=True) > 2:
+                lo, hi = float(np.floor(num.min())), float(np.ceil(num.max()))
+                hi = hi if hi > lo else lo + 1
+                tr = "log1p" if lo >= 0 and hi > 1000 else "identity"
+                feats.append({"column": col, "kind": "numeric", "lo": lo, "hi": hi, "transform": tr,
+                              **({"fill": lo} if num.isna().any() else {})})
+            else:
+                top = s.astype("string").value_counts().head(max_categories).index.tolist()
+                if s.nunique(dropna=True) > max(50, len(s) // 2):
+                    continue  # free text / another identifier: not a declared categorical feature
+                feats.append({"column": col, "kind": "categorical", "vocabulary": [str(v) for v in top]})
+        return feats
+
+    if kind == "events":
+        if not id_col:
+            raise ConfigError(f"cannot tell which column of {file} holds the customer id: name it with --id COLUMN")
+        ts = need(timestamp, "--timestamp column") or _pick(cols, TIME_NAMES)
+        if not ts:
+            raise ConfigError(f"cannot tell which column of {file} holds the event time: name it with --timestamp COLUMN")
+        et = need(event_type, "--event-type column") or _pick(cols, ("event_type", "eventtype", "event", "type", "action"))
+        am = need(amount, "--amount column") or _pick(cols, ("amount", "value", "revenue", "price", "total", "spend"))
+        types = [str(v) for v in frame[et].astype("string").value_counts().head(max_categories).index] if et else []
+        mapped = {id_col, ts, et, am} - {""}
+        static = [f for f in features(mapped | ids) if f["kind"] == "categorical"]
+        return {"name": name, "kind": "events", "source": source,
+                "columns": {"customer_id": id_col, "timestamp": ts, **({"event_type": et} if et else {}),
+                            **({"amount": [am]} if am else {})},
+                "events": {"activity": types or ["purchase"],
+                           "purchase": [t for t in types if "purchase" in t.lower() or "order" in t.lower()] or types[:1],
+                           "returns": [t for t in types if "return" in t.lower() or "refund" in t.lower()],
+                           "support": [t for t in types if "support" in t.lower() or "ticket" in t.lower()],
+                           "cutoff": _draft_cutoff(frame[ts], horizon_days=90), "horizon_days": 90, "lookback_days": 365},
+                "static": static, "min_customers": 100}
+
+    lab = need(label, "--label column")
+    if not lab:
+        two = [c for c in cols if c not in ids and frame[c].nunique(dropna=True) == 2]
+        lab = _pick(two, LABEL_NAMES)
+        if not lab:
+            raise ConfigError(f"cannot tell which column of {file} is the label (two-valued columns: "
+                              f"{', '.join(two) or 'none'}): name it with --label COLUMN")
+    values = [str(v) for v in frame[lab].dropna().astype("string").str.strip().unique()]
+    if len(values) != 2:
+        raise ConfigError(f"label column {lab!r} has {len(values)} distinct values; a label needs exactly 2 "
+                          "(recode it, or declare positive/negative values by hand)")
+    pos = [v for v in values if v.lower() in POSITIVE_VALUES]
+    if len(pos) != 1:  # no recognisable "yes": the minority class is the event a churn/propensity model predicts
+        counts = frame[lab].astype("string").str.strip().value_counts()
+        pos = [str(counts.idxmin())]
+    neg = [v for v in values if v != pos[0]]
+    task = task or ("churn" if any(k in _norm(lab) for k in CHURN_NAMES) else "propensity")
+    return {"name": name, "kind": "table", "source": source,
+            "columns": {"customer_id": id_col, "label": lab},
+            "label": {"column": lab, "positive": pos, "negative": neg, "task": task},
+            **({"excluded_columns": sorted(ids - {id_col})} if ids - {id_col} else {}),
+            "features": features({lab} | ids)}

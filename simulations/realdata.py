@@ -100,14 +100,49 @@ def contract_for(data_cfg: Any) -> DataContract:
     return c
 
 
+MAX_COLUMN_PARTNERS = 16
+
+
+def _contract_columns(contract: DataContract) -> list[str]:
+    feats = contract.features if contract.kind == "table" else contract.static
+    return [f.column for f in feats]
+
+
+@lru_cache(maxsize=8)
+def column_scheme(contract: DataContract, column: str) -> NaturalScheme:
+    """One partner per value of a contract column (tables: the column; event logs: a static attribute, the
+    customer's last value before the cutoff), most frequent value first: how a data team simulates silos that
+    a column of its own table defines (region, brand, business unit). Values beyond MAX_COLUMN_PARTNERS are refused."""
+    frame = validated_frame(contract).frame
+    if contract.kind == "events":
+        ids = frame["__cid"].unique()
+        values = static_from_events(frame, [column], cutoff=contract.events.cutoff, schema=contract.schema())[column]
+        values = values.reindex(ids)
+    else:
+        values = frame[column]
+    counts = values.astype("str").str.strip().value_counts()
+    if len(counts) > MAX_COLUMN_PARTNERS:
+        raise ConfigError(f"data.partition_by={column!r} has {len(counts)} distinct values; at most {MAX_COLUMN_PARTNERS} "
+                          "partners can come from one column (use a coarser column, or data.partitioner=dirichlet)")
+    return NaturalScheme(column, tuple(Group(str(v), (str(v),)) for v in counts.index))
+
+
 def scheme_for(data_cfg: Any, contract: DataContract) -> NaturalScheme:
+    """The natural partitioning: a bundled dataset's named scheme, or ``data.partition_by=<column>`` of any contract."""
     schemes = SCHEMES.get(contract.name, {})
-    if not schemes:
-        raise ConfigError(f"dataset {contract.name!r} has no natural partitioning; use data.partitioner=dirichlet or iid")
-    name = _cfg(data_cfg, "partition_by") or next(iter(schemes))
-    if name not in schemes:
-        raise ConfigError(f"data.partition_by={name!r} is not a scheme of {contract.name}; use one of {', '.join(schemes)}")
-    return schemes[name]
+    name = _cfg(data_cfg, "partition_by") or (next(iter(schemes)) if schemes else "")
+    if name in schemes:
+        return schemes[name]
+    if name in _contract_columns(contract):
+        return column_scheme(contract, name)
+    cols = ", ".join(_contract_columns(contract))
+    if not name:
+        raise ConfigError(f"dataset {contract.name!r} has no built-in natural partitioning: name the column whose values "
+                          f"define the partners with data.partition_by=<column> (one of: {cols}), or use "
+                          "data.partitioner=dirichlet or iid")
+    known = ", ".join([*schemes, *_contract_columns(contract)])
+    raise ConfigError(f"data.partition_by={name!r} is neither a scheme of {contract.name} nor a column of its contract; "
+                      f"use one of: {known}")
 
 
 def num_natural_partners(data_cfg: Any) -> int | None:
@@ -145,14 +180,17 @@ def natural_assignment(values: pd.Series, ids: np.ndarray, scheme: NaturalScheme
 
 
 def dirichlet_assignment(labels: np.ndarray, num_partitions: int, *, alpha: float, seed: int,
-                         min_size: int = 10, max_tries: int = 100) -> np.ndarray:
+                         min_size: int = 10, max_tries: int = 100, min_per_class: int = 0) -> np.ndarray:
     """Label- and size-skewed split of any table: per class, partner shares ~ Dirichlet(alpha).
 
-    Redraws (deterministically) until every partner has at least min(min_size, n // (2K)) rows.
+    Redraws (deterministically) until every partner has at least min(min_size, n // (2K)) rows and at least
+    min(min_per_class, class count // (2K)) rows of every class.
     """
     labels = np.asarray(labels)
     n = len(labels)
     need = min(min_size, n // (2 * num_partitions))
+    classes = np.unique(labels)
+    need_cls = {c: min(min_per_class, int((labels == c).sum()) // (2 * num_partitions)) for c in classes}
     rng = np.random.default_rng([seed, 31337])
     for _ in range(max_tries):
         out = np.empty(n, dtype=np.int64)
@@ -163,10 +201,11 @@ def dirichlet_assignment(labels: np.ndarray, num_partitions: int, *, alpha: floa
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
             for p, part in enumerate(np.split(idx, cuts)):
                 out[part] = p
-        if np.bincount(out, minlength=num_partitions).min() >= need:
+        if np.bincount(out, minlength=num_partitions).min() >= need and all(
+                np.bincount(out[labels == c], minlength=num_partitions).min() >= k for c, k in need_cls.items()):
             return out
     raise ConfigError(f"dirichlet partition with alpha={alpha} could not give each of {num_partitions} partners "
-                      f"{need} rows in {max_tries} draws; raise data.dirichlet_alpha or use fewer partners")
+                      f"{need} rows and {min_per_class} of each class in {max_tries} draws; raise data.dirichlet_alpha or use fewer partners")
 
 
 def iid_assignment(n: int, num_partitions: int, *, seed: int) -> np.ndarray:
@@ -186,7 +225,7 @@ def validated_frame(contract: DataContract) -> Validated:
 
 @lru_cache(maxsize=8)
 def _assignment(contract: DataContract, partitioner: str, scheme_name: str, num_partitions: int, seed: int,
-                alpha: float) -> tuple[np.ndarray, np.ndarray]:
+                alpha: float, min_positives: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(unit ids, partner per unit); units are customers (events, tables with ids) or rows."""
     v = validated_frame(contract)
     frame = v.frame
@@ -200,7 +239,7 @@ def _assignment(contract: DataContract, partitioner: str, scheme_name: str, num_
     else:
         ids = frame["__cid"].to_numpy(dtype=object) if "__cid" in frame else np.arange(len(frame))
     if partitioner == "natural":
-        scheme = SCHEMES[contract.name][scheme_name]
+        scheme = SCHEMES.get(contract.name, {}).get(scheme_name) or column_scheme(contract, scheme_name)
         if contract.kind == "events":
             static = static_from_events(frame, [scheme.column], cutoff=contract.events.cutoff, schema=sch)
             values = static[scheme.column].reindex(ids)
@@ -213,7 +252,8 @@ def _assignment(contract: DataContract, partitioner: str, scheme_name: str, num_
                                   schema=contract.schema())["churn"]
         else:
             labels = frame["__label"].to_numpy()
-        part = dirichlet_assignment(labels, num_partitions, alpha=alpha, seed=seed, min_size=contract.min_customers)
+        part = dirichlet_assignment(labels, num_partitions, alpha=alpha, seed=seed, min_size=contract.min_customers,
+                                    min_per_class=min_positives)
     else:
         part = iid_assignment(len(ids), num_partitions, seed=seed)
     return np.asarray(ids), part
@@ -230,7 +270,7 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
     scheme_name = ""
     if partitioner == "natural":
         scheme = scheme_for(data_cfg, c)
-        scheme_name = _cfg(data_cfg, "partition_by") or next(iter(SCHEMES[c.name]))
+        scheme_name = _cfg(data_cfg, "partition_by") or next(iter(SCHEMES.get(c.name, {})), "")
         if num_partitions != scheme.partners:
             raise ConfigError(
                 f"data={c.name} with data.partitioner=natural has {scheme.partners} partners "
@@ -239,7 +279,7 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition_id={partition_id} outside [0, {num_partitions})")
     ids, part = _assignment(c, partitioner, scheme_name, int(num_partitions), int(seed),
-                            float(_cfg(data_cfg, "dirichlet_alpha", 0.5)))
+                            float(_cfg(data_cfg, "dirichlet_alpha", 0.5)), int(_cfg(data_cfg, "min_positives", 10)))
     mine = ids[part == partition_id]
     frame = validated_frame(c).frame
     if c.kind == "events" or "__cid" in frame:
@@ -253,7 +293,25 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
                      f"min_customers={c.min_customers}: {PRIVACY_WHY}. Use fewer partners or a larger dirichlet_alpha",
                      code="too_few_customers", count=len(fs))],
             source=f"{c.name} partner {partition_id}")
+    _check_positives(fs, int(_cfg(data_cfg, "min_positives", 10)), partition_id=partition_id,
+                     num_partitions=num_partitions, name=c.name)
     return fs
+
+
+def _check_positives(fs: FeatureSet, need: int, *, partition_id: int, num_partitions: int, name: str) -> None:
+    """A simulated partner with a handful of positives (or negatives) has no local model and no meaningful DP
+    evaluation: refuse the split, naming the counts (the data team holds all of this data; nothing leaves a node)."""
+    problems = []
+    for task, y in fs.y.items():
+        pos = int(np.asarray(y).sum())
+        for what, k in (("positives", pos), ("negatives", len(y) - pos)):
+            if k < need:
+                problems.append(Problem(
+                    f"partner {partition_id} of {num_partitions} has {k} {task} {what} (of {len(y)} customers), fewer "
+                    f"than data.min_positives={need}; use fewer partners, a larger data.dirichlet_alpha, another "
+                    "data.partition_by, or data.min_positives=0 to accept it", code="too_few_positives", count=k))
+    if problems:
+        raise DataValidationError(problems, source=f"{name} partner {partition_id}")
 
 
 def natural_partner_names(data_cfg: Any) -> list[str] | None:
