@@ -30,12 +30,14 @@ class PlattScaling:
     a: float
     b: float
     n: int  # customers (projected noisy counts) the fit used
+    applied: bool = True  # False: the release was too noisy to fit; (a, b) = (1, 0)
+    spread: float = 0.0  # bootstrap std of the larger of a, b under the release's noise
 
     def apply_logit(self, z: np.ndarray) -> np.ndarray:
         return self.a * np.asarray(z) + self.b
 
-    def as_dict(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "n": self.n}
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"a": self.a, "b": self.b, "n": self.n, "applied": self.applied, "spread": self.spread}
 
 
 def fit_platt(z: np.ndarray, pos: np.ndarray, neg: np.ndarray, *, prior: float = PRIOR_STRENGTH) -> PlattScaling:
@@ -69,11 +71,30 @@ def fit_platt(z: np.ndarray, pos: np.ndarray, neg: np.ndarray, *, prior: float =
     return PlattScaling(float(theta[0]), float(theta[1]), int(round(float(w.sum()))))
 
 
+MAX_SPREAD = 0.15  # largest bootstrap std of a or b at which a fitted scaling is applied
+_BOOTSTRAP = 50
+
+
 def platt_from_release(noisy: NoisyCounts, *, prior: float = PRIOR_STRENGTH) -> PlattScaling:
-    """Platt scaling of one head from its summed DP evaluation release (projected counts, bin representatives)."""
+    """Platt scaling of one head from its summed DP evaluation release (projected counts, bin representatives),
+    or the identity (a=1, b=0, ``applied`` False) when the release's noise makes the fit unreliable: a parametric
+    bootstrap (fresh Gaussian noise of the released std added to the released counts, as
+    ``metrics.summarize_release``; post-processing) gives a std of a or b above ``MAX_SPREAD``. Without this
+    guard a fit to counts that are mostly noise (small test sets at epsilon 1) made one model's ECE 5x worse."""
     r = _representatives(np.asarray(noisy.edges))
     z = np.log(r / (1.0 - r))
-    return fit_platt(z, project_counts(noisy.pos), project_counts(noisy.neg), prior=prior)
+    fit = fit_platt(z, project_counts(noisy.pos), project_counts(noisy.neg), prior=prior)
+    rng = np.random.default_rng()
+    reps = []
+    for _ in range(_BOOTSTRAP):
+        dp = np.rint(rng.normal(0.0, noisy.sigma, size=len(z))).astype(np.int64)
+        dn = np.rint(rng.normal(0.0, noisy.sigma, size=len(z))).astype(np.int64)
+        f = fit_platt(z, project_counts(noisy.pos + dp), project_counts(noisy.neg + dn), prior=prior)
+        reps.append((f.a, f.b))
+    spread = float(np.max(np.std(np.array(reps), axis=0)))
+    if spread > MAX_SPREAD:
+        return PlattScaling(1.0, 0.0, fit.n, applied=False, spread=spread)
+    return PlattScaling(fit.a, fit.b, fit.n, applied=True, spread=spread)
 
 
 def calibrate_last_linear(model, head: int, scaling: PlattScaling) -> None:

@@ -37,6 +37,7 @@ def test_dp_platt_lowers_ece_and_keeps_auc():
     p0 = torch.sigmoid(model(X))[:, 0].detach().numpy()
     before = M.metrics_from_scores(y, p0)
     scaling = platt_from_release(_release(y, p0, sigma=5.0))
+    assert scaling.applied
     calibrate_last_linear(model, 0, scaling)
     p1 = torch.sigmoid(model(X))[:, 0].detach().numpy()
     after = M.metrics_from_scores(y, p1)
@@ -49,3 +50,11 @@ def test_calibrate_refuses_a_head_the_model_does_not_have():
 
     with pytest.raises(ValueError, match="head 2"):
         calibrate_last_linear(torch.nn.Sequential(torch.nn.Linear(3, 2)), 2, PlattScaling(1.0, 0.0, 1))
+
+
+def test_a_release_that_is_mostly_noise_is_not_used_to_recalibrate():
+    rng = np.random.default_rng(1)
+    p = rng.random(150)
+    y = (rng.random(150) < p).astype(np.float32)
+    s = platt_from_release(_release(y, p, sigma=40.0))  # 150 customers, noise std 40 per bin
+    assert not s.applied and (s.a, s.b) == (1.0, 0.0) and s.spread > 0.15
