@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from federation.contract import DataContract, build_features
-from federation.errors import DataValidationError
+from federation.errors import ConfigError, DataValidationError
 from federation.features import (
     EVENT_AGGREGATES,
     EventSchema,
@@ -81,6 +81,10 @@ def connect(settings: EngineSettings = EngineSettings()):
         con.execute(f"SET temp_directory = {_lit(settings.temp_directory)}")
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")
+    # DuckDB 2.0 rewrites a grouped count(DISTINCT x) into a CTE scanned three times plus two hash joins; on the
+    # feature pass (distinct channels/products, the duplicate screen) the direct distinct aggregate costs about a
+    # quarter less CPU (10M events, benchmarks/bench_features.py); results are the same
+    con.execute("SET disabled_optimizers = 'distinct_aggregate_rewrite'")
     return con
 
 
@@ -98,10 +102,13 @@ def _in(expr: str, values: tuple[str, ...]) -> str:
 
 # ---------------------------------------------------------------------------- the feature aggregate
 def aggregate_sql(rel: str, *, cutoff: pd.Timestamp, schema: EventSchema, lookback_days: int,
-                  horizon_days: int | None, has: dict[str, bool], extra: tuple[str, ...] = ()) -> str:
+                  horizon_days: int | None, has: dict[str, bool], extra: tuple[str, ...] = (),
+                  derived: tuple[str, ...] = ()) -> str:
     """One GROUP BY cid over ``rel`` (columns cid, ts, et, amt and, where ``has``, ch, prod, tx): every name in
     EVENT_AGGREGATES, plus labels (``label_active``/``label_bought``) when ``horizon_days`` is given, plus
-    ``extra`` select expressions. Ages are computed as the pandas engine does: (cutoff - ts) in ns / 1 day."""
+    ``extra`` select expressions (they may use ``age`` and the type bits ``m``: 1 activity, 2 purchase, 4 support,
+    8 return) and the per-row ``derived`` columns. Ages are computed as the pandas engine does: (cutoff - ts) in ns
+    / 1 day."""
     s = schema
     cut = int(pd.Timestamp(cutoff).value)
     L = float(lookback_days)
@@ -131,15 +138,19 @@ def aggregate_sql(rel: str, *, cutoff: pd.Timestamp, schema: EventSchema, lookba
     sel = [f"{e} AS {k}" for k, e in aggs.items()]
     if horizon_days is not None:
         H = float(horizon_days)
-        sel += [f"count(*) FILTER (WHERE age <= 0 AND age > -{H!r} AND {_in('et', s.activity_types)}) > 0 AS label_active",
-                f"count(*) FILTER (WHERE age <= 0 AND age > -{H!r} AND {_in('et', s.purchase_types)}) > 0 AS label_bought"]
+        sel += [f"count(*) FILTER (WHERE age <= 0 AND age > -{H!r} AND (m & 1) <> 0) > 0 AS label_active",
+                f"count(*) FILTER (WHERE age <= 0 AND age > -{H!r} AND (m & 2) <> 0) > 0 AS label_bought"]
     sel += list(extra)
-    flags = (f"(CAST({cut} AS BIGINT) - epoch_ns(ts))::DOUBLE / {float(NS_PER_DAY)!r} AS age")
+    # each row's type is tested against each set once (bits of m), its age computed once; the FILTERs test bits
+    mask = " + ".join(f"(CASE WHEN {_in('et', types)} THEN {bit} ELSE 0 END)" for bit, types in (
+        (1, s.activity_types), (2, s.purchase_types), (4, s.support_types), (8, s.return_types)))
+    flags = (f"(CAST({cut} AS BIGINT) - epoch_ns(ts))::DOUBLE / {float(NS_PER_DAY)!r} AS age, "
+             f"CAST({mask} AS TINYINT) AS m")
     return f"""
 WITH a AS (SELECT *, {flags} FROM {rel}),
 b AS (SELECT *, age > 0 AND cid IS NOT NULL AS pre, age > 0 AND cid IS NOT NULL AND age <= {L!r} AS win FROM a),
-c AS (SELECT *, win AND {_in('et', s.activity_types)} AS act, win AND {_in('et', s.purchase_types)} AS buy,
-             win AND {_in('et', s.support_types)} AS sup, win AND {_in('et', s.return_types)} AS ret FROM b)
+c AS (SELECT *, win AND (m & 1) <> 0 AS act, win AND (m & 2) <> 0 AS buy,
+             win AND (m & 4) <> 0 AS sup, win AND (m & 8) <> 0 AS ret{''.join(', ' + d for d in derived)} FROM b)
 SELECT cid, {', '.join(sel)} FROM c GROUP BY cid"""
 
 
@@ -229,9 +240,11 @@ def _is_text(t: str) -> bool:
 
 
 def _text(col: str, t: str) -> str:
-    if _is_text(t):  # str.strip(): the full trim only when an end is a whitespace character (it is slow)
+    if _is_text(t):  # str.strip(), as validation does; trim() with this set is slow, so only when an end is not
+        # a printable ASCII character (every whitespace character Python strips is below '!' or above '~')
         x, w = _id(col), _lit(WHITESPACE)
-        return f"(CASE WHEN strpos({w}, left({x}, 1)) = 0 AND strpos({w}, right({x}, 1)) = 0 THEN {x} ELSE trim({x}, {w}) END)"
+        safe = f"{x} >= '!' AND {x} < '\x7f' AND {x}[-1] >= '!' AND {x}[-1] < '\x7f'"
+        return f"(CASE WHEN {safe} THEN {x} ELSE trim({x}, {w}) END)"
     raise _Fallback(f"column {col!r} of Parquet type {t} is read by the pandas path")
 
 
@@ -250,10 +263,12 @@ def _format_regex(fmt: str) -> str:
     return "".join(out)
 
 
-def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now: pd.Timestamp) -> tuple[str, dict]:
-    """SELECT of the typed columns (as validation converts them) plus the per-row flags keep/suspect/unknown/aware."""
+def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now: pd.Timestamp,
+                rownum: bool = True) -> tuple[str, dict]:
+    """SELECT of the typed columns (as validation converts them) plus the per-row flags keep/suspect/unknown/aware;
+    ``__row`` (the data row) only with ``rownum`` (``src`` then has it)."""
     cols, e = c.columns, c.events
-    sel = ["__row"]
+    sel = ["__row"] if rownum else []
     suspect = []
     ct = types[cols.customer_id]
     if re.fullmatch(r"u?int(8|16|32|64)", ct):  # group by the integer; its text (validation's id) at the end
@@ -363,11 +378,14 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
             con.execute(f"CREATE TEMP TABLE raw_rows AS SELECT row_number() OVER () - 1 AS __row, "
                         f"{', '.join(map(_id, required))} FROM {src}")
             src = "raw_rows"
-        else:
-            src = f"(SELECT file_row_number AS __row, * FROM {src})"
         con.execute("SET preserve_insertion_order = false")
-        view, has = _typed_view(c, src, types, csv, now)
+        # the main pass reads row numbers only where it orders by them (static attributes, deduplication); the
+        # follow-up queries (suspect rows, duplicates: run only when the pass found some) read them from evr
+        rownum = csv or bool(c.static) or c.deduplicate
+        srcr = src if csv else f"(SELECT file_row_number AS __row, * FROM {src})"
+        view, has = _typed_view(c, srcr if rownum else src, types, csv, now, rownum=rownum)
         con.execute(f"CREATE TEMP VIEW ev AS {view}")
+        con.execute(f"CREATE TEMP VIEW evr AS {view if rownum else _typed_view(c, srcr, types, csv, now)[0]}")
         timings["prepare"] = time.perf_counter() - t0
         e = c.events
         cut = pd.Timestamp(e.cutoff)
@@ -376,15 +394,21 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         ts_ns = "epoch_ns(ts)"
         in_h = f"({ts_ns} >= {cut_ns} AND {ts_ns} < {hz_ns})"
         dup_cols = ["ts", "et"] + (["amt"] if has["amt"] else []) + [k for k in ("ch", "prod", "tx") if has[k]] + has["static"]
+        # Validation statistics ride on the feature pass at little cost: a row is kept iff its cid is not NULL (or
+        # always), so "kept" is a property of the group; per-row conditions that only need to exist in a group are
+        # bits of one bit_or; the type tests reuse the aggregate's bits m (the contract's sets are the schema's).
+        kept = "cid IS NOT NULL" if e.drop_missing_customer else "true"
+        sc = c.schema()
+        assert (sc.activity_types, sc.purchase_types) == (e.activity, e.purchase)
+        vf = (f"(CASE WHEN suspect THEN 1 ELSE 0 END) | (CASE WHEN aware THEN 2 ELSE 0 END) | "
+              f"(CASE WHEN {ts_ns} < {cut_ns} AND {ts_ns} >= {lb_ns} AND (m & 1) <> 0 THEN 8 ELSE 0 END) | "
+              f"(CASE WHEN hz THEN 4 | ((m & 1) << 4) | ((m & 2) << 4) ELSE 0 END)")  # 16: active, 32: bought
+        derived = (f"coalesce({in_h}, false) AS hz",)
         extra = (
-            "count(*) AS n_rows", "count(*) FILTER (WHERE keep) AS n_kept", "count(*) FILTER (WHERE suspect) AS n_suspect",
-            "count(*) FILTER (WHERE unknown AND keep) AS n_unknown", "count(*) FILTER (WHERE aware) AS n_aware",
-            "max(epoch_ns(ts)) FILTER (WHERE keep) AS last_ts", f"count(*) FILTER (WHERE keep AND {in_h}) AS n_horizon",
-            f"count(*) FILTER (WHERE keep AND {ts_ns} < {cut_ns} AND {ts_ns} >= {lb_ns} AND {_in('et', e.activity)}) > 0 AS in_pop",
-            f"count(*) FILTER (WHERE keep AND {in_h} AND {_in('et', e.activity)}) > 0 AS act_h",
-            f"count(*) FILTER (WHERE keep AND {in_h} AND {_in('et', e.purchase)}) > 0 AS buy_h",
-            f"count(DISTINCT hash({', '.join(dup_cols)})) FILTER (WHERE keep) AS n_distinct",
-            *(f"arg_max({s}, (epoch_ns(ts), __row)) FILTER (WHERE keep AND epoch_ns(ts) < {cut_ns} AND {s} IS NOT NULL) AS {s}"
+            "count(*) AS n_rows", "count(*) FILTER (WHERE m = 0) AS n_unknown", f"bit_or(CAST({vf} AS INTEGER)) AS vflags",
+            f"max({ts_ns}) AS last_ts", "count(*) FILTER (WHERE hz) AS n_horizon",
+            f"count(DISTINCT hash({', '.join(dup_cols)})) AS n_distinct",
+            *(f"arg_max({s}, ({ts_ns}, __row)) FILTER (WHERE {ts_ns} < {cut_ns} AND {s} IS NOT NULL) AS {s}"
               for s in has["static"]),
         )
         rel = "ev"
@@ -392,14 +416,16 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
             con.execute(f"CREATE TEMP VIEW evd AS SELECT * FROM ev QUALIFY NOT keep OR row_number() OVER "
                         f"(PARTITION BY cid, {', '.join(dup_cols)} ORDER BY __row) = 1")
             rel = "evd"
-        sql = aggregate_sql(rel, cutoff=cut, schema=c.schema(), lookback_days=e.lookback_days,
-                            horizon_days=e.horizon_days, has=has, extra=extra)
+        sql = aggregate_sql(rel, cutoff=cut, schema=sc, lookback_days=e.lookback_days,
+                            horizon_days=e.horizon_days, has=has, extra=extra, derived=derived)
         con.execute(f"CREATE TEMP TABLE agg AS {sql}")
         timings["aggregate"] = time.perf_counter() - t0 - timings["prepare"]
-        tot = con.execute(
-            "SELECT sum(n_rows), sum(n_kept), sum(n_suspect), sum(n_unknown), sum(n_aware), max(last_ts), "
-            "sum(n_horizon), count(*) FILTER (WHERE in_pop), count(*) FILTER (WHERE in_pop AND act_h), "
-            "count(*) FILTER (WHERE in_pop AND buy_h), sum(n_kept) - sum(n_distinct) FROM agg").fetchone()
+        k = f"FILTER (WHERE {kept})"
+        tot = con.execute(  # n_suspect, n_aware: groups with such a row (only their existence matters)
+            f"SELECT sum(n_rows), sum(n_rows) {k}, count(*) FILTER (WHERE vflags & 1 <> 0), sum(n_unknown) {k}, "
+            f"count(*) FILTER (WHERE vflags & 2 <> 0), max(last_ts) {k}, sum(n_horizon) {k}, "
+            f"count(*) FILTER (WHERE {kept} AND vflags & 8 <> 0), count(*) FILTER (WHERE {kept} AND vflags & 24 = 24), "
+            f"count(*) FILTER (WHERE {kept} AND vflags & 40 = 40), sum(n_rows) {k} - sum(n_distinct) {k} FROM agg").fetchone()
         n_rows, n_kept, n_suspect, n_unknown, n_aware, last_ts, n_h, n_pop, n_act, n_buy, maybe_dups = \
             [0 if v is None and i != 5 else v for i, v in enumerate(tot)]
         if c.deduplicate:  # counts before deduplication, as validation reports them
@@ -421,7 +447,7 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         if c.deduplicate or maybe_dups:
             dup_rows = con.execute(
                 f"SELECT __row FROM (SELECT __row, row_number() OVER (PARTITION BY cid, {', '.join(dup_cols)} "
-                "ORDER BY __row) AS k FROM ev WHERE keep) WHERE k > 1 ORDER BY __row").fetchnumpy()["__row"]
+                "ORDER BY __row) AS k FROM evr WHERE keep) WHERE k > 1 ORDER BY __row").fetchnumpy()["__row"]
             if len(dup_rows):
                 V._duplicate_finding(c, P, notes, np.ones(len(dup_rows), dtype=bool), np.asarray(dup_rows))
         n_dups = int(len(dup_rows)) if (c.deduplicate or maybe_dups) else 0
@@ -472,9 +498,9 @@ def _judge_suspects(con, c: DataContract, source: Source, required: list[str], P
                     now: pd.Timestamp, notes: dict[str, int], cid_text: str) -> None:
     """Run the pandas conversion (validation's own checks and messages) on the suspect rows of each original
     chunk, in file order; then insist that, where pandas accepts a row, both conversions agree on its values."""
-    suspects = np.sort(con.execute("SELECT __row FROM ev WHERE suspect").fetchnumpy()["__row"].astype(np.int64))
+    suspects = np.sort(con.execute("SELECT __row FROM evr WHERE suspect").fetchnumpy()["__row"].astype(np.int64))
     mine = con.execute(f"SELECT __row, {cid_text} AS cid, epoch_ns(ts) AS ts, et" + (", amt" if c.columns.amount else "") +
-                       " FROM ev WHERE suspect AND keep ORDER BY __row").df()
+                       " FROM evr WHERE suspect AND keep ORDER BY __row").df()
     theirs, offset = [], 0
     for chunk in source.chunks(required):
         lo, hi = np.searchsorted(suspects, [offset, offset + len(chunk)])
@@ -499,8 +525,24 @@ def _judge_suspects(con, c: DataContract, source: Source, required: list[str], P
         raise _Fallback("a row accepted by validation converts differently in the query")
 
 
-def default_settings() -> EngineSettings:
-    """Settings from the node's environment: FEDPROP_DUCKDB_MEMORY, FEDPROP_DUCKDB_THREADS, FEDPROP_DUCKDB_TEMP."""
-    return EngineSettings(memory_limit=os.environ.get("FEDPROP_DUCKDB_MEMORY", "2GB"),
-                          threads=int(os.environ.get("FEDPROP_DUCKDB_THREADS", "0") or 0),
-                          temp_directory=os.environ.get("FEDPROP_DUCKDB_TEMP", ""))
+def default_settings(memory_limit: str = "2GB", node_config: dict | None = None) -> EngineSettings:
+    """A node's settings: node config ``duckdb-memory-limit`` / ``duckdb-threads`` / ``duckdb-temp`` first, then the
+    environment (FEDPROP_DUCKDB_MEMORY, FEDPROP_DUCKDB_THREADS, FEDPROP_DUCKDB_TEMP), then ``memory_limit`` (the run
+    config's ``data.engine_memory_limit``). A bad value fails naming the key it came from."""
+    nc = node_config or {}
+
+    def pick(key: str, env: str, default: str) -> tuple[str, str]:
+        if str(nc.get(key, "")).strip():
+            return str(nc[key]).strip(), f"node config {key}"
+        if os.environ.get(env, "").strip():
+            return os.environ[env].strip(), env
+        return default, "data.engine_memory_limit" if key == "duckdb-memory-limit" else key
+
+    (mem, mem_from), (thr, thr_from), (tmp, _) = (pick("duckdb-memory-limit", "FEDPROP_DUCKDB_MEMORY", memory_limit),
+                                                  pick("duckdb-threads", "FEDPROP_DUCKDB_THREADS", "0"),
+                                                  pick("duckdb-temp", "FEDPROP_DUCKDB_TEMP", ""))
+    if not MEMORY_RE.match(mem):
+        raise ConfigError(f"{mem_from}={mem!r}: write a size such as '2GB' or '512MiB'")
+    if not re.fullmatch(r"\d+", thr):
+        raise ConfigError(f"{thr_from}={thr!r}: write a number of threads >= 0 (0 = one per core)")
+    return EngineSettings(memory_limit=mem, threads=int(thr), temp_directory=tmp)

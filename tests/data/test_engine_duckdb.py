@@ -250,9 +250,39 @@ def test_a_deployed_node_builds_event_features_with_the_duckdb_engine(tmp_path, 
     (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
     d, (events, _) = next(_default_partners())
     events.to_parquet(tmp_path / "p.parquet", index=False)
+    import federation.engine_duckdb as engine
+
+    seen = []
+    real_connect = engine.connect
+    monkeypatch.setattr(engine, "connect", lambda settings: seen.append(settings) or real_connect(settings))
     monkeypatch.setenv("FEDPROP_DUCKDB_MEMORY", "512MB")
-    fs = load_node_features(FedpropConfig(), {"data-path": str(tmp_path / "p.parquet"), "contract": str(tmp_path / "c.yaml")})
+    fs = load_node_features(FedpropConfig(), {"data-path": str(tmp_path / "p.parquet"), "contract": str(tmp_path / "c.yaml"),
+                                              "duckdb-memory-limit": "300MB"})
+    assert seen and all(st.memory_limit == "300MB" for st in seen)  # node config beats the environment
     c = load_contract(str(tmp_path / "c.yaml"))
     ref = build_features(read_validated(c, str(tmp_path / "p.parquet"), delta=1e-5).frame, c)
     assert list(fs.customer_ids) == list(ref.customer_ids)
     np.testing.assert_array_equal(fs.X, ref.X)
+
+
+def test_the_memory_limit_comes_from_node_config_then_environment_then_run_config(monkeypatch):
+    from federation.config import validate
+    from federation.engine_duckdb import default_settings
+    from federation.errors import ConfigError
+
+    monkeypatch.delenv("FEDPROP_DUCKDB_MEMORY", raising=False)
+    cfg = FedpropConfig()
+    assert cfg.data.engine_memory_limit == "2GB" and default_settings(cfg.data.engine_memory_limit).memory_limit == "2GB"
+    assert default_settings("3GB").memory_limit == "3GB"
+    monkeypatch.setenv("FEDPROP_DUCKDB_MEMORY", "700MB")
+    assert default_settings("3GB").memory_limit == "700MB"
+    s = default_settings("3GB", {"duckdb-memory-limit": "1GiB", "duckdb-threads": "1"})
+    assert (s.memory_limit, s.threads) == ("1GiB", 1)
+    with pytest.raises(ConfigError, match="node config duckdb-memory-limit"):
+        default_settings("3GB", {"duckdb-memory-limit": "a lot"})
+    monkeypatch.delenv("FEDPROP_DUCKDB_MEMORY")
+    with pytest.raises(ConfigError, match="data.engine_memory_limit"):
+        default_settings("2 gigs")
+    cfg.data.engine_memory_limit = "2 gigs"
+    with pytest.raises(ConfigError, match="data.engine_memory_limit"):
+        validate(cfg)
