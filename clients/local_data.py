@@ -5,6 +5,7 @@ Node config keys (``flower-supernode --node-config``):
   data-path   file or SQLAlchemy URL of the partner's data
   contract    path to the data contract YAML (the same contract at every partner)
   data-query  optional SQL query when data-path is a database URL
+  duckdb-memory-limit  event logs: the DuckDB engine's memory limit (default: run config data.engine_memory_limit)
 Without ``data-path`` and with a synthetic run config the node generates its synthetic partner
 (``partition-id`` / ``num-partitions``): a demo mode for loopback federations.
 """
@@ -27,8 +28,9 @@ def load_node_features(cfg: FedpropConfig, node_config: dict) -> FeatureSet:
         if contract.kind == "events":  # out of core: validation + features in one DuckDB pass (same result, report)
             from federation.engine_duckdb import default_settings, read_event_features
 
+            settings = default_settings(cfg.data.engine_memory_limit, node_config)
             return read_event_features(contract, str(node_config["data-path"]), delta=cfg.privacy.delta,
-                                       settings=default_settings()).features
+                                       settings=settings).features
         validated = read_validated(contract, str(node_config["data-path"]), delta=cfg.privacy.delta)
         return build_features(validated.frame, contract)
     if cfg.data.kind == "synthetic" and "partition-id" in node_config:

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -96,6 +97,9 @@ class DataConfig:
     partition_by: str = ""  # natural scheme name (simulations/realdata.py); "" = the dataset's default
     dirichlet_alpha: float = 0.5  # dirichlet: label/size skew (smaller = more skewed)
     min_positives: int = 10  # real data: refuse a split that leaves a partner fewer positives (and negatives) per task
+    # an event-log node's DuckDB engine (federation/engine_duckdb.py) stays under this and spills to disk beyond it;
+    # a node overrides it with node config duckdb-memory-limit (or FEDPROP_DUCKDB_MEMORY)
+    engine_memory_limit: str = "2GB"
 
 
 @dataclass
@@ -257,6 +261,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         p.append(f"data.min_positives={cfg.data.min_positives!r} must be an integer >= 0")
     if not cfg.data.dirichlet_alpha > 0:
         p.append(f"data.dirichlet_alpha={cfg.data.dirichlet_alpha} must be > 0")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", str(cfg.data.engine_memory_limit), re.I):
+        p.append(f"data.engine_memory_limit={cfg.data.engine_memory_limit!r} must be a size such as '2GB' or '512MiB'")
     if cfg.data.kind == "events" and cfg.data.horizon_days < 1:
         p.append(f"data.horizon_days={cfg.data.horizon_days} must be >= 1")
     if cfg.data.kind == "synthetic" and not 1 <= cfg.data.min_customers <= cfg.data.max_customers:
