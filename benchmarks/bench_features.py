@@ -1,7 +1,7 @@
 """Event features on a large partner, from the Parquet file to the encoded matrix, each path in its own process.
 
-    python benchmarks/bench_features.py                       # 10 million events, 200,000 customers
-    python benchmarks/bench_features.py --events 100000000    # 100 million events, 2 million customers
+    python benchmarks/bench_features.py                       # 10M then 100M events (200,000 / 2M customers)
+    python benchmarks/bench_features.py --events 10000000     # 10 million events only
     python benchmarks/bench_features.py --events 1000000 --threads 2 --memory-limit 2GB
 
 The event log is generated once as Parquet under --data-dir (default /tmp/fedprop-bench, reused when it exists).
@@ -15,7 +15,8 @@ hides in another's):
   pandas      the previous path: read_validated (chunked read, whole log in pandas) + build_features; skipped
               above --pandas-max events (it needs several times the log in memory)
 
-Prints events/s, the ratio to the reference, peak RSS and wall time; checks that duckdb and pandas give the same
+Prints events/s, the ratio to the reference (wall time and CPU seconds: on a shared machine the CPU ratio is the
+steadier one), peak RSS and wall time, then one Markdown table for every size; checks that duckdb and pandas give the same
 report and the same encoded matrix (bit for bit) when both ran.
 """
 from __future__ import annotations
@@ -129,7 +130,8 @@ def _run_child(kind: str, args, path: Path, contract: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=10_000_000)
+    ap.add_argument("--events", default="10000000,100000000",
+                    help="comma-separated sizes, each measured in turn (default: 10M and 100M events)")
     ap.add_argument("--customers", type=int, default=0, help="default: events / 50")
     ap.add_argument("--threads", type=int, default=0, help="DuckDB threads (0 = one per core)")
     ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit (it spills beyond it)")
@@ -145,43 +147,66 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _measure(args.child, args.path, args.contract, args.out, args.memory_limit, args.threads, args.spill)
         return 0
-    n_cust = args.customers or max(args.events // 50, 1)
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    path = args.data_dir / f"events-{args.events}-{n_cust}.parquet"
-    if not path.exists():
-        t = time.perf_counter()
-        generate(path, args.events, n_cust)
-        print(f"generated {path} in {time.perf_counter() - t:.0f} s")
     contract = args.data_dir / "bench_contract.yaml"
     contract.write_text(CONTRACT)
-    print(f"{args.events:,} events, {n_cust:,} customers, {path.stat().st_size / 2**20:,.0f} MiB Parquet; "
+    rows, rc = [], 0
+    for n_events in (int(x) for x in str(args.events).split(",") if x.strip()):
+        r, ok = _one_size(args, n_events, contract)
+        rows += r
+        rc |= 0 if ok else 1
+    print(f"\n| events | path | seconds | M events/s | x reference (wall) | CPU s | x reference (CPU) | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return rc
+
+
+def _one_size(args, n_events: int, contract: Path) -> tuple[list[list[str]], bool]:
+    n_cust = args.customers or max(n_events // 50, 1)
+    path = args.data_dir / f"events-{n_events}-{n_cust}.parquet"
+    if not path.exists():
+        t = time.perf_counter()
+        generate(path, n_events, n_cust)
+        print(f"generated {path} in {time.perf_counter() - t:.0f} s")
+    print(f"\n{n_events:,} events, {n_cust:,} customers, {path.stat().st_size / 2**20:,.0f} MiB Parquet; "
           f"DuckDB memory_limit={args.memory_limit} threads={args.threads or os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     kinds = [k for k in ("reference", "duckdb", "pandas") if k in args.only.split(",")]
-    if args.events > args.pandas_max and "pandas" in kinds:
+    if n_events > args.pandas_max and "pandas" in kinds:
         kinds.remove("pandas")
-        print(f"pandas path skipped: {args.events:,} events > --pandas-max {args.pandas_max:,}")
-    results = {k: _run_child(k, args, path, contract) for k in kinds}
-    ref = results.get("reference", {}).get("seconds")
-    print(f"{'path':<10} {'seconds':>8} {'M events/s':>11} {'x reference':>12} {'peak RSS MiB':>13}  customers")
+        print(f"pandas path skipped: {n_events:,} events > --pandas-max {args.pandas_max:,}")
+    results = {}
+    for k in kinds:
+        results[k] = _run_child(k, args, path, contract)
+        print(f"  {k}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    ref, ref_cpu = (results.get("reference", {}).get(x) for x in ("seconds", "cpu_seconds"))
+    print(f"{'path':<10} {'seconds':>8} {'M events/s':>11} {'x reference':>12} {'CPU s':>7} {'x ref CPU':>10} "
+          f"{'peak RSS MiB':>13}  customers")
+    rows = []
     for k, r in results.items():
         if "failed" in r:
             print(f"{k:<10} FAILED ({r['failed']}), peak RSS {r['rss_mib']:,.0f} MiB")
+            rows.append([f"{n_events:,}", k, "FAILED", "", "", "", "", f"{r['rss_mib']:,.0f}"])
             continue
-        eps = args.events / r["seconds"]
+        eps = n_events / r["seconds"]
         ratio = f"{ref / r['seconds']:.2f}x" if ref else "-"
-        print(f"{k:<10} {r['seconds']:8.1f} {eps / 1e6:11.2f} {ratio:>12} {r['rss_mib']:13,.0f}  {r['customers']:,}")
+        cratio = f"{ref_cpu / r['cpu_seconds']:.2f}x" if ref_cpu else "-"
+        print(f"{k:<10} {r['seconds']:8.1f} {eps / 1e6:11.2f} {ratio:>12} {r['cpu_seconds']:7.1f} {cratio:>10} "
+              f"{r['rss_mib']:13,.0f}  {r['customers']:,}")
+        rows.append([f"{n_events:,}", k, f"{r['seconds']:.1f}", f"{eps / 1e6:.2f}", ratio, f"{r['cpu_seconds']:.1f}",
+                     cratio, f"{r['rss_mib']:,.0f}"])
     if "duckdb" in results and "timings" in results["duckdb"]:
         print("duckdb stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["duckdb"]["timings"].items()))
+    ok = True
     if "failed" not in results.get("duckdb", {"failed": 1}) and "failed" not in results.get("pandas", {"failed": 1}):
         same_x = np.array_equal(np.load(str(args.data_dir / "result-duckdb.json") + ".X.npy"),
                                 np.load(str(args.data_dir / "result-pandas.json") + ".X.npy"))
         same_report = results["duckdb"]["report"] == results["pandas"]["report"]
         print(f"duckdb vs pandas: encoded matrices {'identical' if same_x else 'DIFFER'}, "
               f"reports {'identical' if same_report else 'DIFFER'}")
-        if not (same_x and same_report):
-            return 1
-    return 0
+        ok = same_x and same_report
+    return rows, ok and not any("failed" in r for r in results.values())
 
 
 if __name__ == "__main__":
