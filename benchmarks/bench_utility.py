@@ -136,7 +136,7 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
                          "central": base["centralized"]["per_partner"][pid][head]["auc_roc"]})
         n = len(rows)
         out["heads"][head] = {
-            "fed_auc": f, "central_auc": c, "central_model": base["centralized"].get("model"),
+            "fed_auc": f, "central_auc": c, "central_model": (base["centralized"].get("model") or {}).get(head),
             "ratio": f / c, "ece": fed_pool[head]["ece"],
             "ece_platt": cal_pool[head]["ece"] if cal_pool else None,
             "platt": calibrated[1][head] if calibrated else None,
@@ -178,12 +178,20 @@ def render(results: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for head, h in r["heads"].items():
-            cal = "" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f})"
+            cal = ("" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f})" if h["platt"]["applied"]
+                   else " (too noisy: not applied)")
             pers = "-" if h["pers_beats_local"] is None else f"{h['pers_beats_local']:.0%} ({h['pers_no_loss']:.0%})"
             lines.append(
                 f"| {r['data']} | {r['epsilon']:g} | {head} | {h['fed_auc']:.3f} | {h['central_auc']:.3f} "
                 f"({h['central_model']}) | {h['ratio']:.3f} | {h['fed_beats_local']:.0%} | {pers} | {h['ece']:.3f}{cal} | "
                 f"{r['train_loss'][1]:.3f} -> {r['train_loss'][-1]:.3f} | {'YES' if r['diverged'] else 'no'} |")
+    rows = [row for r in results for h in r["heads"].values() for row in h["per_partner"] if row["personalised"] is not None]
+    if rows:
+        better = sum(row["personalised"] > row["local"] for row in rows)
+        worse = sum(row["personalised"] < row["local"] for row in rows)
+        lines += ["", f"All runs: personalised > local-only for {better} of {len(rows)} partner-runs ({better / len(rows):.0%}), "
+                  f"equal {len(rows) - better - worse}, worse {worse} (worst {min(r['personalised'] - r['local'] for r in rows):+.3f}, "
+                  f"mean {sum(r['personalised'] - r['local'] for r in rows) / len(rows):+.4f} AUC)"]
     return "\n".join(lines)
 
 
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             r = evaluate_dataset(data, eps, a.set, personalise=not a.no_personalise,
                                  server={"server_momentum": a.server_momentum, "server_lr": a.server_lr, "tail": a.tail})
             results.append(r)
-            print(render([r]).splitlines()[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print("\n".join(line for line in render([r]).splitlines()[2:] if line.startswith("| ")), f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if a.per_partner:
                 for head, h in r["heads"].items():
                     for row in h["per_partner"]:
