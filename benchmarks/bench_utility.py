@@ -174,12 +174,12 @@ def platt_calibrated(cfg, parts, model, states):
 
 def render(results: list[dict[str, Any]]) -> str:
     lines = ["| data | epsilon | head | fed-DP AUC | centralized AUC (model) | ratio | fed-DP > local-only | "
-             "personalised > local-only (>= -0.005) | ECE fed-DP (after DP Platt) | train loss r1 -> final | diverged |",
+             "personalised > local-only (>= -0.005) | ECE fed-DP (after DP recalibration) | train loss r1 -> final | diverged |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for head, h in r["heads"].items():
-            cal = ("" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f})" if h["platt"]["applied"]
-                   else " (too noisy: not applied)")
+            cal = ("" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f} {h['platt']['kind']})"
+                   if h["platt"]["applied"] else " (too noisy: not applied)")
             pers = "-" if h["pers_beats_local"] is None else f"{h['pers_beats_local']:.0%} ({h['pers_no_loss']:.0%})"
             lines.append(
                 f"| {r['data']} | {r['epsilon']:g} | {head} | {h['fed_auc']:.3f} | {h['central_auc']:.3f} "

@@ -58,3 +58,13 @@ def test_a_release_that_is_mostly_noise_is_not_used_to_recalibrate():
     y = (rng.random(150) < p).astype(np.float32)
     s = platt_from_release(_release(y, p, sigma=40.0))  # 150 customers, noise std 40 per bin
     assert not s.applied and (s.a, s.b) == (1.0, 0.0) and s.spread > 0.15
+
+
+def test_shift_only_matches_the_observed_rate():
+    from federation.calibration import fit_shift
+
+    z = np.linspace(-6, 6, 25)
+    n = 1000
+    true = 1 / (1 + np.exp(-(z - 0.7)))
+    b = fit_shift(z, true * n, (1 - true) * n, prior=0.0)
+    assert b == pytest.approx(-0.7, abs=1e-6)
