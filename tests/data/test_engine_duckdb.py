@@ -286,3 +286,29 @@ def test_the_memory_limit_comes_from_node_config_then_environment_then_run_confi
     cfg.data.engine_memory_limit = "2 gigs"
     with pytest.raises(ConfigError, match="data.engine_memory_limit"):
         validate(cfg)
+
+
+def test_online_retail_simulation_partners_identical_on_both_engines(shared_data, monkeypatch):
+    """What an online_retail simulation trains on is the same matrix whichever engine builds the features."""
+    import functools
+
+    import federation.contract as contract_mod
+    from simulations import realdata
+
+    d = FedpropConfig().data
+    for k, v in dict(name="online_retail", kind="events", contract="contracts/online_retail.yaml",
+                     cutoff="2011-09-10", horizon_days=91, partitioner="natural").items():
+        setattr(d, k, v)
+    n = realdata.num_natural_partners(d)
+    assert n and n >= 2
+    pandas_fs = [realdata.load_partner_features(d, partition_id=i, num_partitions=n, seed=0) for i in range(n)]
+    calls = []
+    duck = functools.partial(contract_mod.build_event_features, engine="duckdb")
+    monkeypatch.setattr(contract_mod, "build_event_features", lambda *a, **kw: calls.append(1) or duck(*a, **kw))
+    for i, a in enumerate(pandas_fs):
+        b = realdata.load_partner_features(d, partition_id=i, num_partitions=n, seed=0)
+        assert list(a.customer_ids) == list(b.customer_ids) and a.feature_names == b.feature_names
+        np.testing.assert_array_equal(a.X, b.X)
+        for k in a.y:
+            np.testing.assert_array_equal(a.y[k], b.y[k])
+    assert len(calls) == n  # every partner went through the DuckDB engine
