@@ -399,7 +399,8 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         # bits of one bit_or; the type tests reuse the aggregate's bits m (the contract's sets are the schema's).
         kept = "cid IS NOT NULL" if e.drop_missing_customer else "true"
         sc = c.schema()
-        assert (sc.activity_types, sc.purchase_types) == (e.activity, e.purchase)
+        if (sc.activity_types, sc.purchase_types) != (e.activity, e.purchase):  # the bits m would mean other sets
+            raise _Fallback("the contract's event schema names other activity/purchase types than its events block")
         vf = (f"(CASE WHEN suspect THEN 1 ELSE 0 END) | (CASE WHEN aware THEN 2 ELSE 0 END) | "
               f"(CASE WHEN {ts_ns} < {cut_ns} AND {ts_ns} >= {lb_ns} AND (m & 1) <> 0 THEN 8 ELSE 0 END) | "
               f"(CASE WHEN hz THEN 4 | ((m & 1) << 4) | ((m & 2) << 4) ELSE 0 END)")  # 16: active, 32: bought
