@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from federation.atomicio import atomic_write_text
@@ -138,13 +138,11 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         _release_or_refuse(out, cfg, tag=tag, heads=heads, names=names, final=final,
                            pooled=pooled_summaries(last_eval) if last_eval else {})
         return
+    # The checkpoint of round k is written right after its aggregation, before its evaluation and record: a
+    # crash in between leaves a checkpoint without a record (resume_point says so), never the reverse.
     strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round,
-                                 evaluate_rounds=evaluation_rounds(cfg), round_offset=start)
-
-    def checkpoint(loop_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if loop_round > 0:  # Flower's loop counts 1..rounds-start; the run's round is start + that
-            out.save_checkpoint(tag, start + loop_round, arrays.to_torch_state_dict())
-        return None
+                                 evaluate_rounds=evaluation_rounds(cfg), round_offset=start,
+                                 on_aggregate=lambda rnd, arrays: out.save_checkpoint(tag, rnd, arrays.to_torch_state_dict()))
 
     result = strategy.start(
         grid=grid,
@@ -152,7 +150,6 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
         num_rounds=cfg.rounds - start,
         train_config=ConfigRecord(round_config),
         evaluate_config=ConfigRecord(round_config),
-        evaluate_fn=checkpoint,
         timeout=cfg.strategy.round_timeout,  # replies later than this: that partner misses the round
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())  # model = the checkpoint

@@ -130,8 +130,11 @@ class RecordingStrategy(Strategy):
     """Delegating wrapper: deterministic aggregation order + per-partner records + progress output."""
 
     def __init__(self, inner: Strategy, *, on_round: Callable[[dict[str, Any]], None] | None = None,
-                 evaluate_rounds: Iterable[int] | None = None, round_offset: int = 0) -> None:
+                 evaluate_rounds: Iterable[int] | None = None, round_offset: int = 0,
+                 on_aggregate: Callable[[int, ArrayRecord], None] | None = None) -> None:
         self.inner = inner
+        self.on_aggregate = on_aggregate  # (round, new global model): the checkpoint, written before the round's record
+        self._arrays: ArrayRecord | None = None  # the global model sent this round (kept when nothing aggregates)
         self.round_offset = int(round_offset)  # rounds done before a resume: loop round r is the run's round r + offset
         self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self.on_round = on_round
@@ -145,6 +148,7 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self._arrays = arrays
         self._current = {"round": server_round, "partners": {}, "refusals": [], "server": {}}
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._mark = time.perf_counter()
@@ -160,6 +164,10 @@ class RecordingStrategy(Strategy):
         self._timed("train-wait-s", self._mark)
         result = self._aggregate_train(server_round + self.round_offset, replies)
         self._timed("aggregate-train-s", t0)
+        if self.on_aggregate is not None:
+            arrays = result[0] if result[0] is not None else self._arrays
+            if arrays is not None:
+                self.on_aggregate(server_round + self.round_offset, arrays)
         return result
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]):

@@ -40,19 +40,25 @@ class Crash(RuntimeError):
 
 
 class CrashingGrid:
-    """An InProcessGrid that dies at the first message of round ``crash_round`` (train or SecAgg masked input),
-    after delivering that round to the partners in ``deliver_to`` (they train and record it; replies lost)."""
+    """An InProcessGrid that dies at the first message of round ``crash_round`` of ``stage`` ("train": train or
+    SecAgg masked input; "evaluate": after the round's aggregate and checkpoint, before its record), after
+    delivering those messages to the partners in ``deliver_to`` (they train and record the round; replies lost)."""
 
-    def __init__(self, inner: InProcessGrid, crash_round: int, deliver_to: tuple[int, ...] = ()) -> None:
-        self.inner, self.crash_round, self.deliver_to = inner, crash_round, deliver_to
+    def __init__(self, inner: InProcessGrid, crash_round: int, deliver_to: tuple[int, ...] = (),
+                 stage: str = "train") -> None:
+        self.inner, self.crash_round, self.deliver_to, self.stage = inner, crash_round, deliver_to, stage
 
     def get_node_ids(self):
         return self.inner.get_node_ids()
 
+    def _stage(self, m) -> str:
+        return "evaluate" if m.metadata.message_type == "evaluate" else "train" if (
+            m.metadata.message_type == "train" or "secagg" in m.content) else "other"
+
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         rounds = {int(m.content["config"]["server-round"]) for m in messages if "config" in m.content
-                  and (m.metadata.message_type == "train" or "secagg" in m.content)}
+                  and self._stage(m) == self.stage}
         if self.crash_round in rounds:
             pids = {n: int(c.node_config["partition-id"]) for n, c in self.inner.contexts.items()}
             self.inner.send_and_receive([m for m in messages if pids[m.metadata.dst_node_id] in self.deliver_to])
@@ -95,21 +101,34 @@ def _dpsgd_rounds(ledger_dir) -> dict[str, Counter]:
     return out
 
 
-def _uninterrupted(tmp_path, secure: bool) -> np.ndarray:
-    cfg = _cfg(tmp_path / "ref", secure=secure)
-    _run(cfg, tmp_path / "ref" / "run", _grid(cfg, 1), flower_run_id=1)
-    return _final(tmp_path / "ref" / "run")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final model of an uninterrupted run, per aggregation kind (computed once)."""
+    models: dict[bool, np.ndarray] = {}
+
+    def final(secure: bool) -> np.ndarray:
+        if secure not in models:
+            root = tmp_path_factory.mktemp("reference")
+            cfg = _cfg(root, secure=secure)
+            _run(cfg, root / "run", _grid(cfg, 1), flower_run_id=1)
+            models[secure] = _final(root / "run")
+        return models[secure]
+
+    return final
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secure-fedavg"])
-def test_resume_after_a_crash_between_rounds_equals_the_uninterrupted_run(tmp_path, secure):
-    reference = _uninterrupted(tmp_path, secure)
+@pytest.mark.parametrize("secure,stage", [(False, "train"), (False, "evaluate"), (True, "train")],
+                         ids=["fedavg-between-rounds", "fedavg-after-checkpoint", "secure-between-rounds"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, uninterrupted, secure, stage):
+    reference = uninterrupted(secure)
     cfg = _cfg(tmp_path / "b", secure=secure)
     run_dir = tmp_path / "b" / "run"
     with pytest.raises(Crash):
-        _run(cfg, run_dir, CrashingGrid(_grid(cfg, 1), crash_round=2), flower_run_id=1)
+        _run(cfg, run_dir, CrashingGrid(_grid(cfg, 1), crash_round=2, stage=stage), flower_run_id=1)
     assert not (run_dir / "FEDERATION_DONE").exists()
     assert [r["round"] for r in json.loads((run_dir / "federated_rounds.json").read_text())[TAG]] == [1]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"{TAG}_round{i:03d}.pt" for i in ((1, 2) if stage == "evaluate" else (1,))]
     grid = _grid(cfg, 2)
     real = grid.send_and_receive
     grid.sent = []
@@ -121,11 +140,14 @@ def test_resume_after_a_crash_between_rounds_equals_the_uninterrupted_run(tmp_pa
 
     grid.send_and_receive = send_and_receive
     _run(cfg, run_dir, grid, flower_run_id=2, resume=True)
-    sent = sorted(set(grid.sent))
-    assert sent == [2, 3]  # the nodes saw the run's own round numbers, from k+1
+    resumed_at = 3 if stage == "evaluate" else 2  # round 2's checkpoint exists: it is not trained again
+    assert sorted(set(grid.sent)) == list(range(resumed_at, 4))  # the run's own round numbers, from k+1
     rounds = json.loads((run_dir / "federated_rounds.json").read_text())[TAG]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     trained = [sorted(p for p, rec in r["partners"].items() if "train" in rec) for r in rounds]
+    if stage == "evaluate":  # who trained round 2 died with the server's memory; the ledgers still know
+        assert "recovered_from_checkpoint" in rounds[1] and trained[1] == []
+        trained[1] = ["0", "1", "2"]
     assert trained == [["0", "1", "2"]] * 3
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"{TAG}_round{i:03d}.pt" for i in (1, 2, 3)]
     run = json.loads((run_dir / "run.json").read_text())
