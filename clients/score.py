@@ -166,6 +166,34 @@ def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[
     return problems
 
 
+ECE_WARN = 0.05  # expected calibration error above which a probability is not to be read as one
+
+
+def calibration_warnings(model_path: Path, heads: tuple[str, ...]) -> list[str]:
+    """One line per head whose released probabilities are not known to be calibrated: the model card's DP
+    evaluation measured an ECE above ECE_WARN, could not measure it (noise), or the card has no evaluation.
+    fedprop does not recalibrate released models (see README: DP recalibration is measured, not applied)."""
+    out = []
+    for head in heads:
+        card = model_path.with_name(f"model_card_{head}.json")
+        try:
+            m = json.loads(card.read_text()).get("metrics", {}) if card.is_file() else {}
+        except (OSError, ValueError):
+            m = {}
+        ece, hw = m.get("ece"), m.get("ece_half_width")
+        use = (f"use the deciles and segments for ranking, and do not read {head}_probability as a rate")
+        if not isinstance(ece, (int, float)) or ece != ece:
+            out.append(f"{head}: calibration unknown (no evaluation in {card.name}); {use}")
+        elif not m.get("ece_meaningful", True):
+            out.append(f"{head}: calibration not measurable (DP evaluation noise +-{hw:.3f}); {use}")
+        elif ece > ECE_WARN:
+            base = m.get("base_rate")
+            out.append(f"{head}: probabilities are not calibrated: the federation's evaluation measured ECE {ece:.3f}"
+                       + (f" +-{hw:.3f}" if isinstance(hw, (int, float)) else "")
+                       + (f" against a base rate of {base:.3f}" if isinstance(base, (int, float)) else "") + f"; {use}")
+    return out
+
+
 def score_frame(sm: ScoredModel, X: np.ndarray, customer_ids: np.ndarray, thresholds: dict[str, float]) -> pd.DataFrame:
     """Per customer: score per head, decile per head (1 = top 10%), segment."""
     import torch
@@ -257,7 +285,7 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
             "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
             "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
-            "rows_used": int(v.report.rows_used)}
+            "rows_used": int(v.report.rows_used), "warnings": calibration_warnings(model, tuple(sm.heads))}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -309,6 +337,8 @@ def _cmd(args) -> int:
     print(f"scored {result['customers']} customers ({', '.join(result['heads'])}) -> {result['out']}\n"
           f"  segments: {seg}\n  thresholds: {result['thresholds']}; model sha256 {result['model_sha256'][:12]}, "
           f"key {result['key_fingerprint'][:19]}" + (f"; cutoff {result['cutoff']}" if result["cutoff"] else ""))
+    for w in result["warnings"]:
+        print(f"  WARNING: {w}", file=sys.stderr)
     if result["skipped"] or result["rows_used"] < result["rows_read"]:
         why = ("customers with no event before the cutoff have no features at that date"
                if result["cutoff"] else "rows the contract's validation set aside (see the notes below)")

@@ -1,6 +1,7 @@
 """`fedprop score`: signature first, contract second, scores written atomically; and `fedprop data synth`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -213,3 +214,22 @@ def test_data_synth_matches_the_simulation_features(tmp_path, capsys):
     assert (fs.customer_ids.astype(str)[a] == ref.customer_ids.astype(str)[b]).all()
     assert np.array_equal(fs.X[a], ref.X[b]) and fs.feature_names == ref.feature_names
     assert all(np.array_equal(fs.y[k][a], ref.y[k][b]) for k in ref.y)
+
+
+def test_uncalibrated_heads_are_warned_about(model_copy, pinned, events_csv, tmp_path, capsys):
+    card = model_copy / "model_card_churn.json"
+    c = json.loads(card.read_text())
+    c["metrics"].update({"ece": 0.18, "ece_half_width": 0.02, "ece_meaningful": True, "base_rate": 0.27})
+    card.write_text(json.dumps(c))
+    p = json.loads((model_copy / "model_card_propensity.json").read_text())
+    p["metrics"].update({"ece": 0.01, "ece_half_width": 0.005, "ece_meaningful": True})
+    (model_copy / "model_card_propensity.json").write_text(json.dumps(p))
+    rc, out, err = _run(capsys, "--model", model_copy / MODEL, "--public-key", pinned, "--data", events_csv,
+                        "--contract", CONTRACT, "--out", tmp_path / "s.csv")
+    assert rc == 0
+    assert "WARNING: churn: probabilities are not calibrated" in err and "ECE 0.180 +-0.020" in err
+    assert "propensity:" not in err  # a calibrated head is not warned about
+    (model_copy / "model_card_propensity.json").unlink()
+    rc, out, err = _run(capsys, "--model", model_copy / MODEL, "--public-key", pinned, "--data", events_csv,
+                        "--contract", CONTRACT, "--out", tmp_path / "s.csv")
+    assert "propensity: calibration unknown" in err
