@@ -7,7 +7,7 @@ For every command line (``\\`` continuations joined, comments dropped, ``&&``/``
 * every ``--run-config`` key is declared in pyproject's ``[tool.flwr.app.config]`` (Flower refuses others) and is
   read by fedprop (a ``fedprop.*`` key accepted by ``from_run_config``, or an app key the code reads), and every
   ``--node-config`` key is one the node reads;
-* every repository path a command names exists;
+* every repository path a command names exists (shell redirections and bare file names are the reader's);
 * the cheap ones run for real, in the order the coordinator's and the partners' sections give them, in a scratch
   directory: ``certs init``, ``certs app-key``, ``certs node-key``, ``certs ledger-key``, ``budget plan``, and
   ``server start`` / ``client start`` with ``--print-command`` (which builds and checks the full Flower command
@@ -36,6 +36,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([A-Za-z]*)[^\n]*\n(.*?)^```", re.M | re.S)
 SHELL = {"bash", "sh", "shell", "console"}
 SEPARATORS = {"&&", "||", ";", "|"}
+REDIRECTS = {">", ">>", "<", "2>", "2>>", "&>"}
 
 
 def _logical_lines(block: str) -> list[str]:
@@ -69,7 +70,14 @@ def doc_commands() -> list[tuple[str, list[str]]]:
                 except ValueError as exc:
                     raise AssertionError(f"{doc.name}:{line_no + i}: not valid shell: {line!r} ({exc})") from exc
                 cmd: list[str] = []
+                skip = False
                 for tok in [*tokens, ";"]:
+                    if skip:  # a redirection's target is not an argument
+                        skip = False
+                        continue
+                    if tok in REDIRECTS:
+                        skip = True
+                        continue
                     if tok in SEPARATORS:
                         if cmd:
                             found.append((f"{doc.relative_to(REPO)}:{line_no + i}", cmd))
@@ -205,11 +213,10 @@ def test_documented_node_config_keys_are_read_by_the_node():
             assert _read_by_code(key), f"{where}: node config key {key!r} is read by no fedprop code"
 
 
-# Relative paths in commands that are the reader's own (created by an earlier documented command, or its output).
-OWN_FILES = {"partner0.csv", "scores.parquet", "report.html", "audit.json", "policy.yaml", "acme.pub",
-             "app-signing.pub", "federation.sqlite", "federation.key.pub", "model_churn+propensity.pt",
-             "app-signing.key", "fedprop-env/bin/activate", "keys/acme.key", "ledger/acme.sqlite",
-             "ledger-keys/acme-ledger.key", "federation-ca/", "keys/", "ledger-keys/"}
+# Relative paths with a folder that are the reader's own (created by an earlier documented command); bare file
+# names are always the reader's own.
+OWN_FILES = {"fedprop-env/bin/activate", "keys/acme.key", "ledger/acme.sqlite", "ledger-keys/acme-ledger.key",
+             "federation-ca/", "keys/", "ledger-keys/"}
 TOP = {p.name for p in REPO.iterdir()}
 
 
@@ -237,7 +244,9 @@ def test_documented_repository_paths_exist():
             first = rel.split("/", 1)[0]
             if tok.startswith("./") or first == "runs" or rel in OWN_FILES or Path(rel).name in OWN_FILES:
                 continue  # the reader's own working files
-            if first in TOP or "/" not in rel and (REPO / rel).suffix:
+            if "/" not in rel:
+                continue  # a bare file name: the reader's own file in its working folder
+            if first in TOP:
                 if not (REPO / rel).exists():
                     missing.append(f"{where}: {tok}")
             elif "/" in rel and first not in TOP and re.search(r"\.(py|ya?ml|md|toml)$", rel):
@@ -275,7 +284,7 @@ def _hand_over(root: Path) -> None:
 
 def _substitutions(root: Path, *, fleet: int = 9092, control: int = 9093, node: int = 9094) -> dict[str, str]:
     return {"coordinator.example.org": "localhost", "coordinator.example:": "localhost:",
-            "0.0.0.0": "127.0.0.2", ":9092": f":{fleet}", ":9093": f":{control}", "9094": str(node),
+            "0.0.0.0": "127.0.0.2", "9092": str(fleet), "9093": str(control), "9094": str(node),
             "/etc/fedprop/": f"{root}/etc/fedprop/", "/var/lib/fedprop/": f"{root}/var/lib/fedprop/",
             "/data/": f"{root}/data/"}
 
@@ -346,7 +355,7 @@ def test_documented_federation_runs_on_loopback(tmp_path):
 
     from federation import signing
     from server import deploy
-    from tests.deploy.harness import FEDPROP, clean_env, fedprop
+    from tests.deploy.harness import FEDPROP as FEDPROP_BIN, clean_env, fedprop
 
     root = tmp_path
     fleet, control, node = (deploy.free_port("127.0.0.1") for _ in range(3))
@@ -378,7 +387,7 @@ def test_documented_federation_runs_on_loopback(tmp_path):
 
     procs = []
     try:
-        server = deploy.ManagedProcess([FEDPROP, *_subst(by[("server", "start")], mapping)], env=clean_env(),
+        server = deploy.ManagedProcess([FEDPROP_BIN, *_subst(by[("server", "start")], mapping)], env=clean_env(),
                                        log_path=root / "server.log", cwd=root)
         procs.append(server)
         deploy.wait_for_port("127.0.0.1", control, timeout=90, process=server)
@@ -386,7 +395,7 @@ def test_documented_federation_runs_on_loopback(tmp_path):
         for key in [("server", "register-node"), ("server", "nodes")]:
             res = _run_doc(root, with_superlink(by[key]), mapping)
             assert res.returncode == 0, f"`fedprop {shlex.join(by[key])}`:\n{res.stdout}{res.stderr}"
-        client = deploy.ManagedProcess([FEDPROP, *_subst(by[("client", "start")], mapping)], env=clean_env(),
+        client = deploy.ManagedProcess([FEDPROP_BIN, *_subst(by[("client", "start")], mapping)], env=clean_env(),
                                        log_path=root / "client.log", cwd=root)
         procs.append(client)
         client.wait_for_log("SuperNode ID:", timeout=120)
