@@ -114,7 +114,7 @@ def test_kill9_superlink_mid_run_and_resume(tmp_path):
             # `fedprop server resume` refuses what it cannot resume before submitting anything
             bad = subprocess.run([FEDPROP, "server", "resume", str(tmp_path / "nowhere"), "--certs", str(fed.certs),
                                   "--superlink", fed.control, "--app-key", str(fed.app_key)],
-                                 capture_output=True, text=True, env={**clean_env(), "PATH": CLEAN_PATH})
+                                 capture_output=True, text=True, env={**clean_env(), "PATH": CLEAN_PATH}, cwd=fed.root)
             assert bad.returncode == 2 and "run.json not found" in bad.stderr, bad.stderr
             t_resume = time.monotonic()
             resumed = subprocess.run(
@@ -127,7 +127,7 @@ def test_kill9_superlink_mid_run_and_resume(tmp_path):
             assert f"fedprop run {run_id}, resumed" in resumed.stdout
             again = subprocess.run([FEDPROP, "server", "resume", str(crashed), "--certs", str(fed.certs),
                                     "--superlink", fed.control, "--app-key", str(fed.app_key)],
-                                   capture_output=True, text=True, env=clean_env())
+                                   capture_output=True, text=True, env=clean_env(), cwd=fed.root)
             assert again.returncode == 2 and "FEDERATION_DONE exists" in again.stderr, again.stderr
             # the uninterrupted run, on the same nodes (a new fedprop run id: new spend, within the policy)
             ref = deploy.submit_run(REPO, fed.conn, {**to_run_config(cfg), "fedprop-run-dir": str(reference)},
