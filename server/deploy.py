@@ -449,13 +449,25 @@ def submit_run(
 
     from server.run_id import RUN_ID_KEY, new_run_id
 
-    run_config = {RUN_ID_KEY: new_run_id(), **run_config}  # drawn once here: a resume re-uses it (run.json)
+    if _declares(app_dir, RUN_ID_KEY):  # fedprop's app: drawn once here, a resume re-uses it (run.json)
+        run_config = {RUN_ID_KEY: new_run_id(), **run_config}
     fab = build_fab(app_dir)
     if app_signing_key is not None:
         write_fab_signature(fab, app_signing_key, signatures_dir)
     run_id = start_run(fab, superlink, run_config)
     result = wait_for_run(run_id, superlink, timeout=timeout, poll_interval=poll_interval)
-    return replace(result, fedprop_run_id=str(run_config[RUN_ID_KEY]))
+    return replace(result, fedprop_run_id=str(run_config.get(RUN_ID_KEY, "")))
+
+
+def _declares(app_dir: str | Path, key: str) -> bool:
+    """Whether the app's pyproject declares run-config ``key`` (Flower refuses undeclared keys with 412)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
+    except (OSError, ValueError):
+        return False
+    return key in data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
 
 
 def resume_run(
