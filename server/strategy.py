@@ -142,6 +142,18 @@ class RecordingStrategy(Strategy):
         self._current: dict[str, Any] = {}
         self._mark = time.perf_counter()  # when the last configure_* returned (Flower then sends and waits)
         self.pooled: dict[str, dict[str, Any]] = {}  # head -> full summary (gains, reliability) of the last evaluation
+        self.names: dict[int, str] = {}  # node id -> partner name, learned from its earlier replies
+
+    def _missing(self, msg: Message, stage: str, server_round: int) -> dict[str, Any]:
+        """A reply that is an error (refusal, dead node, timeout): recorded and announced with the partner's name
+        when an earlier reply told it (a dead node sends nothing, so only the server's memory can name it)."""
+        node = msg.metadata.src_node_id
+        who = self.names.get(int(node), "")
+        rec = {"node": node, "code": msg.error.code, "reason": msg.error.reason, **({"partner": who} if who else {})}
+        print(f"fedprop: round {server_round} {stage}: {who or 'a partner'} (node {node}) did not contribute: "
+              f"{str(msg.error.reason).splitlines()[0][:200] if msg.error.reason else msg.error.code}; the round "
+              "continues with the partners that replied", flush=True)
+        return rec
 
     def summary(self) -> None:
         self.inner.summary()
@@ -174,9 +186,10 @@ class RecordingStrategy(Strategy):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
-                self._current["refusals"].append({"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason})
+                self._current["refusals"].append(self._missing(msg, "training", server_round))
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
+            self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
             rec: dict[str, Any] = {"train": m}
             if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
                 led = msg.content["ledger"]  # the server's witness against a later rollback of that ledger
@@ -202,11 +215,11 @@ class RecordingStrategy(Strategy):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
-                self._current.setdefault("evaluate_refusals", []).append(
-                    {"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason})
+                self._current.setdefault("evaluate_refusals", []).append(self._missing(msg, "evaluation", server_round))
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
             pid = partner_id(msg)
+            self.names[int(msg.metadata.src_node_id)] = pid
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
             self._current["partners"].setdefault(pid, {})["evaluate"] = ev

@@ -133,11 +133,12 @@ def test_kill9_one_of_three_supernodes_mid_round_run_finishes_with_two(tmp_path)
     assert names[0] == PARTNERS  # all three before the kill
     assert names[1:] == [[p for p in PARTNERS if p != VICTIM]] * 2  # the outputs name who took part
     # ... and say why one is missing: Flower's error reply for the dead node (heartbeat lost), or nothing when
-    # round_timeout struck first. It carries a node index, not the partner's name (the server has no reply to
-    # read a name from): naming it needs the server to remember node id -> partner from earlier rounds.
+    # round_timeout struck first. The server names the partner from the node id of its earlier replies.
     reasons = [f["reason"] for r in rounds[1:] for f in r["refusals"]]
     print("refusals after the kill:", reasons)
     assert all("Node Unavailable" in x for x in reasons), reasons
+    assert all(f.get("partner") == VICTIM for r in rounds[1:] for f in r["refusals"]), rounds[1]["refusals"]
+    assert not reasons or f"{VICTIM} (node" in logs  # announced in the ServerApp's log
     assert reasons or rounds[1]["server"]["train-wait-s"] >= ROUND_TIMEOUT * 0.9, rounds[1]
     for p in PARTNERS:
         node_dir = fed.node_dir(p)
