@@ -154,7 +154,7 @@ clientapp = "deployfloor.client_app:app"
 num-server-rounds = 3
 min-nodes = 3
 result-path = ""
-fedprop-run-id = ""  # deploy.submit_run adds it to every run config; the SuperLink refuses undeclared keys
+fedprop-run-id = ""  # declared, so deploy.submit_run sends the floor the same run-id key as fedprop
 """
 
 # Train + evaluate every round (FedAvg, fraction_evaluate 1), as fedprop's app with evaluation.rounds = rounds.
