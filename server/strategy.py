@@ -143,17 +143,31 @@ class RecordingStrategy(Strategy):
         self._mark = time.perf_counter()  # when the last configure_* returned (Flower then sends and waits)
         self.pooled: dict[str, dict[str, Any]] = {}  # head -> full summary (gains, reliability) of the last evaluation
         self.names: dict[int, str] = {}  # node id -> partner name, learned from its earlier replies
+        self._sent: list[int] = []  # node ids asked in the current stage
 
-    def _missing(self, msg: Message, stage: str, server_round: int) -> dict[str, Any]:
-        """A reply that is an error (refusal, dead node, timeout): recorded and announced with the partner's name
-        when an earlier reply told it (a dead node sends nothing, so only the server's memory can name it)."""
-        node = msg.metadata.src_node_id
-        who = self.names.get(int(node), "")
-        rec = {"node": node, "code": msg.error.code, "reason": msg.error.reason, **({"partner": who} if who else {})}
-        print(f"fedprop: round {server_round} {stage}: {who or 'a partner'} (node {node}) did not contribute: "
-              f"{str(msg.error.reason).splitlines()[0][:200] if msg.error.reason else msg.error.code}; the round "
-              "continues with the partners that replied", flush=True)
-        return rec
+    def _missing(self, msg: Message) -> dict[str, Any]:
+        """An error reply (refusal, dead node, timeout), as recorded. Flower's reply for a dead node does not carry
+        that node's id, so who is missing is found by ``_announce_missing``."""
+        return {"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason}
+
+    def _announce_missing(self, replies: list[Message], stage: str, server_round: int) -> None:
+        """Name every partner that was asked this round and sent no usable reply (names learned from its earlier
+        replies: a dead node sends nothing), in the round record and a log line."""
+        ok = {int(m.metadata.src_node_id) for m in replies if not m.has_error()}
+        gone = [n for n in self._sent if n not in ok]
+        if not gone:
+            return
+        names = [self.names.get(n, f"node {n}") for n in gone]
+        self._current.setdefault("missing", {})[stage] = names
+        why = sorted({str(m.error.reason).splitlines()[0][:160] for m in replies if m.has_error() and m.error.reason})
+        print(f"fedprop: round {server_round} {stage}: no usable reply from {', '.join(names)}"
+              + (f" ({'; '.join(why)})" if why else " (no reply before strategy.round_timeout)")
+              + f"; the round continues with {len(ok)} partner(s)", flush=True)
+
+    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._sent = [int(m.metadata.dst_node_id) for m in messages]
+        return messages
 
     def summary(self) -> None:
         self.inner.summary()
@@ -162,7 +176,7 @@ class RecordingStrategy(Strategy):
         server_round += self.round_offset
         self._arrays = arrays
         self._current = {"round": server_round, "partners": {}, "refusals": [], "server": {}}
-        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        messages = self._remember(self.inner.configure_train(server_round, arrays, config, grid))
         self._mark = time.perf_counter()
         return messages
 
@@ -186,7 +200,7 @@ class RecordingStrategy(Strategy):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
-                self._current["refusals"].append(self._missing(msg, "training", server_round))
+                self._current["refusals"].append(self._missing(msg))
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
             self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
@@ -197,14 +211,16 @@ class RecordingStrategy(Strategy):
                                  "update-hash": str(led["update-hash"]), "node": int(msg.metadata.src_node_id),
                                  **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
             self._current["partners"][partner_id(msg)] = rec
+        self._announce_missing(replies, "training", server_round)
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
             self._mark = time.perf_counter()  # evaluation is a DP release: only the scheduled rounds ask for it
+            self._sent = []
             return []
-        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = self._remember(self.inner.configure_evaluate(server_round, arrays, config, grid))
         self._mark = time.perf_counter()
         return messages
 
@@ -215,7 +231,7 @@ class RecordingStrategy(Strategy):
         replies = sorted(replies, key=_reply_key)
         for msg in replies:
             if msg.has_error():
-                self._current.setdefault("evaluate_refusals", []).append(self._missing(msg, "evaluation", server_round))
+                self._current.setdefault("evaluate_refusals", []).append(self._missing(msg))
                 continue
             m = dict(next(iter(msg.content.metric_records.values())))
             pid = partner_id(msg)
@@ -223,6 +239,7 @@ class RecordingStrategy(Strategy):
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
             self._current["partners"].setdefault(pid, {})["evaluate"] = ev
+        self._announce_missing(replies, "evaluation", server_round)
         ok = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
         if ok:
             self.pooled = pooled_summaries(ok)

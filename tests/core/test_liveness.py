@@ -16,12 +16,18 @@ def test_explicit_minimum_and_timeout():
 
 
 def test_a_partner_that_stops_replying_is_named_from_its_earlier_replies(capsys):
-    """A dead node's error reply carries only its node id: the server names the partner it learned earlier."""
-    from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+    """Flower's error reply for a dead node does not carry that node's id (measured on loopback: src_node_id 1):
+    the server names the partner it asked and that sent nothing usable, from the names of its earlier replies."""
+    from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
     from server.strategy import RecordingStrategy
 
     class Inner:
+        def configure_train(self, server_round, arrays, config, grid):
+            return [Message(content=RecordDict(), metadata=Metadata(
+                run_id=1, message_id="", src_node_id=0, dst_node_id=n, reply_to_message_id="", group_id="1",
+                created_at=0.0, ttl=60.0, message_type="train")) for n in (11, 12)]
+
         def aggregate_train(self, server_round, replies):
             return None, None
 
@@ -33,14 +39,17 @@ def test_a_partner_that_stops_replying_is_named_from_its_earlier_replies(capsys)
         content = RecordDict({"metrics": MetricRecord({"partition-id": 0}), "partner": ConfigRecord({"name": name})})
         return Message(content=content, metadata=meta(node))
 
-    def dead(node):
-        return Message(error=Error(code=0, reason="Node Unavailable - failed to report a heartbeat"), metadata=meta(node))
-
+    dead = Message(error=Error(code=5, reason="Error: Node Unavailable - failed to report a heartbeat"), metadata=meta(1))
     s = RecordingStrategy(Inner())
-    s._current = {"round": 1, "partners": {}, "refusals": [], "server": {}}
-    s._aggregate_train(1, [ok(11, "acme"), ok(12, "globex")])
-    s._current = {"round": 2, "partners": {}, "refusals": [], "server": {}}
-    s._aggregate_train(2, [ok(11, "acme"), dead(12)])
-    [missing] = s._current["refusals"]
-    assert missing["partner"] == "globex" and missing["node"] == 12 and "Node Unavailable" in missing["reason"]
-    assert "round 2 training: globex (node 12) did not contribute: Node Unavailable" in capsys.readouterr().out
+    s.configure_train(1, None, None, None)
+    s.aggregate_train(1, [ok(11, "acme"), ok(12, "globex")])
+    assert "missing" not in s._current
+    s.configure_train(2, None, None, None)
+    s.aggregate_train(2, [ok(11, "acme"), dead])
+    assert s._current["missing"] == {"training": ["globex"]}
+    assert "Node Unavailable" in s._current["refusals"][0]["reason"]
+    out = capsys.readouterr().out
+    assert "round 2 training: no usable reply from globex (Error: Node Unavailable" in out
+    s.configure_train(3, None, None, None)
+    s.aggregate_train(3, [ok(11, "acme")])  # timed out: no reply at all
+    assert s._current["missing"] == {"training": ["globex"]} and "no reply before strategy.round_timeout" in capsys.readouterr().out
