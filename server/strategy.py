@@ -151,10 +151,13 @@ class RecordingStrategy(Strategy):
         return {"node": msg.metadata.src_node_id, "code": msg.error.code, "reason": msg.error.reason}
 
     def _announce_missing(self, replies: list[Message], stage: str, server_round: int) -> None:
-        """Name every partner that was asked this round and sent no usable reply (names learned from its earlier
-        replies: a dead node sends nothing), in the round record and a log line."""
+        """Name every partner that was asked this round, or took part in an earlier round, and sent no usable reply
+        now (names learned from earlier replies: a dead node sends nothing, and once its heartbeat is lost Flower no
+        longer asks it), in the round record and a log line."""
         ok = {int(m.metadata.src_node_id) for m in replies if not m.has_error()}
-        gone = [n for n in self._sent if n not in ok]
+        every = float(getattr(self.inner, "fraction_train" if stage == "training" else "fraction_evaluate", 1.0)) >= 1.0
+        known = list(self.names) if every else []  # sampling a fraction: an unasked partner is not missing
+        gone = [n for n in dict.fromkeys([*self._sent, *known]) if n not in ok]
         if not gone:
             return
         names = [self.names.get(n, f"node {n}") for n in gone]

@@ -51,5 +51,5 @@ def test_a_partner_that_stops_replying_is_named_from_its_earlier_replies(capsys)
     out = capsys.readouterr().out
     assert "round 2 training: no usable reply from globex (Error: Node Unavailable" in out
     s.configure_train(3, None, None, None)
-    s.aggregate_train(3, [ok(11, "acme")])  # timed out: no reply at all
+    s.aggregate_train(3, [ok(11, "acme")])  # timed out, or no longer asked: no reply at all
     assert s._current["missing"] == {"training": ["globex"]} and "no reply before strategy.round_timeout" in capsys.readouterr().out
