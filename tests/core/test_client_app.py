@@ -61,6 +61,10 @@ def test_state_is_per_node():
     ra = app(_msg("train", ArrayRecord(model.state_dict()), 1), a)
     app(_msg("train", ArrayRecord(model.state_dict()), 2), a)
     rb = app(_msg("train", ArrayRecord(model.state_dict()), 1), b)
-    # different partners, different sizes -> different sampling rates, both first-round epsilons positive
-    assert ra.content["metrics"]["sample-rate"] != rb.content["metrics"]["sample-rate"]
+    # each node keeps its own privacy state: a has spent two rounds, b one (the sampling rates may coincide: they
+    # come from public size buckets of a split drawn with a fresh secret key, so they are not compared)
     assert len(b.state) == 1 and len(a.state) == 1
+    ea, eb = (next(iter(c.state.config_records.values()))["json"] for c in (a, b))
+    assert __import__("json").loads(ea) != __import__("json").loads(eb)
+    assert rb.content["metrics"]["epsilon"] < app(_msg("train", ArrayRecord(model.state_dict()), 2), b).content["metrics"]["epsilon"]
+    assert ra.content["metrics"]["epsilon"] > 0
