@@ -134,7 +134,26 @@ def pinned_public_key(model: Path, public_key: str | Path | None, key_fingerprin
     return key
 
 
-def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[str]:
+def load_cards(model_path: Path, heads: tuple[str, ...], public_key: str | Path) -> dict[str, dict]:
+    """The model cards beside the model (one per head), each verified with the pinned federation key before it is
+    read: a card whoever writes the model's folder edited (to hide a contract mismatch or a calibration warning)
+    is refused, not believed. A head without a card is absent from the result."""
+    from federation.signing import read_verified_bytes
+
+    cards = {}
+    for head in heads:
+        path = model_path.with_name(f"model_card_{head}.json")
+        if not path.is_file():
+            continue
+        data = read_verified_bytes(path, public_key)  # SignatureError names the card
+        try:
+            cards[head] = json.loads(data)
+        except json.JSONDecodeError:
+            raise ScoringRefused(f"model card {path} is unreadable") from None
+    return cards
+
+
+def check_contract_matches(model_path: Path, sm: ScoredModel, contract, cards: dict[str, dict]) -> list[str]:
     """Problems if the contract does not encode what the model was trained on."""
     problems = []
     names = tuple(contract.feature_names())
@@ -145,23 +164,16 @@ def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[
             f"contract {contract.name!r} encodes {len(names)} features but the model expects {len(sm.feature_names)}"
             + (f"; missing {missing[:8]}" if missing else "") + (f"; unexpected {extra[:8]}" if extra else "")
             + ("; same names in another order" if not missing and not extra else ""))
-    for head in sm.heads:
-        card_path = model_path.with_name(f"model_card_{head}.json")
-        if not card_path.is_file():
-            continue
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            problems.append(f"model card {card_path} is unreadable")
-            continue
+    for head, card in cards.items():
         if card.get("model", {}).get("file") != model_path.name:
             continue
         want = card.get("data_contract", {}).get("hash")
         if want and want != contract.contract_hash():
             problems.append(
-                f"contract {contract.name!r} has hash {contract.contract_hash()[:12]}, but the model card {card_path.name} "
-                f"says the model was trained under {card['data_contract'].get('name', '?')!r} hash {want[:12]}: bounds "
-                "or vocabularies differ, so features would be encoded differently; use the federation's contract")
+                f"contract {contract.name!r} has hash {contract.contract_hash()[:12]}, but the model card "
+                f"model_card_{head}.json says the model was trained under {card['data_contract'].get('name', '?')!r} "
+                f"hash {want[:12]}: bounds or vocabularies differ, so features would be encoded differently; use the "
+                "federation's contract")
         break
     return problems
 
@@ -169,21 +181,17 @@ def check_contract_matches(model_path: Path, sm: ScoredModel, contract) -> list[
 ECE_WARN = 0.05  # expected calibration error above which a probability is not to be read as one
 
 
-def calibration_warnings(model_path: Path, heads: tuple[str, ...]) -> list[str]:
+def calibration_warnings(heads: tuple[str, ...], cards: dict[str, dict]) -> list[str]:
     """One line per head whose released probabilities are not known to be calibrated: the model card's DP
-    evaluation measured an ECE above ECE_WARN, could not measure it (noise), or the card has no evaluation.
+    evaluation measured an ECE above ECE_WARN, could not measure it (noise), or there is no card.
     fedprop does not recalibrate released models (see README: DP recalibration is measured, not applied)."""
     out = []
     for head in heads:
-        card = model_path.with_name(f"model_card_{head}.json")
-        try:
-            m = json.loads(card.read_text()).get("metrics", {}) if card.is_file() else {}
-        except (OSError, ValueError):
-            m = {}
+        m = cards.get(head, {}).get("metrics", {})
         ece, hw = m.get("ece"), m.get("ece_half_width")
         use = (f"use the deciles and segments for ranking, and do not read {head}_probability as a rate")
         if not isinstance(ece, (int, float)) or ece != ece:
-            out.append(f"{head}: calibration unknown (no evaluation in {card.name}); {use}")
+            out.append(f"{head}: calibration unknown (no evaluation in model_card_{head}.json); {use}")
         elif not m.get("ece_meaningful", True):
             out.append(f"{head}: calibration not measurable (DP evaluation noise +-{hw:.3f}); {use}")
         elif ece > ECE_WARN:
@@ -266,7 +274,8 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
         c = c.with_events(cutoff=str(when.date()))
     else:
         hash_contract = c
-    problems = check_contract_matches(model, sm, hash_contract)
+    cards = load_cards(model, tuple(sm.heads), key)
+    problems = check_contract_matches(model, sm, hash_contract, cards)
     if problems:
         raise ScoringRefused(f"refusing to score {data} with {model}:\n" + "\n".join(f"  - {p}" for p in problems))
     v = read_validated(c, str(data), labels=False, min_customers=1)
@@ -285,7 +294,7 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
             "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
             "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
-            "rows_used": int(v.report.rows_used), "warnings": calibration_warnings(model, tuple(sm.heads))}
+            "rows_used": int(v.report.rows_used), "warnings": calibration_warnings(tuple(sm.heads), cards)}
 
 
 def register(subparsers) -> argparse.ArgumentParser:

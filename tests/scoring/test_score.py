@@ -32,7 +32,8 @@ def model_copy(signed_run, tmp_path):
     """What a partner receives: the model, its signature, the federation public key (and the cards)."""
     d = tmp_path / "release"
     d.mkdir()
-    for name in (MODEL, MODEL + ".sig", "federation.pub", "model_card_churn.json", "model_card_propensity.json"):
+    for name in (MODEL, MODEL + ".sig", "federation.pub", "model_card_churn.json", "model_card_churn.json.sig",
+                 "model_card_propensity.json", "model_card_propensity.json.sig"):
         shutil.copy(signed_run / name, d / name)
     return d
 
@@ -216,14 +217,21 @@ def test_data_synth_matches_the_simulation_features(tmp_path, capsys):
     assert all(np.array_equal(fs.y[k][a], ref.y[k][b]) for k in ref.y)
 
 
-def test_uncalibrated_heads_are_warned_about(model_copy, pinned, events_csv, tmp_path, capsys):
-    card = model_copy / "model_card_churn.json"
+def _edit_card(model_copy, signed_run, head, **metrics):
+    """The coordinator re-issues a card: edited and signed again with the federation key."""
+    from federation.signing import sign_file
+
+    card = model_copy / f"model_card_{head}.json"
     c = json.loads(card.read_text())
-    c["metrics"].update({"ece": 0.18, "ece_half_width": 0.02, "ece_meaningful": True, "base_rate": 0.27})
+    c["metrics"].update(metrics)
     card.write_text(json.dumps(c))
-    p = json.loads((model_copy / "model_card_propensity.json").read_text())
-    p["metrics"].update({"ece": 0.01, "ece_half_width": 0.005, "ece_meaningful": True})
-    (model_copy / "model_card_propensity.json").write_text(json.dumps(p))
+    sign_file(card, signed_run.parent / "keys" / "server.key")
+    return card
+
+
+def test_uncalibrated_heads_are_warned_about(model_copy, pinned, signed_run, events_csv, tmp_path, capsys):
+    _edit_card(model_copy, signed_run, "churn", ece=0.18, ece_half_width=0.02, ece_meaningful=True, base_rate=0.27)
+    _edit_card(model_copy, signed_run, "propensity", ece=0.01, ece_half_width=0.005, ece_meaningful=True)
     rc, out, err = _run(capsys, "--model", model_copy / MODEL, "--public-key", pinned, "--data", events_csv,
                         "--contract", CONTRACT, "--out", tmp_path / "s.csv")
     assert rc == 0
@@ -233,3 +241,15 @@ def test_uncalibrated_heads_are_warned_about(model_copy, pinned, events_csv, tmp
     rc, out, err = _run(capsys, "--model", model_copy / MODEL, "--public-key", pinned, "--data", events_csv,
                         "--contract", CONTRACT, "--out", tmp_path / "s.csv")
     assert "propensity: calibration unknown" in err
+
+
+def test_a_card_edited_on_disk_is_refused_not_believed(model_copy, pinned, events_csv, tmp_path, capsys):
+    """Whoever writes the model's folder edits the card (to hide a calibration warning) without the federation key."""
+    card = model_copy / "model_card_churn.json"
+    c = json.loads(card.read_text())
+    c["metrics"].update({"ece": 0.0, "ece_meaningful": True})
+    card.write_text(json.dumps(c))
+    rc, out, err = _run(capsys, "--model", model_copy / MODEL, "--public-key", pinned, "--data", events_csv,
+                        "--contract", CONTRACT, "--out", tmp_path / "s.csv")
+    assert rc == 1 and "REFUSED" in err and "model_card_churn.json" in err
+    assert not (tmp_path / "s.csv").exists()
