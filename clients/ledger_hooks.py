@@ -263,14 +263,10 @@ def round_reservation(
         try:
             yield res
         finally:
-            if not _closed(ledger, res):
+            if res.closed_by() is None:
                 res.release("the round did not complete at this node; nothing was released")
     finally:
         ledger.close()
-
-
-def _closed(ledger: Ledger, res: Reservation) -> bool:
-    return any((e.extra or {}).get("reservation_seq") == res.seq for e in ledger.entries() if e.seq > res.seq)
 
 
 def commit_round(res: Reservation, *, update_hash: str, extra: Mapping[str, Any] | None = None) -> LedgerEntry:

@@ -708,17 +708,20 @@ class Reservation:
     def seq(self) -> int:
         return self.entry.seq
 
+    def closed_by(self) -> int | None:
+        """The seq of the entry that committed or released this reservation, or None while it is open."""
+        row = self.ledger._conn.execute(  # noqa: SLF001
+            "SELECT seq FROM entries WHERE seq > ? AND json_extract(extra, '$.reservation_seq') = ?",
+            (self.seq, self.seq),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
     def _close(self, **fields_) -> LedgerEntry:
         led = self.ledger
         with led._transaction():  # noqa: SLF001
-            closed = led._conn.execute(  # noqa: SLF001
-                "SELECT seq FROM entries WHERE seq > ? AND json_extract(extra, '$.reservation_seq') = ?",
-                (self.seq, self.seq),
-            ).fetchone()
+            closed = self.closed_by()
             if closed is not None:
-                raise PrivacyError(
-                    f"{led.path}: reservation seq={self.seq} was already closed by entry seq={closed[0]}."
-                )
+                raise PrivacyError(f"{led.path}: reservation seq={self.seq} was already closed by entry seq={closed}.")
             return led._append_locked(timestamp=None, **fields_)  # noqa: SLF001
 
     def commit(
