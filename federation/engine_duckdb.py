@@ -82,7 +82,7 @@ def connect(settings: EngineSettings = EngineSettings()):
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")
     # DuckDB 2.0 rewrites a grouped count(DISTINCT x) into a CTE scanned three times plus two hash joins; on the
-    # feature pass (distinct channels/products, the duplicate screen) the direct distinct aggregate costs about a
+    # feature pass (distinct channels/products) the direct distinct aggregate costs about a
     # quarter less CPU (10M events, benchmarks/bench_features.py); results are the same
     con.execute("SET disabled_optimizers = 'distinct_aggregate_rewrite'")
     return con
@@ -408,7 +408,6 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         extra = (
             "count(*) AS n_rows", "count(*) FILTER (WHERE m = 0) AS n_unknown", f"bit_or(CAST({vf} AS INTEGER)) AS vflags",
             f"max({ts_ns}) AS last_ts", "count(*) FILTER (WHERE hz) AS n_horizon",
-            f"count(DISTINCT hash({', '.join(dup_cols)})) AS n_distinct",
             *(f"arg_max({s}, ({ts_ns}, __row)) FILTER (WHERE {ts_ns} < {cut_ns} AND {s} IS NOT NULL) AS {s}"
               for s in has["static"]),
         )
@@ -426,8 +425,8 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
             f"SELECT sum(n_rows), sum(n_rows) {k}, count(*) FILTER (WHERE vflags & 1 <> 0), sum(n_unknown) {k}, "
             f"count(*) FILTER (WHERE vflags & 2 <> 0), max(last_ts) {k}, sum(n_horizon) {k}, "
             f"count(*) FILTER (WHERE {kept} AND vflags & 8 <> 0), count(*) FILTER (WHERE {kept} AND vflags & 24 = 24), "
-            f"count(*) FILTER (WHERE {kept} AND vflags & 40 = 40), sum(n_rows) {k} - sum(n_distinct) {k} FROM agg").fetchone()
-        n_rows, n_kept, n_suspect, n_unknown, n_aware, last_ts, n_h, n_pop, n_act, n_buy, maybe_dups = \
+            f"count(*) FILTER (WHERE {kept} AND vflags & 40 = 40) FROM agg").fetchone()
+        n_rows, n_kept, n_suspect, n_unknown, n_aware, last_ts, n_h, n_pop, n_act, n_buy = \
             [0 if v is None and i != 5 else v for i, v in enumerate(tot)]
         if c.deduplicate:  # counts before deduplication, as validation reports them
             n_rows, n_kept, n_suspect, n_unknown, n_aware = con.execute(
@@ -445,13 +444,10 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         notes[V.UNKNOWN_TYPES_NOTE] = int(n_unknown)
         V._mixed_timezones(P, c.columns.timestamp)
         t1 = time.perf_counter()
-        if c.deduplicate or maybe_dups:
-            dup_rows = con.execute(
-                f"SELECT __row FROM (SELECT __row, row_number() OVER (PARTITION BY cid, {', '.join(dup_cols)} "
-                "ORDER BY __row) AS k FROM evr WHERE keep) WHERE k > 1 ORDER BY __row").fetchnumpy()["__row"]
-            if len(dup_rows):
-                V._duplicate_finding(c, P, notes, np.ones(len(dup_rows), dtype=bool), np.asarray(dup_rows))
-        n_dups = int(len(dup_rows)) if (c.deduplicate or maybe_dups) else 0
+        dup_rows = _duplicate_rows(con, c.deduplicate, ["cid"] + dup_cols)
+        if len(dup_rows):
+            V._duplicate_finding(c, P, notes, np.ones(len(dup_rows), dtype=bool), dup_rows)
+        n_dups = int(len(dup_rows))
         timings["duplicates"] = time.perf_counter() - t1
         report = V.Report(source=source.describe, contract=c.name, contract_hash=c.contract_hash(), rows_read=int(n_rows))
         used = int(n_kept) - (n_dups if c.deduplicate else 0)
@@ -481,6 +477,33 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
     timings["encode"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     return EngineResult(fs, report, "duckdb", timings)
+
+
+def dup_screen_key(cols: list[str]) -> str:
+    """The duplicate screen's key: rows equal in every column share it (DuckDB's hash() maps -0.0 and 0.0, and
+    every NaN, NULL and value alike, as the exact query's PARTITION BY does), so it finds every duplicate; rows
+    that only share it (a 64-bit collision) are cleared by the exact query. A module function: tests force
+    collisions through it."""
+    return f"hash({', '.join(cols)})"
+
+
+def _duplicate_rows(con, deduplicate: bool, cols: list[str]) -> np.ndarray:
+    """Data rows (sorted) that repeat an earlier kept row in every column of ``cols``, as validation finds them.
+    A screen first: one GROUP BY over the key of every kept row (it spills under memory_limit) keeps the keys
+    seen twice or more; only the rows with such a key -- usually none -- go to the exact row_number() query, which
+    numbers each group of equal rows in file order. With ``deduplicate`` the main pass has numbered them already
+    (view evd) and every kept row goes to the exact query."""
+    key = dup_screen_key(cols)
+    where = "keep"
+    if not deduplicate:
+        con.execute(f"CREATE TEMP TABLE dup_keys AS SELECT k FROM (SELECT {key} AS k FROM ev WHERE keep) "
+                    "GROUP BY k HAVING count(*) > 1")
+        if not con.execute("SELECT count(*) FROM dup_keys").fetchone()[0]:
+            return np.zeros(0, dtype=np.int64)
+        where = f"keep AND {key} IN (SELECT k FROM dup_keys)"
+    rows = con.execute(f"SELECT __row FROM (SELECT __row, row_number() OVER (PARTITION BY {', '.join(cols)} "
+                       f"ORDER BY __row) AS k FROM evr WHERE {where}) WHERE k > 1 ORDER BY __row").fetchnumpy()["__row"]
+    return np.asarray(rows, dtype=np.int64)
 
 
 def _feature_set(df: pd.DataFrame, c: DataContract, static: list[str]) -> FeatureSet:

@@ -171,6 +171,47 @@ def test_a_contract_problem_in_a_parquet_log_gets_the_pandas_message(tmp_path):
     assert_same(c2, tmp_path / "bad.parquet")
 
 
+def _log_with_duplicates() -> pd.DataFrame:
+    ev = _edge_log()  # rows 9 and 10 share customer and time but not the other columns: not duplicates
+    return pd.concat([ev, ev.iloc[[0, 2, 9, 2]]], ignore_index=True)  # rows 12-15 repeat rows 0, 2, 9 and 2
+
+
+@pytest.mark.parametrize("dups", [True, False])
+@pytest.mark.parametrize("screen", ["hash", "collide"])
+def test_the_duplicate_screen_reports_the_rows_validation_reports(tmp_path, monkeypatch, dups, screen):
+    """The screen only decides which rows the exact query numbers: with a key under which every customer's rows
+    collide (screen='collide': all false positives), and with the real one, the report is validation's."""
+    import federation.engine_duckdb as engine
+
+    (tmp_path / "c.yaml").write_text(EDGE_CONTRACT)
+    c = load_contract(str(tmp_path / "c.yaml"))
+    ev = _log_with_duplicates() if dups else _edge_log()
+    ev.to_parquet(tmp_path / "log.parquet", index=False, row_group_size=7)
+    exact = []
+    real_connect = engine.connect
+
+    class Recording:
+        def __init__(self, con):
+            self.con = con
+
+        def execute(self, sql, *a):
+            exact.append("row_number() OVER (PARTITION BY" in sql)
+            return self.con.execute(sql, *a)
+
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+
+    monkeypatch.setattr(engine, "connect", lambda settings=EngineSettings(): Recording(real_connect(settings)))
+    if screen == "collide":
+        monkeypatch.setattr(engine, "dup_screen_key", lambda cols: f"(hash({cols[0]}) % 2)")
+    res = assert_same(c, tmp_path / "log.parquet")
+    assert any(exact) == (dups or screen == "collide")  # the exact query runs on a positive screen only
+    notes = [n for n in res.report.notes if "repeat an earlier event" in n]
+    assert bool(notes) == dups
+    if dups:  # the rows named are validation's (assert_same compared the reports); here, that they are the copies
+        assert notes[0].startswith("4 row(s)") and "(rows 12, 13, 14, ...)" in notes[0], notes
+
+
 # ---- the point-in-time property on the DuckDB engine (as tests/data/test_leakage.py does for pandas)
 CUT = pd.Timestamp("2024-01-01")
 TYPES = ["visit", "purchase", "support_ticket", "return"]
