@@ -178,6 +178,10 @@ def check_contract_matches(model_path: Path, sm: ScoredModel, contract, cards: d
     return problems
 
 
+def score_column(head: str) -> str:
+    return "churn_probability" if head == "churn" else "propensity_score"
+
+
 ECE_WARN = 0.05  # expected calibration error above which a probability is not to be read as one
 
 
@@ -189,7 +193,7 @@ def calibration_warnings(heads: tuple[str, ...], cards: dict[str, dict]) -> list
     for head in heads:
         m = cards.get(head, {}).get("metrics", {})
         ece, hw = m.get("ece"), m.get("ece_half_width")
-        use = (f"use the deciles and segments for ranking, and do not read {head}_probability as a rate")
+        use = (f"use the deciles and segments for ranking, and do not read {score_column(head)} as a rate")
         if not isinstance(ece, (int, float)) or ece != ece:
             out.append(f"{head}: calibration unknown (no evaluation in model_card_{head}.json); {use}")
         elif not m.get("ece_meaningful", True):
@@ -202,17 +206,20 @@ def calibration_warnings(heads: tuple[str, ...], cards: dict[str, dict]) -> list
     return out
 
 
-def score_frame(sm: ScoredModel, X: np.ndarray, customer_ids: np.ndarray, thresholds: dict[str, float]) -> pd.DataFrame:
-    """Per customer: score per head, decile per head (1 = top 10%), segment."""
+def score_frame(sm: ScoredModel, X: np.ndarray, customer_ids: np.ndarray, thresholds: dict[str, float],
+                personalised=None) -> pd.DataFrame:
+    """Per customer: score per head, decile per head (1 = top 10%), segment. ``personalised``: the partner's
+    ``PersonalisedModel`` (derived from ``sm``), used instead of the global model."""
     import torch
 
     from federation.models import predict_proba
 
-    P = predict_proba(sm.model, torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    P = personalised.predict_proba(Xt) if personalised is not None else predict_proba(sm.model, Xt).numpy()
     out = pd.DataFrame({"customer_id": np.asarray(customer_ids).astype(str)})
     flags = {}
     for j, head in enumerate(sm.heads):
-        col = "churn_probability" if head == "churn" else "propensity_score"
+        col = score_column(head)
         p = P[:, j].astype(np.float64)
         out[col] = p
         out[f"{head}_decile"] = deciles(p)
@@ -254,8 +261,11 @@ def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
 # --------------------------------------------------------------------------------------- the command
 def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str | Path,
           public_key: str | Path | None = None, thresholds: dict[str, float] | None = None,
-          cutoff: str | None = None, key_fingerprint: str | None = None) -> dict[str, Any]:
-    """Verify, validate, score, write; return a small summary. Raises FedpropError subclasses on refusal."""
+          cutoff: str | None = None, key_fingerprint: str | None = None,
+          personalised: str | Path | None = None) -> dict[str, Any]:
+    """Verify, validate, score, write; return a small summary. Raises FedpropError subclasses on refusal.
+    ``personalised``: a folder written by `fedprop personalise` from this very global model (checked by its
+    SHA-256 and the contract hash); its model scores instead of the global one."""
     from federation.contract import build_features, load_contract
     from federation.validation import read_validated
 
@@ -278,6 +288,16 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
     problems = check_contract_matches(model, sm, hash_contract, cards)
     if problems:
         raise ScoringRefused(f"refusing to score {data} with {model}:\n" + "\n".join(f"  - {p}" for p in problems))
+    pm = None
+    if personalised is not None:
+        from clients.personal_store import PersonalisedModelError, load as load_personalised
+
+        try:
+            pm, _ = load_personalised(personalised, sm.model, global_sha256=sm.manifest["sha256"],
+                                      contract_hash=hash_contract.contract_hash(), feature_names=sm.feature_names,
+                                      heads=tuple(sm.heads))
+        except PersonalisedModelError as exc:
+            raise ScoringRefused(str(exc)) from None
     v = read_validated(c, str(data), labels=False, min_customers=1)
     frame = v.frame
     if c.kind == "table" and "__label" not in frame:
@@ -286,7 +306,7 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
     if tuple(fs.feature_names) != sm.feature_names:
         raise ScoringRefused(f"features built from {data} do not match the model's ({len(fs.feature_names)} vs "
                              f"{len(sm.feature_names)}); the contract and the model disagree")
-    scores = score_frame(sm, fs.X, fs.customer_ids, th)
+    scores = score_frame(sm, fs.X, fs.customer_ids, th, personalised=pm)
     path = write_scores(scores, out)
     counts = scores["segment"].value_counts().reindex(list(SEGMENTS), fill_value=0)
     return {"out": str(path), "customers": len(scores), "heads": list(sm.heads), "thresholds": th,
@@ -294,7 +314,20 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
             "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
             "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
-            "rows_used": int(v.report.rows_used), "warnings": calibration_warnings(tuple(sm.heads), cards)}
+            "rows_used": int(v.report.rows_used),
+            "models": pm.describe() if pm is not None else {h: "global" for h in sm.heads},
+            "warnings": calibration_warnings(tuple(h for h in sm.heads if pm is None or pm.choices[h].kind == "global"),
+                                             cards) + personalised_warnings(pm)}
+
+
+def personalised_warnings(pm) -> list[str]:
+    """A personalised head's probabilities are not the global model's, so the card's calibration says nothing
+    about them; blends and stacking are not calibrated by construction."""
+    if pm is None:
+        return []
+    return [f"{h}: personalised ({d}): its calibration was not measured by the federation; use the deciles and "
+            f"segments for ranking, and do not read {score_column(h)} as a rate" for h, d in pm.describe().items()
+            if pm.choices[h].kind != "global"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -313,6 +346,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scoring-config", default=None, help="YAML with thresholds: {churn: P, propensity: P}")
     p.add_argument("--cutoff", default=None, help="event logs: score at this date (YYYY-MM-DD or 'today'); "
                    "default: the contract's cutoff")
+    p.add_argument("--personalised", default=None, metavar="DIR",
+                   help="score with your personalised model (written by `fedprop personalise` from this global "
+                   "model) instead of the global one")
     p.set_defaults(func=_cmd)
     return p
 
@@ -324,7 +360,7 @@ def _cmd(args) -> int:
         th = load_thresholds(args.scoring_config, args.thresholds)
         result = score(model=args.model, data=args.data, contract=args.contract, out=args.out,
                        public_key=args.public_key, thresholds=th, cutoff=args.cutoff,
-                       key_fingerprint=args.key_fingerprint)
+                       key_fingerprint=args.key_fingerprint, personalised=args.personalised)
     except (SignatureError, ScoringRefused) as exc:
         print(f"fedprop score: REFUSED: {exc}", file=sys.stderr)
         return 1
@@ -345,7 +381,8 @@ def _cmd(args) -> int:
     seg = ", ".join(f"{k}: {n}" for k, n in result["segments"].items())
     print(f"scored {result['customers']} customers ({', '.join(result['heads'])}) -> {result['out']}\n"
           f"  segments: {seg}\n  thresholds: {result['thresholds']}; model sha256 {result['model_sha256'][:12]}, "
-          f"key {result['key_fingerprint'][:19]}" + (f"; cutoff {result['cutoff']}" if result["cutoff"] else ""))
+          f"key {result['key_fingerprint'][:19]}" + (f"; cutoff {result['cutoff']}" if result["cutoff"] else "")
+          + "\n  models: " + ", ".join(f"{h}: {d}" for h, d in result["models"].items()))
     for w in result["warnings"]:
         print(f"  WARNING: {w}", file=sys.stderr)
     if result["skipped"] or result["rows_used"] < result["rows_read"]:

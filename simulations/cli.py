@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.synth_cli",  # fedprop data synth (after clients.data_cli: adds to its `data` group)
     "simulations.report",  # fedprop report RUN_DIR|SWEEP_DIR
     "clients.score",  # fedprop score (a partner scores its customers with a signed global model)
+    "clients.personalise_cli",  # fedprop personalise (a partner's own model from the global one, on its node)
     "clients.audit",  # fedprop audit (empirical lower bound on epsilon from one run with canaries)
 )
 

@@ -378,7 +378,8 @@ def build_statement(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Not covered: hyperparameter tuning or model selection on partner data unless recorded as releases, "
-        "timing and other side channels, and data held by other partners.",
+        "timing and other side channels, data held by other partners, and any model a partner fits at its own "
+        "node on its raw data (`fedprop personalise`): such a model is not DP and must never leave the node.",
     ]
     return "\n".join(lines)
 

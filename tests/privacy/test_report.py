@@ -31,7 +31,7 @@ Guarantee: in the current calendar-month period (2025-03-01T00:00:00+00:00 to 20
 
 Policy: at most epsilon 2 per calendar-month period at delta 1e-05, noise multiplier >= 0.5, at most 20 rounds per run: COMPLIANT. Remaining budget: 0.214.
 
-Not covered: hyperparameter tuning or model selection on partner data unless recorded as releases, timing and other side channels, and data held by other partners."""
+Not covered: hyperparameter tuning or model selection on partner data unless recorded as releases, timing and other side channels, data held by other partners, and any model a partner fits at its own node on its raw data (`fedprop personalise`): such a model is not DP and must never leave the node."""
 
 PARTNER_LAYER = (
     "Partner-level layer: the server recorded 2 aggregate release(s) with partner-level Gaussian noise on the "
