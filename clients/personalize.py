@@ -122,6 +122,12 @@ class HeadChoice:
     validation_auc: float = float("nan")  # mean out-of-fold AUC of the chosen candidate on the training customers
     local_kind: str = ""
     local_validation_auc: float = float("nan")  # the same for the local-only model (alpha 0)
+    # Platt scaling fitted on the chosen candidate's out-of-fold logits at the node (a = 1, b = 0: none); it
+    # changes probabilities, never the ranking (AUC, deciles)
+    platt_a: float = 1.0
+    platt_b: float = 0.0
+    ece_uncalibrated: float = float("nan")  # out-of-fold ECE (10 equal-width bins) of the chosen candidate
+    ece: float = float("nan")  # the same after the Platt scaling (in-sample for its 2 parameters)
 
 
 @dataclass
@@ -152,6 +158,8 @@ class PersonalisedModel:
                 out[:, j] = _sigmoid(self.stacked[h].logit(np.c_[X.numpy(), _logit(g[:, j])]))
             else:
                 out[:, j] = predict_proba(self.tuned[h], X).numpy()[:, j]
+            if (c.platt_a, c.platt_b) != (1.0, 0.0):
+                out[:, j] = _sigmoid(c.platt_a * _logit(out[:, j]) + c.platt_b)
         return out
 
     def describe(self) -> dict[str, str]:
@@ -164,7 +172,10 @@ class PersonalisedModel:
                 return f"stack(local {c.local_kind} + global logit)"
             return c.kind if c.kind != "local" else f"local {c.local_kind}"
 
-        return {h: one(c) for h, c in self.choices.items()}
+        def cal(c: HeadChoice) -> str:
+            return " + Platt calibration" if (c.platt_a, c.platt_b) != (1.0, 0.0) else ""
+
+        return {h: one(c) + cal(c) for h, c in self.choices.items()}
 
 
 def fine_tune(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, seed: int,
@@ -194,6 +205,36 @@ def _refit(local: LocalModel, X: np.ndarray, y: np.ndarray) -> LocalModel:
     return LocalModel(local.kind, clone(local.estimator).fit(X, y))
 
 
+ECE_BINS = 10
+
+
+def binned_ece(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``bins`` equal-width probability bins (as ``federation.metrics.ece``)."""
+    if not len(p):
+        return float("nan")
+    b = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, weights=p, minlength=bins) - np.bincount(b, weights=y, minlength=bins))
+    return float(gap.sum() / len(p)) if n.sum() else float("nan")
+
+
+def _calibrate(choice: HeadChoice, z: np.ndarray, y: np.ndarray) -> None:
+    """Platt scaling of the chosen candidate on its out-of-fold logits ``z`` at this partner (its own customers,
+    its own base rate); kept only if it lowers the ECE. Non-private like the rest of the personalised model."""
+    from federation.calibration import fit_platt
+
+    y = np.asarray(y, dtype=np.float64)
+    before = binned_ece(_sigmoid(z), y)
+    choice.ece_uncalibrated = choice.ece = before
+    try:
+        fit = fit_platt(z, y, 1.0 - y)
+    except ValueError:  # did not converge: keep the probabilities as they are
+        return
+    after = binned_ece(_sigmoid(fit.apply_logit(z)), y)
+    if np.isfinite(fit.a) and np.isfinite(fit.b) and after < before:
+        choice.platt_a, choice.platt_b, choice.ece = float(fit.a), float(fit.b), after
+
+
 def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, heads: tuple[str, ...],
                 seed: int, local: dict[str, LocalModel] | None = None,
                 min_gain_se: float = MIN_GAIN_SE) -> PersonalisedModel:
@@ -206,7 +247,9 @@ def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, he
     Each is scored by its mean AUC over ``N_FOLDS`` out-of-fold validation folds of the
     training customers (the local model and the fine-tuning refitted without the fold; the global model is a DP
     release, used as is); the best wins and is refitted on all training customers (for a blend: the given
-    local-only model). Local-only is a candidate, so validation never prefers a model worse than it."""
+    local-only model). Local-only is a candidate, so validation never prefers a model worse than it. Then a
+    Platt scaling fitted on the winner's out-of-fold logits calibrates its probabilities to this partner's own
+    rates (kept only where it lowers the out-of-fold ECE; ranking unchanged)."""
     from threadpoolctl import threadpool_limits
 
     from federation.models import predict_proba
@@ -243,23 +286,25 @@ def personalise(global_model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, he
         def cv_auc(s: np.ndarray) -> np.ndarray:  # per-fold AUCs
             return np.array([_auc(y[f], s[f]) for f in folds])
 
-        # (score, preference, choice): among equal scores prefer local, then global, then the rest
+        # (score, preference, choice, out-of-fold logits): among equal scores prefer local, then global, then the rest
         cands = []
         for a in BLEND_ALPHAS:
             kind = "local" if a == 0 else "global" if a == 1 else "blend"
             c = HeadChoice(kind, alpha=float(a), local_kind=local[h].kind)
-            cands.append((cv_auc(a * g_all[:, j] + (1 - a) * l_oof), {"local": 2, "global": 1}.get(kind, 0), c))
-        cands += [(cv_auc(p[:, j]), 0, HeadChoice("fine_tune", epochs=e, local_kind=local[h].kind))
+            z = a * g_all[:, j] + (1 - a) * l_oof
+            cands.append((cv_auc(z), {"local": 2, "global": 1}.get(kind, 0), c, z))
+        cands += [(cv_auc(p[:, j]), 0, HeadChoice("fine_tune", epochs=e, local_kind=local[h].kind), _logit(p[:, j]))
                   for e, p in tuned_oof.items()]
-        cands.append((cv_auc(s_oof), 0, HeadChoice("stack", local_kind=local[h].kind)))
-        cands = [(float(np.nanmean(a)), pref, c, a) for a, pref, c in cands]
-        score, _, best, fold_aucs = max(cands, key=lambda c: (c[0], c[1]))
+        cands.append((cv_auc(s_oof), 0, HeadChoice("stack", local_kind=local[h].kind), s_oof))
+        cands = [(float(np.nanmean(a)), pref, c, a, z) for a, pref, c, z in cands]
+        score, _, best, fold_aucs, z_best = max(cands, key=lambda c: (c[0], c[1]))
         d = fold_aucs - cands[0][3]  # paired per-fold gain over local-only (alpha 0)
         d = d[d == d]
         if best.kind != "local" and min_gain_se > 0 and len(d) > 1 and d.mean() < min_gain_se * d.std(ddof=1) / np.sqrt(len(d)):
-            score, _, best, _ = cands[0]  # the gain is within the folds' noise: keep the local-only model
+            score, _, best, _, z_best = cands[0]  # the gain is within the folds' noise: keep the local-only model
         best.validation_auc = score
         best.local_validation_auc = cands[0][0]
+        _calibrate(best, z_best, y)
         choices[h] = best
     tuned, stacked = {}, {}
     for j, h in enumerate(heads):

@@ -315,8 +315,11 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
             "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
             "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
             "rows_used": int(v.report.rows_used),
-            "models": pm.describe() if pm is not None else {h: "global" for h in sm.heads},
-            "warnings": calibration_warnings(tuple(h for h in sm.heads if pm is None or pm.choices[h].kind == "global"),
+            "models": ({h: d + (f" (out-of-fold ECE {pm.choices[h].ece:.3f} on your customers)"
+                                if pm.choices[h].ece == pm.choices[h].ece else "")
+                        for h, d in pm.describe().items()} if pm is not None else {h: "global" for h in sm.heads}),
+            "warnings": calibration_warnings(tuple(h for h in sm.heads if pm is None or (pm.choices[h].kind == "global" and (
+                pm.choices[h].platt_a, pm.choices[h].platt_b) == (1.0, 0.0))),
                                              cards) + personalised_warnings(pm)}
 
 
@@ -325,9 +328,18 @@ def personalised_warnings(pm) -> list[str]:
     about them; blends and stacking are not calibrated by construction."""
     if pm is None:
         return []
-    return [f"{h}: personalised ({d}): its calibration was not measured by the federation; use the deciles and "
-            f"segments for ranking, and do not read {score_column(h)} as a rate" for h, d in pm.describe().items()
-            if pm.choices[h].kind != "global"]
+    out = []
+    for h, d in pm.describe().items():
+        c = pm.choices[h]
+        if c.kind == "global" and (c.platt_a, c.platt_b) == (1.0, 0.0):
+            continue  # the global model as released: the model card's warning applies
+        if c.ece == c.ece and c.ece <= ECE_WARN:
+            continue  # calibrated on this partner's own customers (fedprop personalise measured it)
+        what = (f"its out-of-fold ECE on your customers was {c.ece:.3f}" if c.ece == c.ece else
+                "its calibration was not measured (too few positives to validate)")
+        out.append(f"{h}: personalised ({d}): {what}; use the deciles and segments for ranking, and do not read "
+                   f"{score_column(h)} as a rate")
+    return out
 
 
 def register(subparsers) -> argparse.ArgumentParser:

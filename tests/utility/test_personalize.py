@@ -119,3 +119,34 @@ def test_a_small_partner_gains_from_a_good_global_model():
     assert pm.choices["churn"].kind != "local"
     auc_p = roc_auc_score(yte, pm.predict_proba(torch.from_numpy(Xte))[:, 0])
     assert auc_p > roc_auc_score(yte, loc.logit(Xte)) + 0.02
+
+
+def test_personalised_probabilities_match_this_partners_own_rate():
+    """The global model was trained where half the customers churn; this partner's base rate is far lower. The
+    node-side Platt scaling (on out-of-fold logits) brings the probabilities to its own rate; ranking unchanged."""
+    from clients.personalize import binned_ece
+
+    rng = np.random.default_rng(6)
+    w = np.array([4.0, -4.0, 2.0, 0.0])
+    Xtr, ytr = _linear_data(3000, rng, w, shift=-2.5)
+    Xte, yte = _linear_data(20000, rng, w, shift=-2.5)
+    g = _global_model(w)  # right ranking, intercept of a 50% base rate
+    pm = personalise(g, torch.from_numpy(Xtr), torch.from_numpy(ytr)[:, None], heads=("churn",), seed=0)
+    c = pm.choices["churn"]
+    p = pm.predict_proba(torch.from_numpy(Xte))[:, 0]
+    raw = torch.sigmoid(g(torch.from_numpy(Xte)))[:, 0].detach().numpy()
+    assert binned_ece(raw, yte) > 0.15  # the global model's probabilities are far off here
+    assert (c.platt_a, c.platt_b) != (1.0, 0.0) and c.ece < 0.03 and c.ece <= c.ece_uncalibrated
+    assert binned_ece(p, yte) < 0.03  # on customers it never saw
+    assert abs(p.mean() - yte.mean()) < 0.02
+
+
+def test_binned_ece_is_the_metrics_definition():
+    from clients.personalize import binned_ece
+    from federation import metrics as M
+
+    rng = np.random.default_rng(7)
+    p = rng.random(5000)
+    y = (rng.random(5000) < p ** 2).astype(float)
+    assert abs(binned_ece(p, y) - M.ece(M.histogram_from_scores(y, p))) < 1e-9
+    assert abs(binned_ece(p, p > 2) - np.mean(p)) < 1e-12  # no positives: ECE is the mean prediction
