@@ -12,7 +12,8 @@ partner's keyed-hash test split; the centralized / local-only references are ``s
 (best of tuned logistic regression and HistGradientBoosting, chosen on validation data, never on test).
 
 Prints per dataset: fed-DP / centralized pooled AUC ratio, share of partners whose fed-DP (personalised) model
-beats its local-only model on its own test customers, ECE of the released model, and whether training diverged
+beats its local-only model on its own test customers, ECE of the released model (and of the personalised models,
+calibrated at each node, pooled), and whether training diverged
 (the driver computes the released model's mean training loss on every partner's training data and compares it
 with the round-1 model's; only a simulation can, no such loss leaves a node).
 """
@@ -162,6 +163,7 @@ def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bo
             "fed_auc": f, "central_auc": c, "central_model": (base["centralized"].get("model") or {}).get(head),
             "ratio": f / c, "ece": fed_pool[head]["ece"],
             "ece_platt": cal_pool[head]["ece"] if cal_pool else None,
+            "ece_personalised": (base["personalised"]["pooled"][head]["ece"] if personalise else None),
             "platt": calibrated[1][head] if calibrated else None,
             "fed_beats_local": sum(r["fed"] > r["local"] for r in rows) / n,
             "pers_beats_local": (sum(r["personalised"] > r["local"] for r in rows if r["personalised"] is not None) / n
@@ -197,8 +199,8 @@ def platt_calibrated(cfg, parts, model, states):
 
 def render(results: list[dict[str, Any]]) -> str:
     lines = ["| data | epsilon | head | fed-DP AUC | centralized AUC (model) | ratio | fed-DP > local-only | "
-             "personalised > local-only (>= -0.005) | ECE fed-DP (after DP recalibration) | train loss r1 -> final | diverged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "personalised > local-only (>= -0.005) | ECE fed-DP (after DP recalibration) | ECE personalised | train loss r1 -> final | diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for head, h in r["heads"].items():
             cal = ("" if h.get("ece_platt") is None else f" ({h['ece_platt']:.3f} {h['platt']['kind']})"
@@ -207,6 +209,7 @@ def render(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {r['data']} | {r['epsilon']:g} | {head} | {h['fed_auc']:.3f} | {h['central_auc']:.3f} "
                 f"({h['central_model']}) | {h['ratio']:.3f} | {h['fed_beats_local']:.0%} | {pers} | {h['ece']:.3f}{cal} | "
+                f"{'-' if h.get('ece_personalised') is None else format(h['ece_personalised'], '.3f')} | "
                 f"{r['train_loss'][1]:.3f} -> {r['train_loss'][-1]:.3f} | {'YES' if r['diverged'] else 'no'} |")
     rows = [row for r in results for h in r["heads"].values() for row in h["per_partner"] if row["personalised"] is not None]
     if rows:
