@@ -135,6 +135,27 @@ def _export_local(local, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str
     raise PersonalisedModelError(f"cannot export a local model of kind {local.kind!r}")
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` if it is a new folder or one `fedprop personalise` wrote (only its two files); anything else is
+    refused before any work is done: a confused ``--out .`` or ``--out ~`` would otherwise have its mode changed
+    to 0700 and a customer-level model dropped among unrelated files."""
+    d = Path(out_dir)
+    if not (d.exists() or d.is_symlink()):
+        return d
+    if not d.is_dir():
+        raise PersonalisedModelError(f"--out {d}: exists and is not a folder; give --out a new folder")
+    try:
+        others = sorted(p.name for p in d.iterdir() if p.name not in (JSON_NAME, NPZ_NAME)
+                        and not (p.name.startswith((f".{JSON_NAME}.", f".{NPZ_NAME}.")) and p.name.endswith(".tmp")))
+    except OSError as exc:
+        raise PersonalisedModelError(f"--out {d}: cannot be listed ({exc.strerror}); give --out a new folder") from None
+    if others:
+        raise PersonalisedModelError(
+            f"--out {d}: already holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+            "give --out a new folder (or the folder of an earlier `fedprop personalise`, which is replaced)")
+    return d
+
+
 def save(model, out_dir: str | Path, *, global_sha256: str, key_fingerprint: str, contract_name: str,
          contract_hash: str, feature_names: tuple[str, ...], customers: int, seed: int) -> Path:
     """Write ``model`` (a ``clients.personalize.PersonalisedModel``) to ``out_dir``; return the JSON's path."""
@@ -163,11 +184,27 @@ def save(model, out_dir: str | Path, *, global_sha256: str, key_fingerprint: str
             "customers": int(customers), "seed": int(seed), "arrays_sha256": hashlib.sha256(npz).hexdigest(),
             "privacy": "NOT a DP release: a non-private function of this partner's customers; never send it off "
                        "the node"}
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
-    atomic_write_bytes(out / NPZ_NAME, npz, mode=0o600)
-    return atomic_write_bytes(out / JSON_NAME, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
+    # The pair is replaced in two renames; should the second fail, the first is undone, so the folder keeps the
+    # previous model whole (or nothing) rather than a new .npz under the old .json.
+    old = (out / NPZ_NAME).read_bytes() if (out / NPZ_NAME).is_file() else None
+    try:
+        atomic_write_bytes(out / NPZ_NAME, npz, mode=0o600)
+        return atomic_write_bytes(out / JSON_NAME, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
+    except BaseException:
+        try:
+            if old is None:
+                (out / NPZ_NAME).unlink(missing_ok=True)
+                if created:
+                    out.rmdir()
+            else:
+                atomic_write_bytes(out / NPZ_NAME, old, mode=0o600)
+        except OSError:
+            pass
+        raise
 
 
 # ------------------------------------------------------------------ import

@@ -32,6 +32,7 @@ import numpy as np
 from federation.errors import ConfigError, DataValidationError, FedpropError
 
 DEFAULT_SEED = 0  # model-selection folds and fine-tuning order; not privacy randomness (nothing is released)
+MAX_SEED = 2**32 - 1  # HistGradientBoosting's random_state bound
 
 
 def _labelled_features(contract, data: str):
@@ -51,11 +52,17 @@ def personalise_node(*, model: str | Path, data: str | Path, contract: str | Pat
                      seed: int = DEFAULT_SEED, progress=None) -> dict[str, Any]:
     import torch
 
-    from clients.personal_store import save
+    from clients.personal_store import PersonalisedModelError, check_out_dir, save
     from clients.personalize import personalise
     from clients.score import ScoringRefused, check_contract_matches, load_cards, load_signed_model, pinned_public_key
     from federation.contract import load_contract
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed}: use an integer from 0 to {MAX_SEED} (scikit-learn's random_state range)")
+    try:  # before minutes of work: a confused --out (a file, `.`, a home folder) is refused up front
+        check_out_dir(out)
+    except PersonalisedModelError as exc:
+        raise ConfigError(str(exc)) from None
     model = Path(model)
     key = pinned_public_key(model, public_key, key_fingerprint)
     sm = load_signed_model(model, key)
@@ -139,8 +146,8 @@ def _cmd(args) -> int:
         print(f"fedprop personalise: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
-        print(f"fedprop personalise: failed on {args.data}: {type(exc).__name__}: {exc}; nothing was written",
-              file=sys.stderr)
+        print(f"fedprop personalise: failed ({type(exc).__name__}: {exc}) reading {args.data} or writing {args.out}; "
+              f"{args.out} was left as it was", file=sys.stderr)
         return 1
     print(f"personalised model for {r['customers']} customers -> {r['out']} ({r['seconds']:.0f} s; from global model "
           f"sha256 {r['model_sha256'][:12]})")

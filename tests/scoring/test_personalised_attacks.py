@@ -14,8 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from clients.personal_store import JSON_NAME, NPZ_NAME, PersonalisedModelError, load, save
+from clients.personal_store import JSON_NAME, NPZ_NAME, PersonalisedModelError, check_out_dir, load, save
 from clients.personalize import HeadChoice
+from federation.errors import ConfigError
 from tests.scoring.test_personalised import HEADS, MODEL, _cli, _data, _model, _rewrite
 
 NAMES = tuple(f"f{i}" for i in range(6))
@@ -237,6 +238,59 @@ def test_well_formed_edits_still_load(models, tmp_path):
     assert np.isfinite(back.predict_proba(X)).all()
 
 
+# ------------------------------------------------------------------------------ writing: --out and atomicity
+def test_out_that_holds_other_files_is_refused_and_left_alone(models, tmp_path):
+    pm = models["trees_logreg"]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    home.chmod(0o755)
+    with pytest.raises(PersonalisedModelError, match="already holds other files"):
+        _save(pm, home)  # e.g. `--out .` or `--out ~`: before, its mode became 0700 and our files landed in it
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755 and sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PersonalisedModelError, match="not a folder"):
+        check_out_dir(tmp_path / "afile")
+    _save(pm, tmp_path / "p")
+    _save(pm, tmp_path / "p")  # an earlier personalise's folder is replaced
+    load(tmp_path / "p", pm.global_model, **OK)
+
+
+def test_a_failed_write_keeps_the_previous_model_whole(models, tmp_path, monkeypatch):
+    import federation.atomicio as atomicio
+
+    first, second = models["trees_logreg"], models["stack_tuned"]
+    d = _save(first, tmp_path / "p")
+    real = atomicio.atomic_write_bytes
+
+    def disk_full_on_json(path, data, **kw):
+        if str(path).endswith(JSON_NAME):
+            raise OSError(28, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(atomicio, "atomic_write_bytes", disk_full_on_json)
+    with pytest.raises(OSError):
+        _save(second, d)  # the new .npz was written, its .json was not
+    with pytest.raises(OSError):
+        _save(second, tmp_path / "new")
+    monkeypatch.setattr(atomicio, "atomic_write_bytes", real)
+    back, _ = load(d, first.global_model, **OK)  # before: refused, "does not match the checksum"
+    assert back.describe() == first.describe()
+    assert not (tmp_path / "new").exists()
+
+
+def test_personalise_refuses_a_bad_seed_or_out_before_any_work(tmp_path):
+    from clients.personalise_cli import personalise_node
+
+    args = dict(model=tmp_path / "absent.pt", data=tmp_path / "absent.csv", contract=tmp_path / "absent.yaml",
+                public_key=tmp_path / "absent.pub")
+    with pytest.raises(ConfigError, match="--seed"):  # before: ValueError from numpy after validation, blaming data
+        personalise_node(out=tmp_path / "o", seed=-1, **args)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):  # before: FileExistsError after minutes, blaming data
+        personalise_node(out=tmp_path / "afile", **args)
+
+
 # ------------------------------------------------------------------------------ the commands end to end
 def test_commands_refuse_cleanly(two_runs, events_csv, tmp_path, capsys):
     root, run, _ = two_runs
@@ -244,6 +298,11 @@ def test_commands_refuse_cleanly(two_runs, events_csv, tmp_path, capsys):
     base = ("--model", run / MODEL, "--public-key", key, "--data", events_csv, "--contract",
             "contracts/synthetic_events.yaml")
     mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    rc, _, err = _cli(capsys, "personalise", *base, "--out", mine)
+    assert rc == 2 and "already holds other files" in err and not (mine / JSON_NAME).exists()
+    (mine / "notes.txt").unlink()
     rc, _, err = _cli(capsys, "personalise", *base, "--out", mine)
     assert rc == 0, err
     (mine / JSON_NAME).write_text("[" * 200_000 + "]" * 200_000)
