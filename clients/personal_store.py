@@ -325,7 +325,8 @@ def _import_local(spec: Any, prefix: str, arrays: dict, used: set, n_features: i
     if t == "logreg":
         _need(isinstance(spec.get("kind"), str), jp, f"{prefix}: no model kind")
         intercept = _number(spec.get("intercept"), jp, f"{prefix}intercept")
-        a = {k: _take(arrays, used, prefix + k, np.float64, path, shape=(n_features,)) for k in ("mean", "scale", "coef")}
+        a = {k: _take(arrays, used, prefix + k, np.float64, path, shape=(n_features,))
+             for k in ("mean", "scale", "coef")}
         _need(all(bool(np.all(np.isfinite(v))) for v in a.values()), path, f"{prefix}: non-finite mean, scale or coef")
         _need(bool(np.all(a["scale"] != 0)), path, f"{prefix}: zero scale")
         return LocalModel(spec["kind"], ArrayLogreg(a["mean"], a["scale"], a["coef"], intercept))

@@ -111,7 +111,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model_<heads>.pt (its .sig must sit next to it)")
     p.add_argument("--data", required=True, help="your labelled customer data, as the contract describes")
     p.add_argument("--contract", required=True, help="the federation's data contract YAML")
-    p.add_argument("--out", required=True, help="folder for the personalised model (created, mode 0700)")
+    p.add_argument("--out", required=True, help="a new folder for the personalised model, or one an earlier "
+                   "`fedprop personalise` wrote (mode 0700); a folder holding other files is refused")
     p.add_argument("--public-key", default=None, help="the federation public key you pinned at onboarding")
     p.add_argument("--key-fingerprint", default=None, help="pinned fingerprint sha256:<hex> of the federation key")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,

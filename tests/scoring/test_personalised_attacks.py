@@ -24,7 +24,8 @@ OK = dict(global_sha256="a" * 64, contract_hash="h", feature_names=NAMES, heads=
 CHOICES = {  # every stored kind: trees (blend, stack), logreg (local), fine-tuned weights
     "trees_logreg": {"churn": HeadChoice("blend", alpha=0.5, local_kind="hist_gbm"),
                      "propensity": HeadChoice("local", alpha=0.0, local_kind="logreg")},
-    "stack_tuned": {"churn": HeadChoice("stack", local_kind="hist_gbm"), "propensity": HeadChoice("fine_tune", epochs=2)},
+    "stack_tuned": {"churn": HeadChoice("stack", local_kind="hist_gbm"),
+                    "propensity": HeadChoice("fine_tune", epochs=2)},
 }
 
 
