@@ -96,7 +96,8 @@ def personalise_node(*, model: str | Path, data: str | Path, contract: str | Pat
         ch = pm.choices[h]
         pos = int(Y[:, j].sum())
         heads_out[h] = {"model": pm.describe()[h], "validation_auc": ch.validation_auc,
-                        "local_validation_auc": ch.local_validation_auc,
+                        "local_validation_auc": ch.local_validation_auc, "ece": ch.ece,
+                        "ece_uncalibrated": ch.ece_uncalibrated,
                         "why_global": ("no label for this head in the data" if h in missing else
                                        "too few positives or negatives to compare models by cross-validation"
                                        if ch.kind == "global" and ch.validation_auc != ch.validation_auc else "")}
@@ -155,6 +156,9 @@ def _cmd(args) -> int:
     for h, e in r["heads"].items():
         auc = ("" if e["validation_auc"] != e["validation_auc"] else
                f": cross-validated AUC {e['validation_auc']:.3f} (your local-only model {e['local_validation_auc']:.3f})")
+        if e["ece"] == e["ece"]:
+            auc += (f"; out-of-fold ECE {e['ece']:.3f}" + (f" (before calibration {e['ece_uncalibrated']:.3f})"
+                                                           if e["ece"] != e["ece_uncalibrated"] else ""))
         print(f"  {h}: {e['model']}{auc}; {e['positives']} positives, {e['negatives']} negatives"
               + (f" ({e['why_global']})" if e["why_global"] else ""))
     print("  NOT a DP release: it is fitted on your raw customers; keep it on this node. "
