@@ -9,14 +9,15 @@ be reviewed.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
 import yaml
 
-from federation.contract import PROPOSAL_WARNING, load_contract, propose_contract
+from federation.contract import CHURN_NAMES, PROPOSAL_WARNING, _norm, load_contract, propose_contract
 from federation.errors import ConfigError, DataValidationError
-from federation.readers import open_source, read_frame
+from federation.readers import SEPARATORS, open_source, read_frame
 from federation.validation import read_validated
 
 
@@ -40,8 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--event-type", default="", help="events: the event type column")
     pr.add_argument("--amount", default="", help="events: the amount column")
     pr.add_argument("--name", default="")
-    pr.add_argument("--sep", default=",")
-    pr.add_argument("--rows", type=int, default=100_000, help="read at most this many rows")
+    pr.add_argument("--sep", default=None, help="CSV separator (default: detected from the header among , ; tab |)")
+    pr.add_argument("--rows", type=int, default=100_000,
+                    help="read at most this many rows, the first ones of the file (default 100000)")
     pr.set_defaults(func=_propose)
     return p
 
@@ -66,21 +68,133 @@ def _check(args) -> int:
     return 0
 
 
+def _sniff_sep(src) -> str:
+    """The separator among SEPARATORS that splits the CSV header into the most fields (',' when none splits it)."""
+    try:
+        with src._open_text() as fh:
+            header = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return ","
+    best = max(SEPARATORS, key=lambda s: len(next(csv.reader([header], delimiter=s), [])))
+    return best if len(next(csv.reader([header], delimiter=best), [])) > 1 else ","
+
+
+# strptime formats tried, in this order, on an event log's timestamps that are not ISO 8601 (day first before month
+# first: an ambiguous sample, every day <= 12, is reported)
+_DATES = ("%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y", "%Y/%m/%d", "%d/%m/%y", "%m/%d/%y", "%Y%m%d")
+_TIMES = ("", " %H:%M", " %H:%M:%S", " %H:%M:%S.%f", " %I:%M %p", " %I:%M:%S %p")
+TIMESTAMP_FORMATS = tuple(d + t for d in _DATES for t in _TIMES)
+
+
+def _timestamp_format(values) -> tuple[str, list[str]]:
+    """("", []) when the sample parses as ISO 8601 (or is already a datetime); else (the first format of
+    TIMESTAMP_FORMATS that parses every non-blank value, the other formats that also do)."""
+    import pandas as pd
+
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return "", []
+    t = values.dropna().astype("string").str.strip()
+    t = t[t != ""]
+    if t.empty or pd.to_datetime(t, format="ISO8601", errors="coerce").notna().all():
+        return "", []
+    head = t.head(2000)
+    fits = [f for f in TIMESTAMP_FORMATS if pd.to_datetime(head, format=f, errors="coerce").notna().all()]
+    fits = [f for f in fits if pd.to_datetime(t, format=f, errors="coerce").notna().all()]
+    return (fits[0], fits[1:]) if fits else ("", ["?"])
+
+
+def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
+    """What propose_contract cannot see from column names alone, fixed in the draft or said in a note. ``src``: the
+    whole file when ``frame`` is only its first rows (an event log's cutoff then comes from its last timestamp)."""
+    import pandas as pd
+
+    cols = draft["columns"]
+    if draft["kind"] == "table":
+        used = {f["column"] for f in draft["features"]} | {cols["label"], cols["customer_id"]}
+        if not cols["customer_id"]:
+            unique = [c for c in frame.columns if c not in used and frame[c].notna().all() and frame[c].is_unique]
+            notes.append("no customer id column was inferred, so each row counts as one customer"
+                         + (f"; unique per row and left out of the features: {', '.join(map(repr, unique))}: "
+                            "if one is the customer id, rerun with --id COLUMN" if unique else ""))
+        pos = draft["label"]["positive"][0]
+        if args.task is None and draft["label"]["task"] != "churn" and _norm(pos) in CHURN_NAMES:
+            draft["label"]["task"] = "churn"
+            notes.append(f"task: churn, because the label's positive value is {pos!r} (--task propensity to override)")
+        return
+    ts, cid = cols["timestamp"], cols["customer_id"]
+    fmt, others = _timestamp_format(frame[ts])
+    if fmt:
+        cols["timestamp_format"] = fmt
+    if fmt or src is not None:
+        def last(s):
+            if pd.api.types.is_datetime64_any_dtype(s):
+                return s.max()
+            return pd.to_datetime(s.astype("string").str.strip(), format=fmt or "ISO8601", errors="coerce",
+                                  utc=not fmt).max()
+        end = max(last(c[ts]) for c in src.chunks([ts])) if src is not None else last(frame[ts])
+        if pd.notna(end):
+            draft["events"]["cutoff"] = str((end - pd.Timedelta(days=draft["events"]["horizon_days"])).date())
+        notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
+                     + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
+                        if others else ""))
+    elif others:
+        notes.append(f"column {ts!r} is neither ISO 8601 nor a format propose knows: set columns.timestamp_format "
+                     "(a strptime format such as '%d/%m/%Y %H:%M') and events.cutoff by hand")
+    keep = []
+    for st in draft["static"]:
+        per_customer = frame.groupby(frame[cid], dropna=True)[st["column"]].nunique(dropna=True)
+        # changes between most customers' events AND has more values than the drafted vocabulary holds (a product
+        # code): the last value before the cutoff would mostly encode as __other__
+        if (per_customer > 1).mean() > 0.5 and frame[st["column"]].nunique(dropna=True) > len(st["vocabulary"]):
+            notes.append(f"column {st['column']!r} left out of static: it changes between a customer's events and "
+                         "has more values than a vocabulary holds (an event attribute, not a customer's)")
+        else:
+            keep.append(st)
+    draft["static"] = keep
+    if "event_type" not in cols:
+        notes.append("no event type column was inferred and data check refuses a contract without one: name it with "
+                     "--event-type COLUMN, or for a log of orders only set columns.event_type to the order number, "
+                     "events.event_type_rule: prefix, event_type_map (e.g. {C: return}) and event_type_default: "
+                     "purchase (as conf/contracts/online_retail.yaml does)")
+    if "amount" not in cols:
+        notes.append("no amount column was inferred: name it with --amount COLUMN, or set columns.amount to a list "
+                     "that is multiplied (e.g. [quantity, unit price]); without it the amount features are empty")
+    notes.append(f"events.cutoff {draft['events']['cutoff']} is the file's last day minus the horizon: set the day "
+                 "the federation agrees on; fedprop simulate uses data.cutoff and data.horizon_days, not the contract's")
+
+
 def _propose(args) -> int:
     print(PROPOSAL_WARNING, file=sys.stderr)
+    notes: list[str] = []
+    sep = args.sep if args.sep is not None else ","
     try:
-        src = open_source(args.file, sep=args.sep, chunksize=args.rows)
+        src = open_source(args.file, sep=sep, chunksize=args.rows)
+        if args.sep is None and src.format == "csv" and _sniff_sep(src) != sep:
+            sep = _sniff_sep(src)
+            src = open_source(args.file, sep=sep, chunksize=args.rows)
+            notes.append(f"the file is separated by {sep!r}: drafted source.sep {sep!r} (--sep to override)")
         frame = next(src.chunks(src.columns()))
     except DataValidationError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    if len(frame) >= args.rows:
+        notes.append(f"drafted from the first {len(frame)} rows only (--rows): bounds and categories "
+                     "come from them alone")
     try:
-        draft = propose_contract(frame, name=args.name or Path(args.file).name.split(".")[0], file=args.file, sep=args.sep,
+        draft = propose_contract(frame, name=args.name or Path(args.file).name.split(".")[0], file=args.file, sep=sep,
                                  label=args.label, id_column=args.id_column, task=args.task or "", kind=args.kind,
                                  timestamp=args.timestamp, event_type=args.event_type, amount=args.amount)
     except ConfigError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+        msg = str(exc)
+        if "columns:" not in msg:
+            msg += f" (columns: {', '.join(map(str, frame.columns))})"
+        print(f"FAILED: {msg}", file=sys.stderr)
         return 2
+    _review_draft(draft, frame, args, notes, src=src if len(frame) >= args.rows else None)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     print("# DRAFT contract proposed from ONE partner's data: bounds are NOT DP; review before use.")
     print(yaml.safe_dump(draft, sort_keys=False), end="")
     return 0

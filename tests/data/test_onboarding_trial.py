@@ -1,0 +1,120 @@
+"""What a first-time user hit onboarding exports that differ from the bundled datasets (a ';'- or tab-separated
+CSV, an id column named 'Client Ref', a 'churned'/'stayed' label, day-first timestamps, an order log with product
+columns and no event type): `fedprop data propose` drafts what it can and says what it cannot."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from clients.data_cli import main as data_main
+
+
+def _propose(tmp_path, path, *args, capsys):
+    rc = data_main(["data", "propose", str(path), *args])
+    out = capsys.readouterr()
+    contract = tmp_path / "contract.yaml"
+    contract.write_text(out.out)
+    return rc, (yaml.safe_load(out.out) if rc == 0 else None), contract, out.err
+
+
+def _table(tmp_path, *, sep=";", n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    tenure = rng.integers(1, 72, n)
+    churned = rng.random(n) < 1 / (1 + np.exp(0.05 * tenure))
+    frame = pd.DataFrame({"Client Ref": [f"CL-{i:05d}" for i in rng.permutation(n)],
+                          "Branch Region": rng.choice(["North", "South"], n), "Tenure Months": tenure,
+                          "Status": np.where(churned, "churned", "stayed")})
+    path = tmp_path / "customers.csv"
+    frame.to_csv(path, index=False, sep=sep)
+    return path
+
+
+def test_a_semicolon_separated_table_is_drafted_with_its_separator(tmp_path, capsys):
+    # before: every header name was one column, and the error said "two-valued columns: none"
+    path = _table(tmp_path, sep=";")
+    rc, draft, contract, err = _propose(tmp_path, path, "--label", "Status", "--id", "Client Ref", capsys=capsys)
+    assert rc == 0, err
+    assert draft["source"]["sep"] == ";" and "separated by ';'" in err
+    assert {f["column"] for f in draft["features"]} == {"Branch Region", "Tenure Months"}
+    assert data_main(["data", "check", str(contract)]) == 0, capsys.readouterr().err
+    rc, _, _, err = _propose(tmp_path, path, "--sep", ",", "--label", "Status", capsys=capsys)
+    assert rc == 2 and "separated by" not in err  # an explicit --sep is kept: the label is not a column then
+
+
+def test_a_tab_separated_table_without_a_label_name_lists_its_real_columns(tmp_path, capsys):
+    path = _table(tmp_path, sep="\t")
+    rc, _, _, err = _propose(tmp_path, path, capsys=capsys)
+    assert rc == 2 and "--label COLUMN" in err and "Status" in err and "separated by '\\t'" in err
+
+
+def test_an_id_column_with_an_unknown_name_is_pointed_out(tmp_path, capsys):
+    path = _table(tmp_path)
+    rc, draft, _, err = _propose(tmp_path, path, "--label", "Status", capsys=capsys)
+    assert rc == 0 and draft["columns"]["customer_id"] == ""
+    assert "no customer id column was inferred" in err and "'Client Ref'" in err and "--id COLUMN" in err
+
+
+def test_a_label_whose_positive_value_says_churned_is_a_churn_task(tmp_path, capsys):
+    path = _table(tmp_path)
+    rc, draft, _, err = _propose(tmp_path, path, "--label", "Status", "--id", "Client Ref", capsys=capsys)
+    assert rc == 0
+    assert draft["label"]["positive"] == ["churned"] and draft["label"]["task"] == "churn"
+    rc, draft, _, _ = _propose(tmp_path, path, "--label", "Status", "--task", "propensity", capsys=capsys)
+    assert draft["label"]["task"] == "propensity"
+
+
+def _orders(tmp_path, n_customers=150, seed=1):
+    """An order log: day-first timestamps, no event type column, a product code per line, a country per customer."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_customers):
+        country = rng.choice(["UK", "France", "Spain"])
+        for k in range(int(rng.integers(2, 15))):
+            t = pd.Timestamp("2023-01-01") + pd.Timedelta(minutes=int(rng.integers(0, 364 * 24 * 60)))
+            rows.append({"Order No": ("C" if rng.random() < 0.05 else "") + str(500000 + len(rows)),
+                         "Item Code": f"P{rng.integers(0, 400):04d}", "Qty": int(rng.integers(1, 10)),
+                         "Order Time": t.strftime("%d/%m/%Y %H:%M"), "Unit Price GBP": float(rng.gamma(2, 2)),
+                         "Client Number": 10000 + c, "Market": country})
+    frame = pd.DataFrame(rows)
+    path = tmp_path / "orders.csv"
+    frame.to_csv(path, index=False, sep=";")
+    last = pd.to_datetime(frame["Order Time"], format="%d/%m/%Y %H:%M").max()
+    return path, last
+
+
+def test_an_order_log_with_day_first_timestamps_gets_their_format_and_a_cutoff_inside_the_log(tmp_path, capsys):
+    path, last = _orders(tmp_path)
+    rc, draft, contract, err = _propose(tmp_path, path, "--kind", "events", "--id", "Client Number",
+                                        "--timestamp", "Order Time", capsys=capsys)
+    assert rc == 0, err
+    assert draft["columns"]["timestamp_format"] == "%d/%m/%Y %H:%M"
+    # before: dateutil read 01/12 as January 12th, and the cutoff came out months off
+    assert draft["events"]["cutoff"] == str((last - pd.Timedelta(days=90)).date())
+    # a product code changes between a customer's lines: not a static attribute; the country is one
+    assert [s["column"] for s in draft["static"]] == ["Market"] and "'Item Code' left out of static" in err
+    assert "no event type column" in err and "event_type_rule: prefix" in err and "no amount column" in err
+    assert "data.cutoff" in err
+    # the note's recipe makes it pass the check
+    draft["columns"].update(event_type="Order No", amount=["Qty", "Unit Price GBP"])
+    draft["events"].update(event_type_rule="prefix", event_type_map={"C": "return"}, event_type_default="purchase",
+                           activity=["purchase"], purchase=["purchase"], returns=["return"])
+    contract.write_text(yaml.safe_dump(draft, sort_keys=False))
+    assert data_main(["data", "check", str(contract)]) == 0, capsys.readouterr().err
+
+
+def test_the_cutoff_of_a_log_longer_than_rows_comes_from_its_last_event(tmp_path, capsys):
+    path, last = _orders(tmp_path)
+    frame = pd.read_csv(path, sep=";")
+    frame["t"] = pd.to_datetime(frame["Order Time"], format="%d/%m/%Y %H:%M")
+    frame.sort_values("t").drop(columns="t").to_csv(path, index=False, sep=";")  # exports are in time order
+    rc, draft, _, err = _propose(tmp_path, path, "--kind", "events", "--id", "Client Number", "--timestamp",
+                                 "Order Time", "--rows", "100", capsys=capsys)
+    assert rc == 0 and "first 100 rows only" in err
+    assert draft["events"]["cutoff"] == str((last - pd.Timedelta(days=90)).date())
+
+
+def test_an_event_log_without_an_inferable_id_lists_its_columns(tmp_path, capsys):
+    path, _ = _orders(tmp_path)
+    rc, _, _, err = _propose(tmp_path, path, "--kind", "events", capsys=capsys)
+    assert rc == 2 and "--id COLUMN" in err and "Client Number" in err and "Order Time" in err
