@@ -242,7 +242,8 @@ class RecordingStrategy(Strategy):
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
             self._current["partners"].setdefault(pid, {})["evaluate"] = ev
-        self._announce_missing(replies, "evaluation", server_round)
+        if self.evaluate_rounds is None or server_round in self.evaluate_rounds:
+            self._announce_missing(replies, "evaluation", server_round)  # unscheduled rounds asked nobody
         ok = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
         if ok:
             self.pooled = pooled_summaries(ok)

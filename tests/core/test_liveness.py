@@ -53,3 +53,32 @@ def test_a_partner_that_stops_replying_is_named_from_its_earlier_replies(capsys)
     s.configure_train(3, None, None, None)
     s.aggregate_train(3, [ok(11, "acme")])  # timed out, or no longer asked: no reply at all
     assert s._current["missing"] == {"training": ["globex"]} and "no reply before strategy.round_timeout" in capsys.readouterr().out
+
+
+def test_rounds_without_scheduled_evaluation_name_nobody_missing(capsys):
+    """Evaluation is a DP release asked for in scheduled rounds only: a round that asked nobody has nobody missing
+    (a user saw 'round 1 evaluation: no usable reply from 0, 1, ...' in every unevaluated round)."""
+    from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+    from server.strategy import RecordingStrategy
+
+    class Inner:
+        def configure_train(self, server_round, arrays, config, grid):
+            return []
+
+        def aggregate_train(self, server_round, replies):
+            return None, None
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            raise AssertionError("evaluation was not scheduled for this round")
+
+    meta = Metadata(run_id=1, message_id="m11", src_node_id=11, dst_node_id=0, reply_to_message_id="", group_id="1",
+                    created_at=0.0, ttl=60.0, message_type="train")
+    s = RecordingStrategy(Inner(), evaluate_rounds={3})
+    s.configure_train(1, None, None, None)
+    s.aggregate_train(1, [Message(content=RecordDict({"metrics": MetricRecord({"partition-id": 0}),
+                                                      "partner": ConfigRecord({"name": "acme"})}), metadata=meta)])
+    assert s.configure_evaluate(1, None, None, None) == []
+    s.aggregate_evaluate(1, [])
+    assert "missing" not in s.rounds[-1]
+    assert "no usable reply" not in capsys.readouterr().out
