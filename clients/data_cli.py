@@ -160,7 +160,7 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
         notes.append("no amount column was inferred: name it with --amount COLUMN, or set columns.amount to a list "
                      "that is multiplied (e.g. [quantity, unit price]); without it the amount features are empty")
     notes.append(f"events.cutoff {draft['events']['cutoff']} is the file's last day minus the horizon: set the day "
-                 "the federation agrees on; fedprop simulate uses data.cutoff and data.horizon_days, not the contract's")
+                 "the federation agrees on (fedprop simulate uses it; data.cutoff=YYYY-MM-DD overrides it for one run)")
 
 
 def _propose(args) -> int:

@@ -87,10 +87,12 @@ class DataConfig:
     min_customers: int = 600
     max_customers: int = 6000
     history_days: int = 365
-    horizon_days: int = 90
-    cutoff: str = "2024-01-01"
+    # synthetic: the generator's cutoff / label horizon (empty / 0 = SYNTHETIC_CUTOFF / SYNTHETIC_HORIZON_DAYS);
+    # kind=events: override the contract's events.cutoff / events.horizon_days only when set (empty / 0 = the
+    # contract's, so a user's contract is not silently moved to the synthetic demo's dates)
+    horizon_days: int = 0
+    cutoff: str = ""
     # real data (events / table): a contract and a partitioning, see conf/data/*.yaml.
-    # For kind=events, cutoff and horizon_days above override the contract's events.cutoff/horizon_days.
     contract: str = ""  # path of a contract YAML (conf/contracts/<name>.yaml), relative to conf/ or the repo
     path: str = ""  # overrides the contract's source file (relative: $FEDPROP_DATA_DIR, else ../shared/data)
     partitioner: str = "natural"  # natural (the dataset's own groups) | dirichlet | iid
@@ -263,8 +265,15 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         p.append(f"data.dirichlet_alpha={cfg.data.dirichlet_alpha} must be > 0")
     if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", str(cfg.data.engine_memory_limit), re.I):
         p.append(f"data.engine_memory_limit={cfg.data.engine_memory_limit!r} must be a size such as '2GB' or '512MiB'")
-    if cfg.data.kind == "events" and cfg.data.horizon_days < 1:
-        p.append(f"data.horizon_days={cfg.data.horizon_days} must be >= 1")
+    if cfg.data.horizon_days < 0:
+        p.append(f"data.horizon_days={cfg.data.horizon_days} must be >= 1 (or 0: the contract's / the generator's)")
+    if cfg.data.cutoff:
+        import datetime
+
+        try:
+            datetime.date.fromisoformat(str(cfg.data.cutoff))
+        except ValueError:
+            p.append(f"data.cutoff={cfg.data.cutoff!r} must be a date YYYY-MM-DD (or empty: the contract's)")
     if cfg.data.kind == "synthetic" and not 1 <= cfg.data.min_customers <= cfg.data.max_customers:
         p.append(
             f"data.min_customers={cfg.data.min_customers}, data.max_customers={cfg.data.max_customers}:"

@@ -61,7 +61,12 @@ def training_contract(cfg: FedpropConfig) -> DataContract:
     """The data contract the model was trained under (event logs: with the run's cutoff and horizon)."""
     d = cfg.data
     c = load_contract(SYNTHETIC_CONTRACT if d.kind == "synthetic" else d.contract)
-    if c.kind == "events":
+    if c.kind == "events" and d.kind == "synthetic":  # the generator's dates (the contract's are its defaults)
+        from simulations.synthetic import synthetic_dates
+
+        cut, hor = synthetic_dates(d)
+        c = c.with_events(cutoff=cut, horizon_days=hor)
+    elif c.kind == "events":
         c = c.with_events(cutoff=str(d.cutoff) if d.cutoff else c.events.cutoff,
                           horizon_days=int(d.horizon_days) or c.events.horizon_days)
     return c

@@ -7,18 +7,19 @@ import os
 from federation.config import FedpropConfig
 from federation.features import FeatureSet, build_event_features
 from federation.featurespec import SYNTHETIC_CATEGORICAL
-from simulations.synthetic import generate_partner, partner_profile, partner_sizes
+from simulations.synthetic import generate_partner, partner_profile, partner_sizes, synthetic_dates
 
 
 def synthetic_partner(cfg: FedpropConfig, partition_id: int, num_partitions: int) -> FeatureSet:
     d = cfg.data
     sizes = partner_sizes(num_partitions, min_customers=d.min_customers, max_customers=d.max_customers, seed=cfg.seed)
     profile = partner_profile(partition_id, sizes[partition_id], seed=cfg.seed)
+    cutoff, horizon = synthetic_dates(d)
     events, customers = generate_partner(
-        profile, seed=cfg.seed, cutoff=d.cutoff, history_days=d.history_days, horizon_days=d.horizon_days
+        profile, seed=cfg.seed, cutoff=cutoff, history_days=d.history_days, horizon_days=horizon
     )
     return build_event_features(
-        events, cutoff=d.cutoff, horizon_days=d.horizon_days, static=customers, categorical=SYNTHETIC_CATEGORICAL
+        events, cutoff=cutoff, horizon_days=horizon, static=customers, categorical=SYNTHETIC_CATEGORICAL
     )
 
 

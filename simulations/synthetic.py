@@ -24,6 +24,16 @@ PLANS = ("basic", "plus", "premium")
 REGIONS = ("north", "south", "east", "west")
 
 
+
+SYNTHETIC_CUTOFF = "2024-01-01"  # the generator's cutoff and label horizon when data.cutoff / data.horizon_days are unset
+SYNTHETIC_HORIZON_DAYS = 90
+
+
+def synthetic_dates(data_cfg) -> tuple[str, int]:
+    """(cutoff, horizon_days) of a synthetic run: the config's when set, else the generator's defaults."""
+    return (str(data_cfg.cutoff) if data_cfg.cutoff else SYNTHETIC_CUTOFF,
+            int(data_cfg.horizon_days) or SYNTHETIC_HORIZON_DAYS)
+
 @dataclass(frozen=True)
 class PartnerProfile:
     partner: int
@@ -69,7 +79,8 @@ def partner_profile(partner: int, n_customers: int, *, seed: int) -> PartnerProf
 
 
 def generate_partner(
-    profile: PartnerProfile, *, seed: int, cutoff: str = "2024-01-01", history_days: int = 365, horizon_days: int = 90
+    profile: PartnerProfile, *, seed: int, cutoff: str = SYNTHETIC_CUTOFF, history_days: int = 365,
+    horizon_days: int = SYNTHETIC_HORIZON_DAYS
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (events, customers) for one partner.
 

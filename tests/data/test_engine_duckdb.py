@@ -20,7 +20,7 @@ from federation.errors import DataValidationError
 from federation.features import build_event_features, raw_event_features
 from federation.featurespec import SYNTHETIC_CATEGORICAL
 from federation.validation import read_validated
-from simulations.synthetic import generate_partner, partner_profile, partner_sizes
+from simulations.synthetic import generate_partner, partner_profile, partner_sizes, synthetic_dates
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 EVENT_FILES = sorted(p.name for p in CORPUS.iterdir() if p.name.startswith(("events_", "good_events")))
@@ -76,9 +76,10 @@ def _default_partners():
     cfg = FedpropConfig()
     d = cfg.data
     sizes = partner_sizes(cfg.partners, min_customers=d.min_customers, max_customers=d.max_customers, seed=cfg.seed)
+    cut, hor = synthetic_dates(d)
     for pid in range(cfg.partners):
-        yield d, generate_partner(partner_profile(pid, sizes[pid], seed=cfg.seed), seed=cfg.seed, cutoff=d.cutoff,
-                                  history_days=d.history_days, horizon_days=d.horizon_days)
+        yield (cut, hor), generate_partner(partner_profile(pid, sizes[pid], seed=cfg.seed), seed=cfg.seed, cutoff=cut,
+                                           history_days=d.history_days, horizon_days=hor)
 
 
 SYN_CONTRACT = """name: synthetic_stream
@@ -93,7 +94,7 @@ def test_default_simulation_matrices_identical_on_both_engines(tmp_path):
     (tmp_path / "c.yaml").write_text(SYN_CONTRACT)
     contract = load_contract(str(tmp_path / "c.yaml"))
     for pid, (d, (events, customers)) in enumerate(_default_partners()):
-        kw = dict(cutoff=d.cutoff, horizon_days=d.horizon_days, static=customers, categorical=SYNTHETIC_CATEGORICAL)
+        kw = dict(cutoff=d[0], horizon_days=d[1], static=customers, categorical=SYNTHETIC_CATEGORICAL)
         a, b = build_event_features(events, **kw), build_event_features(events, engine="duckdb", **kw)
         assert list(a.customer_ids) == list(b.customer_ids) and a.feature_names == b.feature_names
         np.testing.assert_array_equal(a.X, b.X)

@@ -3,6 +3,8 @@ CSV, an id column named 'Client Ref', a 'churned'/'stayed' label, day-first time
 columns and no event type): `fedprop data propose` drafts what it can and says what it cannot."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import yaml
@@ -118,3 +120,31 @@ def test_an_event_log_without_an_inferable_id_lists_its_columns(tmp_path, capsys
     path, _ = _orders(tmp_path)
     rc, _, _, err = _propose(tmp_path, path, "--kind", "events", capsys=capsys)
     assert rc == 2 and "--id COLUMN" in err and "Client Number" in err and "Order Time" in err
+
+
+def test_an_event_log_simulation_uses_the_contracts_cutoff_unless_data_cutoff_is_set(tmp_path):
+    """A user ran `fedprop simulate data.kind=events data.contract=...` on a 2011 log after `data check` passed, and
+    it failed with 'no events in the label horizon [2024-01-01, ...)': the synthetic demo's dates overrode the
+    contract's. Now the contract's dates hold unless data.cutoff / data.horizon_days are given."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from federation.config import from_dict
+    from simulations.realdata import contract_for
+    from simulations.simulate import _register_schema
+
+    ROOT = Path(__file__).resolve().parents[2]
+    c = yaml.safe_load((ROOT / "conf" / "contracts" / "online_retail.yaml").read_text())
+    c["source"]["files"] = [str(ROOT / "conf" / "contracts" / "online_retail.yaml")]  # any path: not read here
+    (tmp_path / "shop.yaml").write_text(yaml.safe_dump(c))
+
+    def data_cfg(*extra):
+        _register_schema()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["data.kind=events", "data.name=shop",
+                                                           f"data.contract={tmp_path / 'shop.yaml'}", *extra])
+        return from_dict(OmegaConf.to_container(cfg, resolve=True)).data
+
+    assert (contract_for(data_cfg()).events.cutoff, contract_for(data_cfg()).events.horizon_days) == ("2011-09-10", 91)
+    moved = contract_for(data_cfg("data.cutoff=2011-06-01", "data.horizon_days=60"))
+    assert (moved.events.cutoff, moved.events.horizon_days) == ("2011-06-01", 60)
