@@ -1,14 +1,15 @@
 """Where a simulated federation's time goes, per round: Flower/Ray engine vs fedprop's own overhead vs training.
 
-    python benchmarks/bench_simulation.py                       # default-like: 5 partners x 10 rounds, MLP, DP on
+    python benchmarks/bench_simulation.py                       # default-like: 5 partners x 10 rounds, DP on
     python benchmarks/bench_simulation.py --partners 50 --rounds 10 --set model=logreg \\
         --set data.min_customers=200 --set data.max_customers=2000
 
 Runs ``simulations.simulate.run_simulation(cfg, tmpdir)`` (baselines off, ledgers and keys in the tmpdir) and
 reads the per-round records it writes (``federated_rounds.json``):
 
-* every train/evaluate reply carries fedprop's client-side timings ``time.<phase>-s`` (wall) and
-  ``time.<phase>-cpu-s`` (process CPU time): data-prep, deserialize, train, ledger, serialize, evaluate;
+* every train/evaluate reply carries fedprop's client-side wall timings ``time.<phase>-s``, rounded to 10 ms
+  (data-prep, deserialize, train, ledger, serialize, evaluate); nodes do not send CPU times (they are not in the
+  release inventory), so this benchmark reports wall time per phase;
 * ``RecordingStrategy`` records the server's ``train-wait-s`` / ``evaluate-wait-s`` (Flower's send-and-receive
   of each phase) and its own ``aggregate-*-s``; this script also times ``RunOutputs.record_round`` and
   ``save_checkpoint`` (they run in the server thread of this process; CPU = thread CPU time).
@@ -16,7 +17,7 @@ reads the per-round records it writes (``federated_rounds.json``):
 Per phase, clients run in parallel on A = floor(cpus / num_cpus_per_client) Ray actors, so the compute critical
 path is bounded below by ``max(max_i t_i, sum_i t_i / A)``; Flower/Ray engine overhead = wait - that bound.
 fedprop overhead per round = (sum over clients of the non-training phases) / A + the server's own work.
-Wall-clock figures depend on machine load (printed); CPU-time figures do not, much.
+Wall-clock figures depend on machine load (printed).
 """
 from __future__ import annotations
 
@@ -102,13 +103,10 @@ def analyse(rounds: list[dict], *, actors: int, server: ServerTimer) -> list[dic
             row[f"{phase}_bound"] = bound
             row[f"{phase}_engine"] = row[f"{phase}_wait"] - bound
         row["train_compute"] = sum(float(m.get("time.train-s", 0)) for m in tr)
-        row["train_compute_cpu"] = sum(float(m.get("time.train-cpu-s", 0)) for m in tr)
         row["client_overhead"] = (sum(_phase_sum(m, CLIENT_OVERHEAD, "-s") for m in tr + ev)
                                   + sum(float(m.get("time.evaluate-s", 0)) for m in ev))
-        row["client_overhead_cpu"] = (sum(_phase_sum(m, CLIENT_OVERHEAD, "-cpu-s") for m in tr + ev)
-                                      + sum(float(m.get("time.evaluate-cpu-s", 0)) for m in ev))
         for ph in CLIENT_OVERHEAD + ("evaluate",):
-            row[f"c.{ph}"] = sum(float(m.get(f"time.{ph}-cpu-s", 0)) for m in tr + ev)
+            row[f"c.{ph}"] = sum(float(m.get(f"time.{ph}-s", 0)) for m in tr + ev)
         row["data_preps"] = sum(1 for m in tr + ev if float(m.get("time.data-prep-s", 0)) > 0.05)
         rec = server.calls["record"][i] if i < len(server.calls["record"]) else (0.0, 0.0)
         ck = server.calls["checkpoint"][i] if i < len(server.calls["checkpoint"]) else (0.0, 0.0)
@@ -150,9 +148,9 @@ def main(argv=None) -> int:
     for tag, recs in rounds.items():
         rows = analyse(recs, actors=actors, server=server)
         all_rows[tag] = rows
-        print(f"\n[{tag}] seconds per round (wall unless 'cpu'); engine = Flower wait - client critical-path bound")
+        print(f"\n[{tag}] seconds per round (wall); engine = Flower wait - client critical-path bound")
         cols = ("round", "wall", "train_wait", "train_bound", "evaluate_wait", "evaluate_bound", "engine_overhead",
-                "train_compute_cpu", "client_overhead_cpu", "server_own", "fedprop_overhead", "data_preps")
+                "train_compute", "client_overhead", "server_own", "fedprop_overhead", "data_preps")
         print(" ".join(f"{c:>18}" for c in cols))
         for row in rows:
             print(" ".join(f"{row[c]:>18.3f}" if isinstance(row[c], float) else f"{row[c]:>18}" for c in cols))
@@ -161,9 +159,9 @@ def main(argv=None) -> int:
         print(f"\nmedian over rounds 2..{len(rows)} (round 1 carries Ray start-up and data preparation):")
         print(f"  round wall                         {med['wall']:.3f} s")
         print(f"  Flower/Ray engine overhead         {med['engine_overhead']:.3f} s  (train {med['train_engine']:.3f} + evaluate {med['evaluate_engine']:.3f})")
-        print(f"  training compute, all clients      {med['train_compute']:.3f} s wall, {med['train_compute_cpu']:.3f} s cpu")
-        print(f"  fedprop client overhead, all       {med['client_overhead']:.3f} s wall, {med['client_overhead_cpu']:.3f} s cpu "
-              f"(cpu: data-prep {med['c.data-prep']:.3f}, deserialize {med['c.deserialize']:.3f}, serialize {med['c.serialize']:.3f}, "
+        print(f"  training compute, all clients      {med['train_compute']:.3f} s wall")
+        print(f"  fedprop client overhead, all       {med['client_overhead']:.3f} s wall "
+              f"(data-prep {med['c.data-prep']:.3f}, deserialize {med['c.deserialize']:.3f}, serialize {med['c.serialize']:.3f}, "
               f"ledger {med['c.ledger']:.3f}, evaluate {med['c.evaluate']:.3f})")
         print(f"  fedprop server own work            {med['server_own']:.3f} s  (record {med['server_record']:.3f}, checkpoint {med['server_checkpoint']:.3f})")
         print(f"  fedprop overhead on critical path  {med['fedprop_overhead']:.3f} s  (client overhead / {actors} actors + server)")
