@@ -194,7 +194,11 @@ def progress_line(tag: str, rec: dict[str, Any], *, rounds: int, heads: tuple[st
     for h in heads:
         auc = ev.get(f"{h}.auc_roc")
         if auc is not None:
-            parts.append(f"{h} AUC {auc:.3f}")
+            hw = ev.get(f"{h}.auc_roc_half_width")
+            shown = f"{h} AUC {auc:.3f}" + (f" +-{hw:.3f}" if isinstance(hw, (int, float)) and hw == hw else "")
+            if ev.get(f"{h}.auc_roc_meaningful") is False:  # the summary says the same of this DP release
+                shown += " (not meaningful at this noise)"
+            parts.append(shown)
     trained = [p for p in rec["partners"].values() if "train" in p]
     eps = [p["train"]["epsilon"] for p in trained if "epsilon" in p["train"]]
     parts.append(f"partners trained {len(trained)}")

@@ -290,7 +290,10 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
     if len(fs) < c.min_customers:
         raise DataValidationError(
             [Problem(f"partner {partition_id} of {num_partitions} has {len(fs)} customers, fewer than the contract's "
-                     f"min_customers={c.min_customers}: {PRIVACY_WHY}. Use fewer partners or a larger dirichlet_alpha",
+                     f"min_customers={c.min_customers}: {PRIVACY_WHY}. "
+                     + ("Coarsen the partition column in the export (e.g. countries into regions), or use "
+                        "data.partitioner=dirichlet or iid" if partitioner == "natural"
+                        else "Use fewer partners or a larger data.dirichlet_alpha"),
                      code="too_few_customers", count=len(fs))],
             source=f"{c.name} partner {partition_id}")
     _check_positives(fs, int(_cfg(data_cfg, "min_positives", 10)), partition_id=partition_id,

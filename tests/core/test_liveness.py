@@ -82,3 +82,17 @@ def test_rounds_without_scheduled_evaluation_name_nobody_missing(capsys):
     s.aggregate_evaluate(1, [])
     assert "missing" not in s.rounds[-1]
     assert "no usable reply" not in capsys.readouterr().out
+
+
+def test_the_round_line_says_when_a_dp_auc_is_not_meaningful():
+    """The summary marks a DP AUC whose noise interval is wider than +-0.05 as not meaningful; the round's progress
+    line printed the same number bare ('churn AUC 0.590'), as if it were a measurement."""
+    from server.outputs import progress_line
+
+    rec = {"round": 3, "partners": {}, "refusals": [],
+           "evaluate": {"churn.auc_roc": 0.59, "churn.auc_roc_half_width": 0.094, "churn.auc_roc_meaningful": False,
+                        "propensity.auc_roc": 0.81, "propensity.auc_roc_half_width": 0.02,
+                        "propensity.auc_roc_meaningful": True}}
+    line = progress_line("fed", rec, rounds=3, heads=("churn", "propensity"))
+    assert "churn AUC 0.590 +-0.094 (not meaningful at this noise)" in line
+    assert "propensity AUC 0.810 +-0.020 |" in line
