@@ -58,6 +58,11 @@ class Validated:
     report: Report
 
 
+# whole-population findings, reported after the row problems that may cause them
+POPULATION_CODES = frozenset({"no_rows", "too_few_customers", "no_horizon_events", "log_ends_early", "no_positives",
+                              "no_negatives", "delta_too_large"})
+
+
 class _Problems:
     """Per (column, code): a count and the first few row positions, across chunks. Messages carry row
     numbers and column names, never a value: a cell may be a customer id (the privacy unit)."""
@@ -87,12 +92,14 @@ class _Problems:
         return sum(v[0] for (_, c), v in self.rows.items() if c == code) + sum(p.code == code for p in self.fixed)
 
     def messages(self) -> list[Problem]:
-        out = list(self.fixed)
+        """Structural problems, then bad rows, then the population findings (too few customers, no horizon
+        events...), which are often consequences of the bad rows: the cause is read first."""
+        out = [p for p in self.fixed if p.code not in POPULATION_CODES]
         for (col, code), (count, rows, kind, advice) in self.rows.items():
             where = f"column {col!r}: " if col else ""
             out.append(Problem(f"{where}{count} row(s) {kind} ({self.source.rows_text(rows, count)}); {advice}",
                                code=code, column=col, count=count))
-        return out
+        return out + [p for p in self.fixed if p.code in POPULATION_CODES]
 
 
 def _text(s: pd.Series) -> pd.Series:

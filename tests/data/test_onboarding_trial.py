@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from clients.data_cli import main as data_main
@@ -148,3 +149,25 @@ def test_an_event_log_simulation_uses_the_contracts_cutoff_unless_data_cutoff_is
     assert (contract_for(data_cfg()).events.cutoff, contract_for(data_cfg()).events.horizon_days) == ("2011-09-10", 91)
     moved = contract_for(data_cfg("data.cutoff=2011-06-01", "data.horizon_days=60"))
     assert (moved.events.cutoff, moved.events.horizon_days) == ("2011-06-01", 60)
+
+
+def test_unparseable_timestamps_are_reported_before_their_consequences(tmp_path):
+    """A wrong timestamp_format made 'no events in the label horizon' and 'only 0 customers' come first and the
+    cause (the rows that do not parse) last; the cause is now read first."""
+    from federation.contract import load_contract
+    from federation.errors import DataValidationError
+    from federation.validation import read_validated
+
+    path, _ = _orders(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "name": "orders", "kind": "events", "source": {"files": [str(path)], "sep": ";"},
+        "columns": {"customer_id": "Client Number", "timestamp": "Order Time", "timestamp_format": "%Y-%m-%d %H:%M",
+                    "event_type": "Order No", "amount": ["Qty", "Unit Price GBP"]},
+        "events": {"cutoff": "2023-10-01", "horizon_days": 60, "lookback_days": 365, "event_type_rule": "prefix",
+                   "event_type_map": {"C": "return"}, "event_type_default": "purchase", "activity": ["purchase"],
+                   "purchase": ["purchase"]}}))
+    with pytest.raises(DataValidationError) as e:
+        read_validated(load_contract(str(tmp_path / "c.yaml")))
+    codes = [p.code for p in e.value.problems]
+    assert "too_few_customers" in codes and len(codes) >= 2
+    assert "timestamp" in codes[0] or "cannot be parsed as timestamps" in str(e.value.problems[0])
