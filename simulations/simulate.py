@@ -15,6 +15,7 @@ and are deleted at the end, on SIGTERM too; a run killed with -9 leaves only cip
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -264,6 +265,45 @@ def _remove_if_unused(path: Path) -> None:
                 parent.rmdir()  # only when empty
 
 
+def unknown_override_keys(overrides: list[str], conf_dir: Path) -> list[str]:
+    """One message per ``key=value`` override whose key is not in the typed schema (``FedpropConfig``) or whose
+    config-group choice (``data=``, ``model=``) has no YAML, with the close matches and the keys or choices that
+    exist. Hydra's own message for these names the key but suggests ``+key=`` (which the schema refuses anyway)."""
+    import difflib
+    import typing
+
+    from federation.config import FedpropConfig
+
+    custom_dirs = any(o in ("-cd", "--config-dir") or o.startswith(("--config-dir=", "-cd=")) for o in overrides)
+    out = []
+    for o in overrides:
+        if o.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in o:
+            continue
+        key, value = o.split("=", 1)
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in ("data", "model"):
+            choices = sorted(p.stem for p in (conf_dir / parts[0]).glob("*.yaml"))
+            bad = [v for v in value.split(",") if v and v not in choices]
+            if bad and not custom_dirs:  # --config-dir adds search paths with more choices
+                out.append(f"{parts[0]}={bad[0]}: no such {parts[0]} config; choose one of {', '.join(choices)} "
+                           f"(or put {parts[0]}/{bad[0]}.yaml in a folder given with --config-dir)")
+            continue
+        node: Any = FedpropConfig
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break  # a dict- or list-typed value: its keys are free
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                where = ".".join(parts[:i]) or "the top level"
+                close = difflib.get_close_matches(part, list(hints), n=1)
+                out.append(f"unknown config key {key!r}: {where} has no {part!r}"
+                           + (f" (did you mean {'.'.join([*parts[:i], close[0]])!r}?)" if close else "")
+                           + f"; keys there: {', '.join(hints)}")
+                break
+            node = hints[part]
+    return out
+
+
 def hydra_main(overrides: list[str]) -> int:
     """Run the Hydra app with ``overrides`` (the command line after ``fedprop simulate``)."""
     import hydra
@@ -274,6 +314,10 @@ def hydra_main(overrides: list[str]) -> int:
 
     _register_schema()
     conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    bad_keys = unknown_override_keys(overrides, Path(conf_dir))
+    if bad_keys:
+        print("fedprop: nothing ran:\n" + "\n".join(f"  - {m}" for m in bad_keys), file=sys.stderr, flush=True)
+        return 2
     status = {"rc": 0, "jobs": 0, "failed": 0}
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     made: Path | None = None

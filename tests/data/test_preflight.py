@@ -54,6 +54,18 @@ def test_bad_config_refused_at_start_naming_the_key_and_leaving_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mistyped_key_or_group_names_what_exists(tmp_path):
+    """Hydra's own message named the key and suggested '+baseline.enabled=false' (which the schema refuses too);
+    now every mistyped key is listed with the close match and the keys that exist, and nothing runs."""
+    r, _ = _fedprop(["privacy.epsilo=3", "baseline.enabled=false", "data=telco", "data.partition_by=Region"], tmp_path)
+    err = r.stderr
+    assert r.returncode == 2 and "Traceback" not in err
+    assert "did you mean 'privacy.epsilon'?" in err and "did you mean 'baselines'?" in err
+    assert "data=telco: no such data config; choose one of" in err and "telco_churn" in err
+    assert err.count("\n  - ") == 3  # data.partition_by is a right key: not reported
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_epsilon_inf_is_a_config_error():
     with pytest.raises(ConfigError, match=r"privacy\.epsilon=inf must be a finite number > 0"):
         from_dict({"privacy": {"epsilon": float("inf")}})
