@@ -196,7 +196,8 @@ def progress_line(tag: str, rec: dict[str, Any], *, rounds: int, heads: tuple[st
         if auc is not None:
             hw = ev.get(f"{h}.auc_roc_half_width")
             shown = f"{h} AUC {auc:.3f}" + (f" +-{hw:.3f}" if isinstance(hw, (int, float)) and hw == hw else "")
-            if ev.get(f"{h}.auc_roc_meaningful") is False:  # the summary says the same of this DP release
+            meaningful = ev.get(f"{h}.auc_roc_meaningful")  # 0/1 in Flower's metric records
+            if meaningful is not None and not bool(meaningful):  # the summary says the same of this DP release
                 shown += " (not meaningful at this noise)"
             parts.append(shown)
     trained = [p for p in rec["partners"].values() if "train" in p]

@@ -90,9 +90,9 @@ def test_the_round_line_says_when_a_dp_auc_is_not_meaningful():
     from server.outputs import progress_line
 
     rec = {"round": 3, "partners": {}, "refusals": [],
-           "evaluate": {"churn.auc_roc": 0.59, "churn.auc_roc_half_width": 0.094, "churn.auc_roc_meaningful": False,
+           "evaluate": {"churn.auc_roc": 0.59, "churn.auc_roc_half_width": 0.094, "churn.auc_roc_meaningful": 0,
                         "propensity.auc_roc": 0.81, "propensity.auc_roc_half_width": 0.02,
-                        "propensity.auc_roc_meaningful": True}}
+                        "propensity.auc_roc_meaningful": 1}}  # as Flower's metric records hold them
     line = progress_line("fed", rec, rounds=3, heads=("churn", "propensity"))
     assert "churn AUC 0.590 +-0.094 (not meaningful at this noise)" in line
     assert "propensity AUC 0.810 +-0.020 |" in line
