@@ -2,7 +2,9 @@
 (the very same ``@app.train`` handler: DP-SGD, cumulative privacy state in ``context.state``, ledger entry,
 refusal) and turns its result into the vector that goes into the secure sum.
 
-What leaves the node here: only the masked vector (uniform modulo 2**k to the server). The local model, the
+What leaves the node here: the masked vector (uniform modulo 2**k to the server) and, beside it in the clear, the
+ledger head of this release (ledger id, partner, entry seq, entry hash, update hash: the same public record a plain
+round sends), which the server keeps as its witness against a later rollback of this ledger. The local model, the
 number of examples and the train metrics stay on the node; ``federation/secure_fedavg.py`` defines the vector.
 A refusal (privacy budget) or any failure raises, which Flower turns into an error reply: the server treats
 this partner as a dropout of this round, and the other partners' round completes while enough survive.
@@ -14,7 +16,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Context, Message, Metadata
+from flwr.app import ConfigRecord, Context, Message, Metadata
 from flwr.clientapp import ClientApp
 
 from federation.config import FedpropConfig, from_run_config
@@ -63,8 +65,11 @@ def secure_update(
     delta = flatten(reply.content["arrays"]) - flatten(message.content["arrays"])
     num_examples = int(reply.content["metrics"]["num-examples"])
     rng = np.random.default_rng(int.from_bytes(entropy(32), "big"))  # DP noise: seeded from the OS CSPRNG
-    return partner_vector(cfg, delta=delta, num_examples=num_examples, threshold=sa.threshold,
-                          value_range_=sa.quantization.clip, rng=rng)
+    vector = partner_vector(cfg, delta=delta, num_examples=num_examples, threshold=sa.threshold,
+                            value_range_=sa.quantization.clip, rng=rng)
+    if "ledger" in reply.content.config_records:  # this release's ledger head: the server's rollback witness
+        return vector, ConfigRecord(dict(reply.content["ledger"]))
+    return vector
 
 
 def register_secure_update(

@@ -89,6 +89,16 @@ INVENTORY: tuple[Field, ...] = (
     Field("query.secagg", "configs:secagg/payload.s", PUBLIC, "unmask: shares of dropped neighbours' mask keys"),
     Field("query.secagg", "configs:secagg/payload.rejected", PUBLIC, "masked_input: ids of neighbours whose encrypted "
           "shares failed authentication (they become dropouts)"),
+    # beside the masked input, in the clear: this release's ledger head, the server's witness against a rollback
+    Field("query.secagg", "configs:witness/update-hash", PUBLIC, "masked_input: SHA-256 of the node's unmasked DP "
+          "update, as in a plain train reply (a commitment: nothing of the update without its exact value)"),
+    Field("query.secagg", "configs:witness/entry-seq", PUBLIC, "masked_input: sequence number of the ledger entry "
+          "that recorded this release"),
+    Field("query.secagg", "configs:witness/entry-hash", PUBLIC, "masked_input: hash of that ledger entry (the server "
+          "keeps it as a witness)"),
+    Field("query.secagg", "configs:witness/ledger-id", PUBLIC, "masked_input: the partner ledger's id"),
+    Field("query.secagg", "configs:witness/ledger-partner", PUBLIC, "masked_input: the partner name its ledger "
+          "records"),
 )
 
 _ALL_SECAGG_PAYLOAD = ("keys", "shares", "b", "s", "rejected")

@@ -228,8 +228,15 @@ def run_secure_fedavg(
             node_pid[r.metadata.src_node_id] = pid
             rec["partners"].setdefault(pid, {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
             flats.append(r.content)
+        witnesses = result.witnesses if survivors else {}
         for u in survivors:  # the server knows WHO was summed, never what each sent
-            rec["partners"].setdefault(node_pid.get(u, f"node-{u}"), {})["train"] = {"in-secure-sum": 1}
+            p = rec["partners"].setdefault(node_pid.get(u, f"node-{u}"), {})
+            p["train"] = {"in-secure-sum": 1}
+            led = witnesses.get(u)
+            if led and {"entry-seq", "entry-hash", "ledger-partner"} <= set(led):  # its ledger head: the witness
+                p["ledger"] = {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
+                               "update-hash": str(led.get("update-hash", "")), "node": int(u),
+                               **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
         rec["evaluate"] = dict(aggregate_eval(flats, "num-examples")) if flats else {}
         last_eval = [dict(next(iter(c.metric_records.values()))) for c in flats]
         info["round_s"] = time.perf_counter() - t0

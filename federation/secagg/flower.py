@@ -78,8 +78,26 @@ STAGES = ("advertise", "share_keys", "masked_input", "unmask")
 _SHARE_BYTES = 66
 _PER_NODE_JSON = 512  # generous bound on one node's entry in a payload (a ciphertext is ~220 base64 chars)
 
-UpdateFn = Callable[[Message, Context], np.ndarray]
-"""Returns the client's update as a 1-D float array; called once per round, at the masked-input stage."""
+UpdateFn = Callable[[Message, Context], "np.ndarray | tuple[np.ndarray, ConfigRecord]"]
+"""Returns the client's update as a 1-D float array, called once per round at the masked-input stage; or
+(array, witness): a small public ConfigRecord sent in the clear beside the masked input (``WITNESS_KEY``)."""
+
+WITNESS_KEY = "witness"  # optional reply record at the masked-input stage: public metadata, never part of the sum
+_WITNESS_MAX_ENTRIES, _WITNESS_MAX_CHARS = 8, 128
+
+
+def _parse_witness(rec: Any) -> dict[str, Any]:
+    """A witness record: at most 8 entries, short names, int or short str values; anything else is dropped."""
+    if not isinstance(rec, ConfigRecord) or len(rec.keys()) > _WITNESS_MAX_ENTRIES:
+        raise SecAggError("witness record malformed")
+    out: dict[str, Any] = {}
+    for k in rec.keys():
+        v = rec[k]
+        if not (isinstance(k, str) and len(k) <= 32) or isinstance(v, bool) or not (
+                isinstance(v, int) or (isinstance(v, str) and len(v) <= _WITNESS_MAX_CHARS)):
+            raise SecAggError("witness record malformed")
+        out[k] = v
+    return out
 
 
 # -------------------------------------------------------------------------------------------- server
@@ -158,6 +176,7 @@ def secure_sum(
     group_id = config.round_id.hex()
     n = len(node_ids)
     malformed: dict[int, str] = {}
+    witnesses: dict[int, dict[str, Any]] = {}
 
     def ask(stage: str, payloads: Mapping[int, bytes], parse: Callable[[Any], Any],
             extra: RecordDict | None = None) -> dict[int, Any]:
@@ -186,6 +205,12 @@ def secure_sum(
                 malformed[src] = f"{stage}-malformed"
                 log.warning("SecAgg %s: malformed reply from node %s (%s); dropped", stage, src,
                             type(exc).__name__ if not isinstance(exc, SecAggError) else exc)
+                continue
+            if stage == "masked_input" and WITNESS_KEY in reply.content:
+                try:
+                    witnesses[src] = _parse_witness(reply.content[WITNESS_KEY])
+                except (SecAggError, KeyError, TypeError) as exc:  # not part of the sum: the input still counts
+                    log.warning("SecAgg masked_input: node %s sent a malformed witness record (%s); ignored", src, exc)
         missing = set(payloads) - set(replies)
         if missing:
             log.warning("SecAgg %s: %d of %d nodes dropped: %s", stage, len(missing), len(payloads), sorted(missing))
@@ -220,7 +245,8 @@ def secure_sum(
     excluded = {**malformed, **result.excluded}
     return SecAggResult(total=result.total, integer_total=result.integer_total, survivors=result.survivors,
                         dropped=tuple(sorted(set(result.dropped) | (set(malformed) - set(result.survivors)))),
-                        error_bound=result.error_bound, excluded=excluded)
+                        error_bound=result.error_bound, excluded=excluded,
+                        witnesses={u: w for u, w in witnesses.items() if u in result.survivors})
 
 
 # -------------------------------------------------------------------------------------------- client
@@ -238,6 +264,7 @@ def handle_secagg(
     if not isinstance(payload, dict):
         raise SecAggError("SecAgg payload must be a JSON object")
     identity = load_identity(context.node_config)
+    witness = None  # masked_input only: the update function's public record, sent beside the masked input
     if stage == "advertise":
         config = config_from_json(expect_fields(payload, ("config",), "advertise request")["config"])
         state, keys = client_advertise(config=config, node_id=context.node_id, entropy=entropy,
@@ -255,7 +282,9 @@ def handle_secagg(
         elif stage == "masked_input":
             p = expect_fields(payload, ("round", "ciphertexts"), "masked_input request")
             ciphertexts = bytes_map_from_json(p["ciphertexts"])
-            update = np.asarray(update_fn(message, context), dtype=np.float64)
+            got = update_fn(message, context)
+            update = np.asarray(got[0] if isinstance(got, tuple) else got, dtype=np.float64)
+            witness = got[1] if isinstance(got, tuple) else None
             rng = None
             if state.config.quantization.rounding == "stochastic":
                 rng = np.random.default_rng(int.from_bytes(entropy(16), "big"))
@@ -270,7 +299,10 @@ def handle_secagg(
         else:
             raise SecAggError(f"Unknown SecAgg stage; expected one of {STAGES}.")
     context.state[STATE_KEY] = ConfigRecord({"state": state.to_bytes()})
-    return Message(RecordDict({RECORD_KEY: ConfigRecord(out)}), reply_to=message)
+    content = RecordDict({RECORD_KEY: ConfigRecord(out)})
+    if stage == "masked_input" and witness is not None:
+        content[WITNESS_KEY] = witness
+    return Message(content, reply_to=message)
 
 
 def register_secagg(

@@ -177,6 +177,8 @@ class SecAggResult:
     dropped: tuple[int, ...]
     error_bound: float
     excluded: Mapping[int, str] = field(default_factory=dict)
+    # per survivor, the small public record it attached to its masked input (``flower.WITNESS_KEY``), if any
+    witnesses: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- neighbours

@@ -237,9 +237,12 @@ def test_restarted_node_restores_its_run_state_and_never_spends_twice_for_a_roun
     assert kinds.count(("dpsgd_round", 1)) == 1 and kinds.count(("run_start", None)) == 1
 
 
-def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path):
-    """In-process federation of the real ClientApp and ServerApp strategy: the server records each partner's
-    ledger head per round; restoring an older copy of a partner's ledger afterwards fails verify --against."""
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure):
+    """In-process federation of the real ClientApp and ServerApp: the server records each partner's ledger head per
+    round; restoring an older copy of a partner's ledger afterwards fails verify --against. With secure
+    aggregation the head travels in the clear beside the masked input (before: secure rounds carried no head, so a
+    rollback there went unseen)."""
     import shutil
 
     from federation.privacy.ledger import LedgerVerificationError, verify_against
@@ -247,7 +250,8 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path):
     from server.server_app import WITNESS_FILE, run_federation
     from tests.secagg_integration.conftest import InProcessGrid
 
-    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")})
+    extra = {"partners": 3, "secagg": {"enabled": True}} if secure else {}
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")}, **extra)
     app = make_client_app(config=cfg, loader=load_partner)
     node = LH.resolve_node_ledger(cfg, {"partition-id": 0})
     grid = InProcessGrid(app, cfg.partners)
@@ -266,6 +270,8 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path):
 
     grid.send_and_receive = snap
     run_federation(grid, cfg, heads=("churn", "propensity"), out=out, run_id="wit")
+    if secure:
+        assert all(r.get("secagg", {}).get("survivors") == 3 for r in out.rounds["churn+propensity"])
     fed = out.dir / WITNESS_FILE
     fed_pub = tmp_path / "srvkeys" / "federation-ledger.key.pub"
     ok = verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,

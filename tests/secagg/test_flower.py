@@ -174,3 +174,20 @@ def test_secure_sum_on_flower_simulation_engine() -> None:
     assert len(full.survivors) == 4 and np.abs(full.total - expected(range(4))).max() <= full.error_bound
     assert len(partial.survivors) == 3 and len(partial.dropped) == 1
     assert np.abs(partial.total - expected(range(3))).max() <= partial.error_bound
+
+
+def test_a_witness_record_is_small_public_metadata_or_ignored():
+    """The masked-input reply may carry a witness record in the clear (a partner's ledger head). The server keeps
+    only small int / short-str entries; anything else is ignored without dropping the node's masked input."""
+    import pytest
+    from flwr.app import ConfigRecord
+
+    from federation.secagg.flower import _parse_witness
+    from federation.secagg.primitives import SecAggError
+
+    head = {"entry-seq": 7, "entry-hash": "ab" * 32, "update-hash": "cd" * 32, "ledger-id": "x", "ledger-partner": "acme"}
+    assert _parse_witness(ConfigRecord(head)) == head
+    for bad in ({f"k{i}": 1 for i in range(9)}, {"entry-hash": "a" * 129}, {"entry-seq": True},
+                {"entry-hash": b"raw bytes"}, {"entry-seq": 1.5}):
+        with pytest.raises(SecAggError):
+            _parse_witness(ConfigRecord(bad))
