@@ -493,12 +493,29 @@ PROPOSAL_WARNING = (
 
 
 LABEL_NAMES = ("churn", "churned", "exited", "attrition", "attrited", "label", "target", "y", "class", "outcome",
-               "response", "responded", "converted", "conversion", "purchased", "subscribed", "deposit", "default")
+               "response", "responded", "converted", "conversion", "purchased", "subscribed", "deposit", "default",
+               "status")
 CHURN_NAMES = ("churn", "churned", "exited", "attrition", "attrited", "left", "cancelled", "canceled")
 POSITIVE_VALUES = ("1", "yes", "y", "true", "t", "churn", "churned", "exited", "attrited", "positive", "1.0")
 ID_NAMES = ("id", "customerid", "customer_id", "customer", "clientid", "client_id", "accountid", "account_id", "userid",
             "user_id", "cust_id", "custid", "rownumber", "row_number", "index")
 TIME_NAMES = ("timestamp", "time", "date", "datetime", "ts", "event_time", "eventtime", "created_at", "invoicedate")
+
+
+# names that exact lists miss in real exports ("Client Number", "Order Time", "Subscriber Key"): a customer-ish
+# word followed by an id-ish one; a name ending in date/time/timestamp (or "_at")
+ID_PATTERN = r"^(customer|client|cust|account|acct|user|member|subscriber|contract|policyholder)_?(id|number|no|num|key|ref|code)$"
+TIME_PATTERN = r"(date|time|timestamp|datetime)$|_at$"
+
+
+def _pick_pattern(columns, pattern: str, accept=lambda c: True) -> str:
+    """The first column whose normalised name matches ``pattern`` and whose values ``accept``; else ""."""
+    import re
+
+    for c in columns:
+        if re.search(pattern, _norm(c)) and accept(c):
+            return c
+    return ""
 
 
 def _norm(name: str) -> str:
@@ -560,7 +577,8 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
                               + f"; columns: {', '.join(cols)}")
         return col
 
-    id_col = need(id_column, "--id column") or _pick(cols, ID_NAMES)
+    id_col = need(id_column, "--id column") or _pick(cols, ID_NAMES) or _pick_pattern(
+        cols, ID_PATTERN, (lambda c: _id_like(frame[c])) if kind == "table" else (lambda c: True))
     if id_col and not id_column and kind == "table" and not _id_like(frame[id_col]):
         id_col = ""  # in a customer table, an id-like NAME whose values repeat is not an identifier
     ids = {id_col} if id_col else set()
@@ -591,7 +609,15 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
     if kind == "events":
         if not id_col:
             raise ConfigError(f"cannot tell which column of {file} holds the customer id: name it with --id COLUMN")
-        ts = need(timestamp, "--timestamp column") or _pick(cols, TIME_NAMES)
+        def parses(c: str) -> bool:  # most sampled values read as dates
+            sample = frame[c].dropna().astype("string").head(200)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return len(sample) > 0 and pd.to_datetime(sample, errors="coerce", format="mixed").notna().mean() > 0.9
+
+        ts = need(timestamp, "--timestamp column") or _pick(cols, TIME_NAMES) or _pick_pattern(cols, TIME_PATTERN, parses)
         if not ts:
             raise ConfigError(f"cannot tell which column of {file} holds the event time: name it with --timestamp COLUMN")
         et = need(event_type, "--event-type column") or _pick(cols, ("event_type", "eventtype", "event", "type", "action"))

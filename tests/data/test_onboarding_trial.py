@@ -21,13 +21,13 @@ def _propose(tmp_path, path, *args, capsys):
     return rc, (yaml.safe_load(out.out) if rc == 0 else None), contract, out.err
 
 
-def _table(tmp_path, *, sep=";", n=400, seed=0):
+def _table(tmp_path, *, sep=";", n=400, seed=0, id_name="Client Ref", label_name="Status"):
     rng = np.random.default_rng(seed)
     tenure = rng.integers(1, 72, n)
     churned = rng.random(n) < 1 / (1 + np.exp(0.05 * tenure))
-    frame = pd.DataFrame({"Client Ref": [f"CL-{i:05d}" for i in rng.permutation(n)],
+    frame = pd.DataFrame({id_name: [f"CL-{i:05d}" for i in rng.permutation(n)],
                           "Branch Region": rng.choice(["North", "South"], n), "Tenure Months": tenure,
-                          "Status": np.where(churned, "churned", "stayed")})
+                          label_name: np.where(churned, "churned", "stayed")})
     path = tmp_path / "customers.csv"
     frame.to_csv(path, index=False, sep=sep)
     return path
@@ -46,16 +46,30 @@ def test_a_semicolon_separated_table_is_drafted_with_its_separator(tmp_path, cap
 
 
 def test_a_tab_separated_table_without_a_label_name_lists_its_real_columns(tmp_path, capsys):
-    path = _table(tmp_path, sep="\t")
+    path = _table(tmp_path, sep="\t", label_name="Kept Or Not")
     rc, _, _, err = _propose(tmp_path, path, capsys=capsys)
-    assert rc == 2 and "--label COLUMN" in err and "Status" in err and "separated by '\\t'" in err
+    assert rc == 2 and "--label COLUMN" in err and "Kept Or Not" in err and "separated by '\\t'" in err
+
+
+def test_common_export_names_are_inferred_without_flags(tmp_path, capsys):
+    """'Status' (churned/stayed) as the label and 'Client Ref' / 'Subscriber Key' as the id: a first-time user
+    had to pass --label and --id for names every CRM export uses."""
+    for id_name in ("Client Ref", "Subscriber Key", "Customer Number"):
+        path = _table(tmp_path, sep="\t", id_name=id_name)
+        rc, draft, contract, err = _propose(tmp_path, path, capsys=capsys)
+        assert rc == 0, err
+        assert draft["columns"]["customer_id"] == id_name and draft["label"]["column"] == "Status"
+        assert draft["label"]["task"] == "churn"
+        rc = data_main(["data", "check", str(contract)])
+        assert rc == 0, capsys.readouterr().err
+        capsys.readouterr()
 
 
 def test_an_id_column_with_an_unknown_name_is_pointed_out(tmp_path, capsys):
-    path = _table(tmp_path)
+    path = _table(tmp_path, id_name="Ref Code")
     rc, draft, _, err = _propose(tmp_path, path, "--label", "Status", capsys=capsys)
     assert rc == 0 and draft["columns"]["customer_id"] == ""
-    assert "no customer id column was inferred" in err and "'Client Ref'" in err and "--id COLUMN" in err
+    assert "no customer id column was inferred" in err and "'Ref Code'" in err and "--id COLUMN" in err
 
 
 def test_a_label_whose_positive_value_says_churned_is_a_churn_task(tmp_path, capsys):
@@ -119,8 +133,22 @@ def test_the_cutoff_of_a_log_longer_than_rows_comes_from_its_last_event(tmp_path
 
 def test_an_event_log_without_an_inferable_id_lists_its_columns(tmp_path, capsys):
     path, _ = _orders(tmp_path)
+    frame = pd.read_csv(path, sep=";").rename(columns={"Client Number": "Buyer"})
+    frame.to_csv(path, index=False, sep=";")
     rc, _, _, err = _propose(tmp_path, path, "--kind", "events", capsys=capsys)
-    assert rc == 2 and "--id COLUMN" in err and "Client Number" in err and "Order Time" in err
+    assert rc == 2 and "--id COLUMN" in err and "Buyer" in err and "Order Time" in err
+
+
+def test_an_order_log_gets_its_id_and_time_columns_from_their_names(tmp_path, capsys):
+    """'Client Number' and 'Order Time' are inferred (a first-time user had to name both with flags); a column
+    whose name ends in 'time' but whose values are not dates is not taken as the event time."""
+    path, _ = _orders(tmp_path)
+    frame = pd.read_csv(path, sep=";")
+    frame.insert(0, "Lifetime", 3)  # a name ending in 'time', values not dates: skipped
+    frame.to_csv(path, index=False, sep=";")
+    rc, draft, _, err = _propose(tmp_path, path, "--kind", "events", capsys=capsys)
+    assert rc == 0, err
+    assert draft["columns"]["customer_id"] == "Client Number" and draft["columns"]["timestamp"] == "Order Time"
 
 
 def test_an_event_log_simulation_uses_the_contracts_cutoff_unless_data_cutoff_is_set(tmp_path):
