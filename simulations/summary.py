@@ -160,11 +160,14 @@ def render_value_table(s: dict[str, Any]) -> list[str]:
              "| centralized AUC | gain AUC fed-DP | gain AUC personalised "
              "| local-only lift@10% | fed-DP lift@10% | centralized lift@10% | gain lift |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = s.get("partner_names") or {}
     for task, r in s["tasks"].items():
         for pid, v in sorted(r.get("per_partner", {}).items(), key=lambda kv: int(kv[0])):
             pos = "" if v.get("test_positives") is None else f" ({v['test_positives']})"
+            name = names.get(pid)
+            who = f"{pid} ({name})" if name and name != f"partner-{pid}" else pid  # a natural split's own names
             lines.append(
-                f"| {task} | {pid} | {v.get('n_train', '-')} / {v['n_test']}{pos} | {_f(v['local_only_auc'])} | "
+                f"| {task} | {who} | {v.get('n_train', '-')} / {v['n_test']}{pos} | {_f(v['local_only_auc'])} | "
                 f"{_f(v['federated_dp_auc'])} | {_f(v.get('personalised_auc'))} | "
                 f"{_f(v['centralized_auc'])} | {_f(v['gain_auc'], signed=True)} | "
                 f"{_f(v.get('personalised_gain_auc'), signed=True)} | "

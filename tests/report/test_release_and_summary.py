@@ -89,3 +89,7 @@ def test_summary_per_partner_federation_value(run_dir):
     text = render_summary(s)
     assert "Federation value per partner" in text
     assert sum(1 for line in text.splitlines() if line.startswith("| churn | ") and line.count("|") == 14) == 3  # + personalised AUC, its gain
+    # a natural split's partner names sit next to their numbers in the table (not only on a line at the end)
+    named = render_summary({**s, "partner_names": {"0": "North", "1": "partner-1", "2": "South"}})
+    rows = [line for line in named.splitlines() if line.startswith("| churn | ") and line.count("|") == 14]
+    assert [r.split(" | ")[1] for r in rows] == ["0 (North)", "1", "2 (South)"]
