@@ -38,7 +38,7 @@ from federation.privacy.events import Gaussian
 from federation.secagg.flower import RECORD_KEY, secure_sum
 from federation.secagg.primitives import Entropy, RoundAbortedError
 from federation.secure_fedavg import aggregate_step, min_partner_weight, plan_round
-from server.strategy import HIST, aggregate_eval_metrics
+from server.strategy import HIST, aggregate_eval_metrics, ledger_head
 
 __all__ = ["ACTION", "LEDGER_FILE", "SecureFedAvgResult", "run_secure_fedavg"]
 
@@ -234,9 +234,7 @@ def run_secure_fedavg(
             p["train"] = {"in-secure-sum": 1}
             led = witnesses.get(u)
             if led and {"entry-seq", "entry-hash", "ledger-partner"} <= set(led):  # its ledger head: the witness
-                p["ledger"] = {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
-                               "update-hash": str(led.get("update-hash", "")), "node": int(u),
-                               **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
+                p["ledger"] = ledger_head(led, u)
         rec["evaluate"] = dict(aggregate_eval(flats, "num-examples")) if flats else {}
         last_eval = [dict(next(iter(c.metric_records.values()))) for c in flats]
         info["round_s"] = time.perf_counter() - t0

@@ -126,6 +126,14 @@ def _reply_key(msg: Message) -> tuple:
     return (0, partner_id(msg), digest.hexdigest())
 
 
+def ledger_head(led, node: int) -> dict[str, Any]:
+    """A partner's reported ledger head (a plain train reply's ``ledger`` record, or a secure round's witness) as the
+    round record keeps it: the server's witness against a later rollback of that ledger."""
+    return {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
+            "update-hash": str(led["update-hash"]) if "update-hash" in led else "", "node": int(node),
+            **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
+
+
 class RecordingStrategy(Strategy):
     """Delegating wrapper: deterministic aggregation order + per-partner records + progress output."""
 
@@ -209,10 +217,7 @@ class RecordingStrategy(Strategy):
             self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
             rec: dict[str, Any] = {"train": m}
             if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
-                led = msg.content["ledger"]  # the server's witness against a later rollback of that ledger
-                rec["ledger"] = {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
-                                 "update-hash": str(led["update-hash"]), "node": int(msg.metadata.src_node_id),
-                                 **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
+                rec["ledger"] = ledger_head(msg.content["ledger"], msg.metadata.src_node_id)
             self._current["partners"][partner_id(msg)] = rec
         self._announce_missing(replies, "training", server_round)
         return self.inner.aggregate_train(server_round, replies)
