@@ -215,6 +215,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
                         entry = LH.commit_round(res, update_hash=LH.update_hash(new_sd), extra={
                             "heads": heads_tag, "run_epsilon": privacy.epsilon(), "accountant": privacy.accountant,
                             "target_epsilon": privacy.target_epsilon, "noise": cfg.privacy.noise})
+                        # signed by this node's ledger key: nobody else can forge this head in the server's witness
+                        head_signature = res.ledger.sign_head(entry.seq, entry.entry_hash)
                 except Exception as exc:  # noqa: BLE001 -- whatever failed, the update must not leave the node
                     log.error("ledger entry for round %s not written", server_round, exc_info=exc)
                     reason = (f"partner {data.partition_id}: ledger entry for round {server_round} not written "
@@ -227,7 +229,7 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         if entry is not None:
             content["ledger"] = ConfigRecord(
                 {"update-hash": entry.update_hash, "entry-seq": entry.seq, "entry-hash": entry.entry_hash,
-                 "ledger-id": ledger_id, "ledger-partner": node.partner}
+                 "ledger-id": ledger_id, "ledger-partner": node.partner, "head-signature": head_signature}
             )
         return Message(content=content, reply_to=msg)
 

@@ -56,6 +56,8 @@ INVENTORY: tuple[Field, ...] = (
     Field("train", "configs:ledger/entry-hash", PUBLIC, "hash of that ledger entry (the server keeps it as a witness)"),
     Field("train", "configs:ledger/ledger-id", PUBLIC, "the partner ledger's id (a new id after an explicit reset)"),
     Field("train", "configs:ledger/ledger-partner", PUBLIC, "the partner name its ledger records"),
+    Field("train", "configs:ledger/head-signature", PUBLIC, "the node's Ed25519 signature (ledger key) of that head "
+          "(ledger id, seq, entry hash): only heads it signed count in the server's witness"),
     Field("train", "metrics:metrics/train-loss", NON_PRIVATE, "mean training loss: only when privacy.enabled=false"),
     # ---------------------------------------------------------------- evaluate reply
     Field("evaluate", "metrics:metrics/*.hist.pos", DP, "per public score bin, held-out positives + discrete Gaussian "
@@ -99,6 +101,8 @@ INVENTORY: tuple[Field, ...] = (
     Field("query.secagg", "configs:witness/ledger-id", PUBLIC, "masked_input: the partner ledger's id"),
     Field("query.secagg", "configs:witness/ledger-partner", PUBLIC, "masked_input: the partner name its ledger "
           "records"),
+    Field("query.secagg", "configs:witness/head-signature", PUBLIC, "masked_input: the node's signature (ledger key) "
+          "of that head, as in a plain train reply"),
 )
 
 _ALL_SECAGG_PAYLOAD = ("keys", "shares", "b", "s", "rejected")

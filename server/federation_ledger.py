@@ -16,7 +16,7 @@ with that probability; the entry then records a ``PoissonSampledGaussian`` with 
 both layers in a partner's report (customer-level from the partner's ledger, partner-level from here).
 
 The server's witness: ``record_partner_heads`` appends, once per round, the ledger head (ledger id, seq,
-entry hash) each partner sent with its reply. ``fedprop budget verify <partner ledger> --against <this>``
+entry hash, and the node's signature of it) each partner sent with its reply. ``fedprop budget verify <partner ledger> --against <this>``
 (``federation.privacy.ledger.verify_against``) then detects a partner ledger rolled back, truncated or
 replaced after the run; an explicit reset (``fedprop budget init --reason``) shows as a new ledger id whose
 signed genesis names the old one.
@@ -24,7 +24,7 @@ signed genesis names the old one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from federation.errors import PrivacyError
 from federation.privacy.events import Gaussian, PoissonSampledGaussian
@@ -86,22 +86,30 @@ def record_server_release(
     )
 
 
+def _clean_head(partner: str, h: Mapping[str, Any]) -> dict[str, Any]:
+    seq, entry_hash = h.get("seq"), h.get("entry_hash")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not isinstance(entry_hash, str) or not entry_hash:
+        raise PrivacyError(f"partner {partner!r}: a head needs seq (int >= 0) and entry_hash (str), got {dict(h)!r}")
+    return {"seq": seq, "entry_hash": entry_hash,
+            **{k: h[k] for k in ("ledger_id", "reset", "reset_of", "signature", "node") if h.get(k) is not None}}
+
+
 def record_partner_heads(
-    ledger: Ledger, *, run_id: str, round: int, heads: Mapping[str, Mapping[str, Any]]
+    ledger: Ledger, *, run_id: str, round: int, heads: Mapping[str, Mapping[str, Any]],
+    conflicts: Sequence[Mapping[str, Any]] = (),
 ) -> LedgerEntry:
     """Append one ``partner_heads`` entry: for each partner (its ledger's ``partner`` name), the head it
     reported with this round's reply: ``{"seq": int, "entry_hash": str, "ledger_id": str (optional),
-    "reset": bool (optional), "reset_of": str (optional)}``. Durable when this returns."""
-    clean: dict[str, dict[str, Any]] = {}
-    for partner, h in heads.items():
-        seq, entry_hash = h.get("seq"), h.get("entry_hash")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not isinstance(entry_hash, str) or not entry_hash:
-            raise PrivacyError(f"partner {partner!r}: a head needs seq (int >= 0) and entry_hash (str), got {dict(h)!r}")
-        clean[str(partner)] = {
-            "seq": seq, "entry_hash": entry_hash,
-            **{k: h[k] for k in ("ledger_id", "reset", "reset_of") if h.get(k) is not None},
-        }
+    "reset": bool (optional), "reset_of": str (optional), "signature": hex (the node's signature of the head,
+    ``Ledger.sign_head``), "node": int (the Flower node that sent it)}``. ``conflicts``: further heads claimed under
+    a name already in ``heads`` by another node this round (each with its ``partner``), kept rather than dropped so
+    that a hostile node claiming a partner's name cannot hide that partner's genuine head (verification counts only
+    heads signed by the partner's own key). Durable when this returns."""
+    clean = {str(partner): _clean_head(str(partner), h) for partner, h in heads.items()}
+    extra: dict[str, Any] = {"heads": clean}
+    if conflicts:
+        extra["conflicts"] = [{"partner": str(c["partner"]), **_clean_head(str(c["partner"]), c)} for c in conflicts]
     return ledger.append(
         kind="partner_heads", partner=FEDERATION_PARTNER, run_id=str(run_id), round=int(round),
-        privacy_unit="partner", extra={"heads": clean},
+        privacy_unit="partner", extra=extra,
     )

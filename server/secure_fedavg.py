@@ -226,8 +226,13 @@ def run_secure_fedavg(
             m = dict(next(iter(r.content.metric_records.values())))
             pid = str(int(m.get("partition-id", -1)))
             node_pid[r.metadata.src_node_id] = pid
-            rec["partners"].setdefault(pid, {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
-            flats.append(r.content)
+            flats.append((r.metadata.src_node_id, m, r.content))
+        claimed = [v for v in node_pid.values()]
+        # two nodes claiming one partner id: both records kept, under the id and the node (never one overwriting)
+        node_pid = {u: v if claimed.count(v) == 1 else f"{v} (node {u})" for u, v in node_pid.items()}
+        for u, m, _ in flats:
+            rec["partners"].setdefault(node_pid[u], {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
+        flats = [c for _, _, c in flats]
         witnesses = result.witnesses if survivors else {}
         for u in survivors:  # the server knows WHO was summed, never what each sent
             p = rec["partners"].setdefault(node_pid.get(u, f"node-{u}"), {})

@@ -64,13 +64,21 @@ def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> N
     """The server's witness: each partner's ledger head (id, seq, entry hash) as it replied this round, appended to
     the run's federation ledger (signed with the server's key from ``release.key_dir``). ``fedprop budget verify
     <partner ledger> --against <run>/federation_ledger.sqlite`` later detects a partner ledger rolled back,
-    truncated or replaced after the run."""
-    heads = {}
+    truncated or replaced after the run. Every head is kept with the node that sent it and the node's signature; two
+    nodes claiming one name are both kept (``conflicts``), and verification counts only heads the partner's own
+    ledger key signed, so a hostile node can neither frame a partner nor hide its genuine head."""
+    heads: dict[str, dict] = {}
+    conflicts: list[dict] = []  # a name claimed by a second node this round: kept (only the signed head counts)
     for p in rec.get("partners", {}).values():
         led = p.get("ledger")
         if led and led.get("ledger-partner"):
-            heads[led["ledger-partner"]] = {"seq": int(led["entry-seq"]), "entry_hash": led["entry-hash"],
-                                            "ledger_id": led.get("ledger-id")}
+            name = led["ledger-partner"]
+            head = {"seq": int(led["entry-seq"]), "entry_hash": led["entry-hash"], "ledger_id": led.get("ledger-id"),
+                    "signature": led.get("head-signature"), "node": led.get("node")}
+            if name in heads:
+                conflicts.append({"partner": name, **head})
+            else:
+                heads[name] = head
     if not heads:
         return
     from federation.privacy.ledger import generate_node_key
@@ -81,7 +89,7 @@ def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> N
         key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         generate_node_key(key)
     with open_federation_ledger(out.dir / WITNESS_FILE, key_path=key) as ledger:
-        record_partner_heads(ledger, run_id=run_id, round=int(rec["round"]), heads=heads)
+        record_partner_heads(ledger, run_id=run_id, round=int(rec["round"]), heads=heads, conflicts=conflicts)
 
 
 RECORDED_REFUSAL = "already released and recorded"  # clients/client_app.py: a round this partner already spent

@@ -129,9 +129,23 @@ def _reply_key(msg: Message) -> tuple:
 def ledger_head(led, node: int) -> dict[str, Any]:
     """A partner's reported ledger head (a plain train reply's ``ledger`` record, or a secure round's witness) as the
     round record keeps it: the server's witness against a later rollback of that ledger."""
+    sig = led["head-signature"] if "head-signature" in led else ""
     return {"entry-seq": int(led["entry-seq"]), "entry-hash": str(led["entry-hash"]),
             "update-hash": str(led["update-hash"]) if "update-hash" in led else "", "node": int(node),
-            **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led}}
+            **{k: str(led[k]) for k in ("ledger-id", "ledger-partner") if k in led},
+            **({"head-signature": sig} if isinstance(sig, str) and len(sig) == 128 else {})}
+
+
+def record_key(partners: dict[str, Any], name: str, node: int) -> str:
+    """The round record's key for a reply from ``node`` naming itself ``name``: the name, unless another node
+    already used it this round (then the name with the node id, and a warning): a hostile node that claims another
+    partner's name must not overwrite that partner's record (its ledger head is the server's witness)."""
+    if name not in partners or (partners[name].get("ledger") or {}).get("node", node) == node:
+        return name
+    print(f"fedprop: WARNING: two nodes reply as partner {name!r} this round (node {partners[name]['ledger']['node']} "
+          f"and node {node}); both are recorded, and only heads signed by the partner's own ledger key count as "
+          "its witness", flush=True)
+    return f"{name} (node {node})"
 
 
 class RecordingStrategy(Strategy):
@@ -218,7 +232,8 @@ class RecordingStrategy(Strategy):
             rec: dict[str, Any] = {"train": m}
             if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
                 rec["ledger"] = ledger_head(msg.content["ledger"], msg.metadata.src_node_id)
-            self._current["partners"][partner_id(msg)] = rec
+            parts = self._current["partners"]
+            parts[record_key(parts, partner_id(msg), int(msg.metadata.src_node_id))] = rec
         self._announce_missing(replies, "training", server_round)
         return self.inner.aggregate_train(server_round, replies)
 

@@ -268,11 +268,16 @@ def _verify(args: argparse.Namespace, out) -> int:
             federation_public_key=args.federation_public_key, federation_fingerprint=args.federation_fingerprint,
             partner=args.partner,
         )
+        for line in res.heads_ignored:
+            out.write(f"ignored: {line}\n")
         if res.heads_checked == 0:
-            raise FedpropError(f"{args.against}: the server recorded no head for partner {res.partner!r}.")
+            raise FedpropError(f"{args.against}: the server recorded no head signed by this ledger's key for partner "
+                               f"{res.partner!r} ({len(res.heads_ignored)} unsigned or wrongly signed head(s) ignored).")
         out.write(
             f"OK against {args.against}: {res.heads_checked} head(s) the server recorded for {res.partner} match"
-            + (f"; resets seen: {', '.join(res.resets_seen)}" if res.resets_seen else "") + "\n"
+            + (f"; resets seen: {', '.join(res.resets_seen)}" if res.resets_seen else "")
+            + (f"; {len(res.heads_ignored)} head(s) under this name not signed by this ledger's key ignored"
+               if res.heads_ignored else "") + "\n"
         )
     return 0
 

@@ -62,6 +62,7 @@ __all__ = [
     "VerificationResult",
     "verify",
     "verify_against",
+    "verify_head_signature",
     "AgainstResult",
     "Reservation",
     "open_node_ledger",
@@ -378,6 +379,18 @@ def _head_bytes(ledger_id: str, seq: int, entry_hash: str) -> bytes:
     return _HEAD_DOMAIN + _canonical({"ledger_id": ledger_id, "seq": seq, "entry_hash": entry_hash})
 
 
+def verify_head_signature(public_key: Ed25519PublicKey, *, ledger_id: str, seq: int, entry_hash: str,
+                          signature: Any) -> bool:
+    """True iff ``signature`` (hex) is the ledger key ``public_key``'s signature of the head (ledger id, seq, hash)."""
+    if not isinstance(signature, str) or len(signature) != 128:
+        return False
+    try:
+        public_key.verify(bytes.fromhex(signature), _head_bytes(str(ledger_id), int(seq), str(entry_hash)))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 def _read_rows(conn: sqlite3.Connection) -> list[LedgerEntry]:
     rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY seq, rowid").fetchall()
     return [_row_to_entry(r) for r in rows]
@@ -481,14 +494,23 @@ class Ledger:
         return (0, _genesis_hash(self.ledger_id)) if row is None else (int(row[0]), row[1])
 
     def identity(self) -> dict[str, Any]:
-        """What the node tells the server with each update: ledger id, key fingerprint, reset info, head."""
+        """What the node tells the server with each update: ledger id, key fingerprint, reset info, head, and the
+        head's signature (``head_signature``: hex, by this ledger's key; "" for an empty ledger)."""
         seq, h = self.head()
         g = self.genesis or {}
+        meta = _meta(self._conn)
+        sig = meta.get("head_signature", "") if seq and meta.get("head_hash") == h else ""
         return {
             "ledger_id": self.ledger_id, "public_key_fingerprint": public_key_fingerprint(self.public_key),
             "reset": bool(g.get("reset")), "reset_of": g.get("reset_of"), "reason": g.get("reason"),
-            "seq": seq, "entry_hash": h,
+            "seq": seq, "entry_hash": h, "head_signature": sig,
         }
+
+    def sign_head(self, seq: int, entry_hash: str) -> str:
+        """This ledger's signature (hex) of the head (ledger id, ``seq``, ``entry_hash``): what the node sends the
+        server beside each release, so the server's witness of this head cannot be forged by anyone without this
+        node's key (``verify_head_signature``; a hostile partner claiming this partner's name, or the coordinator)."""
+        return self._require_key().sign(_head_bytes(self.ledger_id, int(seq), str(entry_hash))).hex()
 
     # ------------------------------------------------------------------------------------------ writing
 
@@ -1120,6 +1142,9 @@ class AgainstResult:
     heads_checked: int
     last_recorded_head: tuple[int, str] | None
     resets_seen: tuple[str, ...]  # ledger ids the server saw for this partner before this one
+    #: heads recorded under this partner's name that this ledger's key did not sign (not evidence either way:
+    #: a hostile partner or coordinator claiming the name, or a client too old to sign), one line each
+    heads_ignored: tuple[str, ...] = ()
 
 
 def verify_against(
@@ -1140,12 +1165,18 @@ def verify_against(
     * a recorded hash that differs from the ledger's entry at that seq: rewritten or replaced;
     * a recorded ledger id that is not this ledger's, and this ledger does not declare a reset of it:
       replaced. An explicit reset (``fedprop budget init --reason``) is reported in ``resets_seen`` (the spend
-      of the old ledger is then outside this one: the report must be read with the old ledger)."""
+      of the old ledger is then outside this one: the report must be read with the old ledger).
+
+    Only heads signed by this ledger's (pinned) key count: the node signs each head it sends (``Ledger.sign_head``),
+    so neither another partner claiming this partner's name nor the coordinator can forge one (and frame the
+    partner), and several claims under one name are all kept by the server (``conflicts``), so none can hide a
+    genuine head. Unsigned or wrongly signed heads are listed in ``heads_ignored``."""
     path = Path(path)
     result = verify(path, public_key, fingerprint=fingerprint, accountants=())
     verify(federation_ledger, federation_public_key, fingerprint=federation_fingerprint, accountants=())
     with Ledger.open(path, signing_key=None) as led:
         entries = led.entries()
+        key = led.public_key  # the pinned key: verify() above checked that it is
     with Ledger.open(federation_ledger, signing_key=None) as fed:
         fed_entries = fed.entries()
     partners = sorted({e.partner for e in entries if e.kind not in ("partner_heads",)})
@@ -1153,13 +1184,26 @@ def verify_against(
         if len(partners) != 1:
             raise PrivacyError(f"{path}: holds partners {partners}; pass partner=.")
         partner = partners[0]
-    heads = []
+    heads, ignored = [], []
     for fe in fed_entries:
         if fe.kind != "partner_heads":
             continue
-        h = ((fe.extra or {}).get("heads") or {}).get(partner)
-        if h is not None:
-            heads.append((fe, h))
+        extra = fe.extra or {}
+        claims = [(extra.get("heads") or {}).get(partner)] + [
+            c for c in extra.get("conflicts") or () if isinstance(c, Mapping) and c.get("partner") == partner]
+        for h in claims:
+            if not isinstance(h, Mapping):
+                continue
+            try:
+                signed = verify_head_signature(key, ledger_id=h.get("ledger_id") or result.ledger_id, seq=int(h["seq"]),
+                                               entry_hash=str(h["entry_hash"]), signature=h.get("signature"))
+            except (KeyError, TypeError, ValueError):
+                signed = False
+            if signed:  # only this node's key can have made it: evidence about this ledger
+                heads.append((fe, h))
+            else:
+                ignored.append(f"server round {fe.round} of run {fe.run_id} (federation ledger seq {fe.seq}): "
+                               f"a head for {partner!r} from node {h.get('node', '?')} not signed by this ledger's key")
     chain = [result.ledger_id]
     g = result.genesis or {}
     resets: list[str] = []
@@ -1187,4 +1231,4 @@ def verify_against(
             )
     last = (int(heads[-1][1]["seq"]), str(heads[-1][1]["entry_hash"])) if heads else None
     return AgainstResult(partner=partner, ledger_id=result.ledger_id, heads_checked=len(heads),
-                         last_recorded_head=last, resets_seen=tuple(dict.fromkeys(resets)))
+                         last_recorded_head=last, resets_seen=tuple(dict.fromkeys(resets)), heads_ignored=tuple(ignored))

@@ -237,12 +237,16 @@ def test_restarted_node_restores_its_run_state_and_never_spends_twice_for_a_roun
     assert kinds.count(("dpsgd_round", 1)) == 1 and kinds.count(("run_start", None)) == 1
 
 
+@pytest.mark.parametrize("framer", [False, True], ids=["honest", "a-partner-claims-its-name"])
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
-def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure):
+def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure, framer):
     """In-process federation of the real ClientApp and ServerApp: the server records each partner's ledger head per
     round; restoring an older copy of a partner's ledger afterwards fails verify --against. With secure
     aggregation the head travels in the clear beside the masked input (before: secure rounds carried no head, so a
-    rollback there went unseen)."""
+    rollback there went unseen). ``framer``: every other partner sends its head under partner 0's name with a seq
+    beyond partner 0's ledger (before heads were signed, that made partner 0's intact ledger fail verification,
+    and the last claim overwrote partner 0's genuine head); now partner 0's intact ledger verifies, the claims are
+    listed as ignored, and partner 0's rollback is still caught."""
     import shutil
 
     from federation.privacy.ledger import LedgerVerificationError, verify_against
@@ -261,8 +265,21 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure):
     snapshots = []
     real = grid.send_and_receive
 
+    def frame(reply):
+        from flwr.app import ConfigRecord
+
+        for key in ("ledger", "witness"):
+            if key in reply.content.config_records:
+                rec = dict(reply.content[key])
+                if rec.get("ledger-partner") not in (None, node.partner):
+                    rec.update({"ledger-partner": node.partner, "entry-seq": int(rec["entry-seq"]) + 50})
+                    reply.content[key] = ConfigRecord(rec)
+        return reply
+
     def snap(messages, **kw):  # copy partner 0's ledger after each exchange (the owner's backup)
         replies = real(messages, **kw)
+        if framer:
+            replies = [frame(r) if not r.has_error() else r for r in replies]
         if node.ledger_path.exists():
             snapshots.append(tmp_path / f"snap{len(snapshots)}.sqlite")
             shutil.copy(node.ledger_path, snapshots[-1])
@@ -276,7 +293,8 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure):
     fed_pub = tmp_path / "srvkeys" / "federation-ledger.key.pub"
     ok = verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
                         partner=node.partner)
-    assert ok is not None
+    assert ok.heads_checked == 2  # one signed head per round
+    assert len(ok.heads_ignored) == (2 * (cfg.partners - 1) if framer else 0), ok.heads_ignored
     shutil.copy(snapshots[0], node.ledger_path)  # roll back to the copy taken after round 1
     with pytest.raises(LedgerVerificationError):
         verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,

@@ -117,7 +117,8 @@ def test_init_and_verify_against_the_federation_ledger(tmp_path, capsys):
     fed = tmp_path / "server" / "federation.sqlite"
     with open_federation_ledger(fed) as f:
         record_partner_heads(f, run_id="r1", round=1,
-                             heads={"acme": {k: ident[k] for k in ("seq", "entry_hash", "ledger_id")}})
+                             heads={"acme": {**{k: ident[k] for k in ("seq", "entry_hash", "ledger_id")},
+                                             "signature": ident["head_signature"]}})
     args = ["budget", "verify", str(ledger), "--public-key", str(key) + ".pub", "--against", str(fed),
             "--federation-public-key", str(fed.with_suffix(".key.pub"))]
     assert main(args) == 0 and "1 head(s) the server recorded for acme match" in capsys.readouterr().out

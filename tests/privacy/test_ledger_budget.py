@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from federation.errors import BudgetExceededError, LedgerIntegrityError, PrivacyError
 from federation.privacy import Ledger, PoissonSampledGaussian, generate_node_key, load_public_key, verify
@@ -191,12 +192,29 @@ def test_resigned_backdated_ledger_fails_against_the_pinned_key(tmp_path, node_k
 # ---- the server's witness
 
 
-def _federation(tmp_path, heads_by_round):
+def _head(ident, node=1):
+    """The head a node sends: seq, hash, ledger id and its ledger key's signature of them."""
+    return {"seq": ident["seq"], "entry_hash": ident["entry_hash"], "ledger_id": ident["ledger_id"],
+            "signature": ident["head_signature"], "node": node}
+
+
+def _federation(tmp_path, heads_by_round, conflicts=()):
     fed = tmp_path / "federation.sqlite"
     with open_federation_ledger(fed, key_path=None) as ledger:
         for rnd, heads in heads_by_round:
-            record_partner_heads(ledger, run_id="run-1", round=rnd, heads=heads)
+            record_partner_heads(ledger, run_id="run-1", round=rnd, heads=heads,
+                                 conflicts=[c for r, c in conflicts if r == rnd])
     return fed, fed.with_suffix(".key.pub")
+
+
+def _forged(ledger_path, key_path, seq, entry_hash):
+    """A head for the same ledger id signed by ANOTHER key (a hostile partner's or the coordinator's)."""
+    with Ledger.open(ledger_path, signing_key=None) as led:
+        lid = led.ledger_id
+    other = Ed25519PrivateKey.generate()
+    from federation.privacy.ledger import _head_bytes  # noqa: PLC0415 - the exact bytes a forger would sign
+    return {"seq": seq, "entry_hash": entry_hash, "ledger_id": lid, "node": 666,
+            "signature": other.sign(_head_bytes(lid, seq, entry_hash)).hex()}
 
 
 def _partner_ledger(tmp_path, key, rounds=3, backup_after=None):
@@ -206,7 +224,7 @@ def _partner_ledger(tmp_path, key, rounds=3, backup_after=None):
         for rnd in range(1, rounds + 1):
             append_round(ledger, run_id="run-1", rnd=rnd, when=T0 + timedelta(minutes=rnd))
             ident = ledger.identity()
-            heads.append((rnd, {"acme": {k: ident[k] for k in ("seq", "entry_hash", "ledger_id")}}))
+            heads.append((rnd, {"acme": _head(ident)}))
             if rnd == backup_after:
                 with sqlite3.connect(tmp_path / "backup.sqlite") as dst:
                     ledger._conn.backup(dst)  # noqa: SLF001 - a consistent copy, as the owner would keep
@@ -224,16 +242,55 @@ def test_verify_against_passes_an_intact_ledger_and_catches_a_rollback(tmp_path,
         verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
 
 
+def _signed(key_path, ledger_id, seq, entry_hash):
+    """A head this node's key signed at run time (what it sent), for a ledger state it no longer has."""
+    from federation.privacy.ledger import _head_bytes, load_signing_key  # noqa: PLC0415
+
+    sig = load_signing_key(key_path).sign(_head_bytes(ledger_id, seq, entry_hash)).hex()
+    return {"seq": seq, "entry_hash": entry_hash, "ledger_id": ledger_id, "signature": sig, "node": 1}
+
+
 def test_verify_against_catches_a_rewrite_and_a_replacement(tmp_path, node_key):
     path, heads = _partner_ledger(tmp_path, node_key)
     ledger_id = heads[0][1]["acme"]["ledger_id"]
     (tmp_path / "a").mkdir()
-    fed, fed_pub = _federation(tmp_path / "a", [(1, {"acme": {"seq": 2, "entry_hash": "e" * 64, "ledger_id": ledger_id}})])
+    fed, fed_pub = _federation(tmp_path / "a", [(1, {"acme": _signed(node_key, ledger_id, 2, "e" * 64)})])
     with pytest.raises(LedgerIntegrityError, match="rewritten or replaced"):
         verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
     (tmp_path / "b").mkdir()
-    fed, fed_pub = _federation(tmp_path / "b", [(1, {"acme": {"seq": 1, "entry_hash": "e" * 64, "ledger_id": "0" * 32}})])
+    fed, fed_pub = _federation(tmp_path / "b", [(1, {"acme": _signed(node_key, "0" * 32, 1, "e" * 64)})])
     with pytest.raises(LedgerIntegrityError, match="declares no reset of it: the ledger was replaced"):
+        verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
+
+
+@pytest.mark.parametrize("forgery", ["another key", "no signature", "bad hex"])
+def test_a_head_the_partner_did_not_sign_cannot_frame_it(tmp_path, node_key, forgery):
+    """Another partner (or the coordinator) records, under acme's name, a head acme never sent -- one beyond its
+    ledger's end, so that acme's intact ledger would look rolled back. Only acme's key makes evidence: the
+    forgery is listed as ignored and the intact ledger verifies. Before heads were signed this raised
+    'truncated or rolled back' on an intact ledger."""
+    path, heads = _partner_ledger(tmp_path, node_key)
+    fake = _forged(path, node_key, 9, "f" * 64)
+    if forgery == "no signature":
+        fake.pop("signature")
+    elif forgery == "bad hex":
+        fake["signature"] = "zz" * 64
+    fed, fed_pub = _federation(tmp_path, heads[:1] + [(2, {"acme": fake})] + heads[1:])
+    res = verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
+    assert res.heads_checked == 3 and len(res.heads_ignored) == 1 and "node 666" in res.heads_ignored[0]
+
+
+def test_a_second_claim_of_a_name_cannot_hide_the_genuine_head(tmp_path, node_key):
+    """A hostile node replies as acme in the same round as acme (the server keeps both claims): acme's genuine,
+    signed head still witnesses a later rollback, and the hostile claim is ignored."""
+    path, heads = _partner_ledger(tmp_path, node_key, backup_after=2)
+    rnd, last = heads[-1]
+    fake = _forged(path, node_key, 1, heads[0][1]["acme"]["entry_hash"])  # a harmless-looking old head
+    fed, fed_pub = _federation(tmp_path, heads[:-1] + [(rnd, {"acme": fake})], conflicts=[(rnd, {"partner": "acme", **last["acme"]})])
+    ok = verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
+    assert ok.heads_checked == 3 and ok.last_recorded_head == (3, last["acme"]["entry_hash"]) and len(ok.heads_ignored) == 1
+    (tmp_path / "backup.sqlite").replace(path)  # the owner restores round 2's copy
+    with pytest.raises(LedgerIntegrityError, match="truncated or rolled back"):
         verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
 
 
@@ -243,7 +300,7 @@ def test_verify_against_reports_an_explicit_reset(tmp_path, node_key):
     with init_node_ledger(path, key_path=node_key, reason="new hardware") as ledger:
         append_round(ledger, run_id="run-2", rnd=1, when=T0 + timedelta(days=1))
         ident = ledger.identity()
-    heads.append((1, {"acme": {k: ident[k] for k in ("seq", "entry_hash", "ledger_id")}}))
+    heads.append((1, {"acme": _head(ident)}))
     fed, fed_pub = _federation(tmp_path, heads)
     res = verify_against(path, fed, public_key=pub(node_key), federation_public_key=fed_pub)
     assert res.resets_seen == (heads[0][1]["acme"]["ledger_id"],) and res.heads_checked == 4
