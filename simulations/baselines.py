@@ -7,6 +7,11 @@
 * personalised (when the global DP model is given): each partner's model derived from the global model and its
   own data (``clients.personalize.personalise``), which never leaves its node.
 
+When the global model is given, ``local_only["paired_auc"][partner][head]`` also holds DeLong's paired comparison
+(:mod:`federation.auc_compare`) on the partner's own test customers of the global (federated-DP) model and of
+the personalised model against the local-only model: the AUC gain, its standard error and 95% interval. A
+partner's test set is small; most such gains are within the noise, and this says which are not.
+
 Every model is scored on the same held-out customers. Pooled metrics concatenate each partner's test customers;
 for local-only and personalised models (one model per partner) "pooled" scores each partner's customers with
 that partner's own model, so pooled compares with pooled and per-partner with per-partner.
@@ -21,6 +26,7 @@ import torch
 from clients.node import PartnerData
 from clients.personalize import PersonalisedModel, fit_reference, personalise
 from federation import metrics as M
+from federation.auc_compare import paired_auc_difference
 from federation.config import FedpropConfig
 from federation.models import predict_proba
 
@@ -68,13 +74,28 @@ def pooled_over(models: dict[int, Any], parts: list[PartnerData]) -> dict[str, d
     return {h: M.metrics_from_scores(Y[:, j], P[:, j]) for j, h in enumerate(parts[0].heads)}
 
 
+def paired_vs(reference: Any, others: dict[str, Any], data: PartnerData, *,
+              level: float = 0.95) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{head: {"<name>_vs_local_only": PairedAUC.as_dict()}}``: each of ``others`` (name -> model) against
+    ``reference`` (the partner's local-only model), paired on ``data``'s test customers."""
+    Y = data.Y_test.numpy()
+    ref = scores(reference, data.X_test)
+    P = {name: scores(m, data.X_test) for name, m in others.items()}
+    return {h: {f"{name}_vs_local_only": paired_auc_difference(Y[:, j], P[name][:, j], ref[:, j], level=level).as_dict()
+                for name in others} for j, h in enumerate(data.heads)}
+
+
 def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
                   progress: Callable[[int, int, str], None] | None = None,
-                  global_model: torch.nn.Module | None = None) -> dict[str, Any]:
+                  global_model: torch.nn.Module | None = None, personalise_models: bool = True) -> dict[str, Any]:
     """``progress(done, total, what)`` is called after each model (1 centralized + one local-only per partner,
-    + one personalised per partner when ``global_model`` is given)."""
+    + one personalised per partner when ``global_model`` is given and ``personalise_models``).
+
+    With ``global_model``: ``local_only["paired_auc"]`` (see the module docstring) compares it, and the
+    personalised models, with each partner's local-only model on the partner's test customers."""
     heads = parts[0].heads
-    total = 1 + len(parts) * (2 if global_model is not None else 1)
+    personalising = global_model is not None and personalise_models
+    total = 1 + len(parts) * (2 if personalising else 1)
     central = fit_references(torch.cat([p.X_train for p in parts]), torch.cat([p.Y_train for p in parts]), heads,
                              seed=cfg.seed)
     if progress:
@@ -93,8 +114,8 @@ def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
         if progress:
             progress(2 + i, total, f"local-only reference of partner {p.partition_id}")
     out["local_only"]["pooled"] = pooled_over(local, parts)
-    if global_model is not None:
-        pers: dict[int, PersonalisedModel] = {}
+    pers: dict[int, PersonalisedModel] = {}
+    if personalising:
         out["personalised"] = {"per_partner": {}, "model": {}}
         for i, p in enumerate(parts):
             pers[p.partition_id] = personalise(global_model, p.X_train, p.Y_train, heads=heads,
@@ -105,4 +126,8 @@ def run_baselines(cfg: FedpropConfig, parts: list[PartnerData], *,
             if progress:
                 progress(2 + len(parts) + i, total, f"personalised model of partner {p.partition_id}")
         out["personalised"]["pooled"] = pooled_over(pers, parts)
+    if global_model is not None:
+        out["local_only"]["paired_auc"] = {
+            str(p.partition_id): paired_vs(local[p.partition_id], {"federated_dp": global_model, **(
+                {"personalised": pers[p.partition_id]} if p.partition_id in pers else {})}, p) for p in parts}
     return out

@@ -11,6 +11,11 @@ global model, its personalised model (derived at the node from the global model 
 released) and the centralized non-private reference (best of tuned logistic regression and HistGradientBoosting
 on everyone's pooled training data). The gain from federating is ``federated_dp - local_only`` and, for the
 model a partner would actually use, ``personalised - local_only``.
+
+A partner's test set is small (often tens of positives, AUC standard error ~0.05), so each gain also carries
+DeLong's paired test (:mod:`federation.auc_compare`; both models score the same test customers): ``*_half_width``
+is the 95% half-width of the gain, ``*_significant`` whether its interval excludes 0. Present when the baselines
+carry ``local_only["paired_auc"]`` (``simulations.baselines.run_baselines`` with the global model).
 """
 from __future__ import annotations
 
@@ -42,9 +47,31 @@ def _curves(m: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: m[k] for k in CURVE_KEYS if k in m} if m else None
 
 
+GAIN_TEST = "95% paired DeLong"
+EQUAL_AUC = 0.02  # explain_gains: a non-significant gain whose 95% interval lies inside +-0.02 AUC is "the same AUC"
+_PAIRED = (("gain_auc", "federated_dp_vs_local_only"), ("personalised_gain_auc", "personalised_vs_local_only"))
+
+
+def _paired_fields(row: dict[str, Any], paired: dict[str, Any] | None) -> None:
+    """``<gain>_half_width / _ci / _significant / _direction`` from a paired comparison of the same models (None
+    when there is none, or when it is not of the models the row's AUCs come from)."""
+    for key, name in _PAIRED:
+        c = (paired or {}).get(name)
+        ok = (c is not None and row[key] is not None and c.get("diff") is not None
+              and not math.isnan(c["diff"]) and abs(c["diff"] - row[key]) < 1e-9
+              and c.get("half_width") is not None and not math.isnan(c["half_width"]))
+        row[f"{key}_half_width"] = float(c["half_width"]) if ok else None
+        row[f"{key}_ci"] = [float(c["ci_low"]), float(c["ci_high"])] if ok else None
+        row[f"{key}_significant"] = bool(c["significant"]) if ok else None
+        row[f"{key}_direction"] = int(c["direction"]) if ok else None
+
+
 def partner_value(head: str, pid: str, *, federated: dict | None, local: dict | None, central: dict | None,
-                  n_test: int, personalised: dict | None = None) -> dict[str, Any]:
-    """One partner's row of the federation-value table for ``head`` (None where a model is missing)."""
+                  n_test: int, personalised: dict | None = None, paired: dict | None = None) -> dict[str, Any]:
+    """One partner's row of the federation-value table for ``head`` (None where a model is missing).
+
+    ``paired``: ``{"federated_dp_vs_local_only" / "personalised_vs_local_only": PairedAUC.as_dict()}`` for
+    ``head`` on this partner's test customers (``simulations.baselines.paired_vs``)."""
     row: dict[str, Any] = {"n_test": n_test}
     for name, m in (("local_only", local), ("federated_dp", federated), ("centralized", central),
                     ("personalised", personalised)):
@@ -56,6 +83,7 @@ def partner_value(head: str, pid: str, *, federated: dict | None, local: dict | 
     row["personalised_gain_auc"] = _diff(row["personalised_auc"], row["local_only_auc"])
     row["gain_top_decile_lift"] = _diff(row["federated_dp_top_decile_lift"], row["local_only_top_decile_lift"])
     row["gap_to_centralized_auc"] = _diff(row["centralized_auc"], row["federated_dp_auc"])
+    _paired_fields(row, paired)
     return row
 
 
@@ -114,6 +142,7 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
                     local=base["local_only"]["per_partner"].get(pid) if base else None,
                     central=base["centralized"]["per_partner"].get(pid) if base else None,
                     personalised=(base.get("personalised") or {}).get("per_partner", {}).get(pid) if base else None,
+                    paired=(((base["local_only"].get("paired_auc") or {}).get(pid) or {}).get(head)) if base else None,
                     n_test=info["n_test"])
                 row["per_partner"][pid]["n_train"] = info["n_train"]
             pp = row["per_partner"].values()
@@ -123,6 +152,12 @@ def build_summary(cfg: FedpropConfig, results: dict[str, Any], *, wall_time_s: f
             pgains = [v["personalised_gain_auc"] for v in pp]
             row["partners_gaining_auc_personalised"] = sum(1 for g in pgains if g is not None and g > 0)
             row["mean_gain_auc_personalised"] = _mean(pgains)
+            for key, suffix in (("gain_auc", ""), ("personalised_gain_auc", "_personalised")):
+                tested = [v[f"{key}_direction"] for v in pp if v.get(f"{key}_direction") is not None]
+                row[f"partners_gaining_auc_significantly{suffix}"] = sum(d > 0 for d in tested) if tested else None
+                row[f"partners_losing_auc_significantly{suffix}"] = sum(d < 0 for d in tested) if tested else None
+            if any(v.get("gain_auc_half_width") is not None for v in pp):
+                row["gain_auc_test"] = GAIN_TEST
             for name in ("federated_dp", "centralized", "personalised"):
                 row[f"{name}_auc_partner_mean"] = _mean([v[f"{name}_auc"] for v in pp])
             tasks[head] = row
@@ -154,6 +189,15 @@ def _f(x: Any, nd: int = 3, signed: bool = False) -> str:
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
+def _gain(v: dict[str, Any], key: str) -> str:
+    """``+0.012 +-0.041`` (the gain and its 95% paired half-width; ``*`` when significant), or just the gain."""
+    text = _f(v.get(key), signed=True)
+    hw = v.get(f"{key}_half_width")
+    if hw is None or v.get(key) is None:
+        return text
+    return f"{text} +-{_f(hw)}" + ("*" if v.get(f"{key}_significant") else "")
+
+
 def render_value_table(s: dict[str, Any]) -> list[str]:
     """Markdown lines: per task and partner, local-only / fed-DP / personalised / centralized AUC and lift."""
     lines = ["| task | partner | train / test customers (test positives) | local-only AUC | fed-DP AUC | personalised AUC "
@@ -161,49 +205,103 @@ def render_value_table(s: dict[str, Any]) -> list[str]:
              "| local-only lift@10% | fed-DP lift@10% | centralized lift@10% | gain lift |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = s.get("partner_names") or {}
+    tested = False
     for task, r in s["tasks"].items():
         for pid, v in sorted(r.get("per_partner", {}).items(), key=lambda kv: int(kv[0])):
             pos = "" if v.get("test_positives") is None else f" ({v['test_positives']})"
             name = names.get(pid)
             who = f"{pid} ({name})" if name and name != f"partner-{pid}" else pid  # a natural split's own names
+            tested = tested or any(v.get(f"{k}_half_width") is not None for k, _ in _PAIRED)
             lines.append(
                 f"| {task} | {who} | {v.get('n_train', '-')} / {v['n_test']}{pos} | {_f(v['local_only_auc'])} | "
                 f"{_f(v['federated_dp_auc'])} | {_f(v.get('personalised_auc'))} | "
-                f"{_f(v['centralized_auc'])} | {_f(v['gain_auc'], signed=True)} | "
-                f"{_f(v.get('personalised_gain_auc'), signed=True)} | "
+                f"{_f(v['centralized_auc'])} | {_gain(v, 'gain_auc')} | "
+                f"{_gain(v, 'personalised_gain_auc')} | "
                 f"{_f(v['local_only_top_decile_lift'], 2)} | {_f(v['federated_dp_top_decile_lift'], 2)} | "
                 f"{_f(v['centralized_top_decile_lift'], 2)} | {_f(v['gain_top_decile_lift'], 2, signed=True)} |")
+    if tested:
+        lines += ["", "AUC gains are over the partner's local-only model, +- the 95% half-width of DeLong's paired test "
+                  "on the partner's own test customers (both models score the same customers); * = significant at 95% "
+                  "(the interval excludes 0). A gain within its interval is noise at this test-set size."]
     return lines
 
 
+def _size(v: dict[str, Any]) -> str:
+    pos = v.get("test_positives")
+    return f"{v.get('n_train', '?')} train customers" + ("" if pos is None else f", {pos} test positives")
+
+
 def explain_gains(task: str, r: dict[str, Any]) -> str:
-    """Which partners gain AUC over their local-only model, and a reason a data scientist can check: gains go to
-    partners with few training customers or few positives, whose own model is noisy; large partners lose little."""
+    """Which partners gain AUC over their local-only model, whether that gain is more than the noise of the
+    partner's small test set (DeLong's paired test, when the summary has it), and a reason a data scientist can
+    check: gains go to partners with few training customers or few positives, whose own model is noisy; large
+    partners lose little."""
     pp = sorted(r["per_partner"].items(), key=lambda kv: int(kv[0]))
     n = len(pp)
+
+    def signif(suffix: str, how: str) -> str:  # "1 significantly, 95% paired DeLong; 1 significantly worse; "
+        up, down = (r.get(f"partners_{w}_auc_significantly{suffix}") for w in ("gaining", "losing"))
+        if up is None:
+            return ""
+        return f"{up} significantly{how}; " + (f"{down} significantly worse; " if down else "")
+
     text = (f"{task}: {r.get('partners_gaining_auc', 0)} of {n} partners gain AUC with the federated-DP model "
-            f"(mean gain {_f(r.get('mean_gain_auc'), signed=True)})")
+            f"({signif('', ', ' + GAIN_TEST)}mean gain {_f(r.get('mean_gain_auc'), signed=True)})")
     if any(v.get("personalised_auc") is not None for _, v in pp):
         text += (f"; {r.get('partners_gaining_auc_personalised', 0)} of {n} with their personalised model "
-                 f"(mean gain {_f(r.get('mean_gain_auc_personalised'), signed=True)})")
+                 f"({signif('_personalised', '')}mean gain {_f(r.get('mean_gain_auc_personalised'), signed=True)})")
     text += "."
     best = [(pid, v) for pid, v in pp if v.get("personalised_gain_auc") is not None or v.get("gain_auc") is not None]
-    if best:
-        def size(v: dict[str, Any]) -> str:
-            pos = v.get("test_positives")
-            return f"{v.get('n_train', '?')} train customers" + ("" if pos is None else f", {pos} test positives")
+    if not best:
+        return text
+    keys = [k for k, _ in _PAIRED]
+    label = {"gain_auc": "fed-DP", "personalised_gain_auc": "personalised"}
 
+    def best_key(v: dict[str, Any]) -> str | None:
+        g = [(v[k], k) for k in keys if v.get(k) is not None]
+        return max(g)[1] if g else None
+
+    if not any(v.get(f"{k}_half_width") is not None for _, v in best for k in keys):  # no paired test: gains only
         def gain(v: dict[str, Any]) -> float:
-            g = [x for x in (v.get("gain_auc"), v.get("personalised_gain_auc")) if x is not None]
-            return max(g) if g else float("nan")
+            k = best_key(v)
+            return v[k] if k else float("nan")
 
-        gainers = [f"{pid} ({size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if gain(v) > 0]
-        others = [f"{pid} ({size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if not gain(v) > 0]
+        gainers = [f"{pid} ({_size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if gain(v) > 0]
+        others = [f"{pid} ({_size(v)}, {_f(gain(v), signed=True)})" for pid, v in best if not gain(v) > 0]
         if gainers:
             text += " Gaining (best of fed-DP and personalised): " + "; ".join(gainers) + "."
         if others:
             text += (" Not gaining: " + "; ".join(others) + " -- a partner whose own data already nearly match the "
                      "centralized reference has little to gain, and DP noise costs it more than it adds.")
+        return text
+
+    def entry(v: dict[str, Any]) -> str:
+        return f"{_size(v)}; " + ", ".join(f"{label[k]} {_gain(v, k)}" for k in keys if v.get(k) is not None)
+
+    up, down, equal, unclear = [], [], [], []
+    for pid, v in best:
+        dirs = [v.get(f"{k}_direction") for k in keys if v.get(k) is not None]
+        if 1 in dirs:  # significantly better than local-only with at least one of the two models
+            up.append(f"{pid} ({entry(v)})")
+        elif -1 in dirs:
+            down.append(f"{pid} ({entry(v)})")
+        elif all(v.get(f"{k}_half_width") is not None and abs(v[k]) + v[f"{k}_half_width"] < EQUAL_AUC
+                 for k in keys if v.get(k) is not None):  # a narrow interval around ~0: no difference that matters
+            equal.append(f"{pid} ({entry(v)})")
+        else:
+            unclear.append(f"{pid} ({entry(v)})")
+    if up:
+        text += " Gaining significantly (95%): " + "; ".join(up) + "."
+    if down:
+        text += (" Significantly worse than local-only (*), and no significant gain: " + "; ".join(down)
+                 + " -- a partner whose own data already nearly match the centralized reference has little to gain, "
+                 "and DP noise costs it more than it adds.")
+    if unclear:
+        text += (" Test set too small to tell (every difference from local-only is within its 95% interval): "
+                 + "; ".join(unclear) + ". Read these gains and losses as noise; only more test customers "
+                 "(positives) would tell them apart.")
+    if equal:
+        text += (f" Same AUC as local-only (95% intervals inside +-{EQUAL_AUC:g}): " + "; ".join(equal) + ".")
     return text
 
 
