@@ -392,6 +392,19 @@ def _headline_rows(hl: dict[str, dict[str, Any]]) -> list[list[str]]:
              _f(r.get("base_rate")), _dp_eval_cell(r)] for h, r in hl.items()]
 
 
+def _accountant_text(run: dict[str, Any]) -> str:
+    """The accountant the run's epsilons come from, as the run's summary states it (else from its config): the
+    config's ``privacy.accountant`` (``rdp``, ``tight``, ...), never a fixed name."""
+    said = ((run.get("summary") or {}).get("privacy") or {}).get("accountant")
+    if said:
+        return str(said)
+    cfg = run["config"]
+    name = (cfg.get("privacy") or {}).get("accountant", "?")
+    share = (cfg.get("evaluation") or {}).get("epsilon_share")
+    evals = (f" and every evaluation release (discrete Gaussian, {float(share):.0%} of the budget)" if share else "")
+    return f"{name}: every DP-SGD round (Poisson-subsampled Gaussian){evals} composed"
+
+
 def _privacy_text(run: dict[str, Any]) -> tuple[list[list[str]], str]:
     pv = run["config"].get("privacy", {})
     rows = [[r["partner"], str(r.get("n_train", "-")), ", ".join(f"{k}: {_f(v)}" for k, v in r["epsilon"].items()) or "-",
@@ -400,8 +413,7 @@ def _privacy_text(run: dict[str, Any]) -> tuple[list[list[str]], str]:
         text = "This run trained WITHOUT differential privacy: no privacy guarantee is claimed."
     else:
         text = (f"DP-SGD at every partner, target epsilon {pv.get('epsilon', '?')} per partner over the whole run, "
-                f"delta {pv.get('delta', '?')}, privacy unit: one customer, accountant: Opacus RDP "
-                "(Poisson-subsampled Gaussian composed over all rounds).")
+                f"delta {pv.get('delta', '?')}, privacy unit: one customer, accountant: {_accountant_text(run)}.")
     return rows, text
 
 

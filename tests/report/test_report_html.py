@@ -47,6 +47,9 @@ def test_run_report_files_tables_and_figures(run_dir):
     assert rep["config"]["privacy"]["epsilon"] == 3.0
     md = (run_dir / "report.md").read_text()
     assert "| churn | 2 |" in md and "gain AUC" in md and "data:image" not in md
+    # the accountant named is the run's own (the report once said "Opacus RDP" for every run, tight ones included)
+    acc = rep["config"]["privacy"]["accountant"]
+    assert f"accountant: {acc}: every DP-SGD round" in md and ("Opacus RDP" in md) == (acc == "opacus")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`; .ci/run installs it)")
