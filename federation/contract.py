@@ -203,7 +203,7 @@ def build_features(frame, contract: DataContract) -> FeatureSet:
 
     Event logs: point-in-time features at ``events.cutoff``, labels {"churn", "propensity"}.
     Customer tables: the declared features, label under ``label.task``; customer ids are the id column,
-    or ``row-<i>`` (position in the validated frame) when the table has none.
+    or ``row-<i>`` (the source's data row i, 0 = the first row after the header) when the table has none.
     """
     import numpy as np
 

@@ -367,11 +367,15 @@ def read_validated(
         _mixed_timezones(P, c.columns.timestamp)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     report = Report(source=source.describe, contract=c.name, contract_hash=c.contract_hash(), rows_read=offset)
-    frame = _duplicates(frame, c, P, notes)
+    frame = _duplicates(frame, c, P, notes, drop=labels or c.kind != "table")
     n = _whole_table_checks(frame, c, P, source, delta=delta, min_customers=min_customers, report=report, labels=labels)
     problems = [p for p in P.messages() if not p.code.startswith("note:")]
     if problems:
         raise DataValidationError(problems, source=source.describe)
+    if c.kind == "table" and "__cid" not in frame and "__row" in frame:
+        # no id column: a customer is its data row (0 = the first row after the header), so "row-<i>" in features
+        # and scores is row i of the source file, whatever was dropped before it
+        frame.index = pd.Index(frame["__row"].to_numpy())
     frame = frame.drop(columns="__row") if "__row" in frame else frame
     report.rows_used, report.customers = len(frame), n
     report.notes = [f"{v} {k}" for k, v in notes.items() if v] + [
@@ -416,13 +420,20 @@ class _Counter(dict):
         return 0
 
 
-def _duplicates(frame: pd.DataFrame, c: DataContract, P: _Problems, notes: dict[str, int]) -> pd.DataFrame:
+def _duplicates(frame: pd.DataFrame, c: DataContract, P: _Problems, notes: dict[str, int], *,
+                drop: bool = True) -> pd.DataFrame:
     """Exact duplicate rows (over the contract's columns): dropped when the contract declares ``deduplicate``,
-    otherwise a note with the count (a customer table with ids also fails the per-customer row cap)."""
+    otherwise a note with the count (a customer table with ids also fails the per-customer row cap).
+    ``drop=False`` (scoring a customer table: its label is not read, so rows that differ only in the label look
+    equal): every row is kept and scored, with a note."""
     if not len(frame):
         return frame
     dup = frame.drop(columns="__row").duplicated().to_numpy()
     if not dup.any():
+        return frame
+    if c.deduplicate and not drop:
+        notes["rows repeat an earlier row in every column read (the label is not read when scoring): each is "
+              "scored"] += int(dup.sum())
         return frame
     _duplicate_finding(c, P, notes, dup, frame["__row"].to_numpy())
     return frame.loc[~dup].reset_index(drop=True) if c.deduplicate else frame

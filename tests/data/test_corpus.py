@@ -204,6 +204,31 @@ def test_duplicate_rows_without_ids_are_a_note_with_count_and_lines(tmp_path):
     assert v.report.customers == 12 and v.report.notes == ["2 exact duplicate rows dropped (the contract declares deduplicate: true)"]
 
 
+def test_rows_without_ids_are_named_by_their_source_row_and_scoring_keeps_label_only_twins(tmp_path):
+    """A table without an id column: a customer is its data row, so ids stay the source's row numbers after
+    deduplication drops a row before them (they were positions in the deduplicated frame: "row-1" was then the
+    customer on data row 2). Scoring reads no label, so two rows equal in every other column are two customers,
+    both scored."""
+    import yaml
+
+    from federation.contract import build_features
+
+    spec = yaml.safe_load((CORPUS / "table.yaml").read_text())
+    spec["columns"]["customer_id"] = ""
+    spec["deduplicate"] = True
+    (tmp_path / "dedup.yaml").write_text(yaml.safe_dump(spec))
+    c = load_contract(str(tmp_path / "dedup.yaml"))
+    lines = [r.split(",", 1)[1] for r in (CORPUS / "duplicate_rows.csv").read_text().splitlines()[:13]]  # no ids
+    header, data = lines[0], lines[1:]  # 12 distinct rows
+    flipped = data[1][:-1] + ("0" if data[1].endswith("1") else "1")  # data row 1's twin but for the label
+    rows = [data[0], data[0], data[1], flipped] + data[2:]  # data row 1 repeats row 0; row 3 is row 2's twin
+    (tmp_path / "t.csv").write_text("\n".join([header] + rows) + "\n")
+    fs = build_features(read_validated(c, str(tmp_path / "t.csv")).frame, c)
+    assert list(fs.customer_ids) == ["row-0"] + [f"row-{i}" for i in range(2, 14)]
+    s = read_validated(c, str(tmp_path / "t.csv"), labels=False)  # scoring: rows 0 and 1 equal, 2 and 3 equal now
+    assert list(s.frame.index) == list(range(14)) and any("each is scored" in n for n in s.report.notes)
+
+
 def test_public_reason_of_other_exceptions_carries_no_text():
     secret = "ZQ-SECRET-777"
     assert public_reason(KeyError(secret)) == "internal_error: KeyError (details in the node's local log)"
