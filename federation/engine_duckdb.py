@@ -489,15 +489,18 @@ def dup_screen_key(cols: list[str]) -> str:
 
 def _duplicate_rows(con, deduplicate: bool, cols: list[str]) -> np.ndarray:
     """Data rows (sorted) that repeat an earlier kept row in every column of ``cols``, as validation finds them.
-    A screen first: one GROUP BY over the key of every kept row (it spills under memory_limit) keeps the keys
-    seen twice or more; only the rows with such a key -- usually none -- go to the exact row_number() query, which
-    numbers each group of equal rows in file order. With ``deduplicate`` the main pass has numbered them already
-    (view evd) and every kept row goes to the exact query."""
+    A screen first: the keys of every kept row, sorted (one parallel sort that spills under memory_limit), each
+    compared with the one before it; a key equal to its predecessor is one seen twice or more -- the keys a GROUP
+    BY k HAVING count(*) > 1 keeps, for about half its CPU time and memory at 10M-30M events
+    (benchmarks/bench_features.py; a window partitioned by the key's high bits was slower). Only the rows with
+    such a key -- usually none -- go to the exact row_number() query, which numbers each group of equal rows in
+    file order. With ``deduplicate`` the main pass has numbered them already (view evd) and every
+    kept row goes to the exact query."""
     key = dup_screen_key(cols)
     where = "keep"
-    if not deduplicate:
-        con.execute(f"CREATE TEMP TABLE dup_keys AS SELECT k FROM (SELECT {key} AS k FROM ev WHERE keep) "
-                    "GROUP BY k HAVING count(*) > 1")
+    if not deduplicate:  # the key is never NULL (hash()), so k = lag(k) misses no group
+        con.execute(f"CREATE TEMP TABLE dup_keys AS SELECT DISTINCT k FROM (SELECT k, lag(k) OVER (ORDER BY k) AS p "
+                    f"FROM (SELECT {key} AS k FROM ev WHERE keep)) WHERE k = p")
         if not con.execute("SELECT count(*) FROM dup_keys").fetchone()[0]:
             return np.zeros(0, dtype=np.int64)
         where = f"keep AND {key} IN (SELECT k FROM dup_keys)"

@@ -213,6 +213,33 @@ def test_the_duplicate_screen_reports_the_rows_validation_reports(tmp_path, monk
         assert notes[0].startswith("4 row(s)") and "(rows 12, 13, 14, ...)" in notes[0], notes
 
 
+@pytest.mark.parametrize("screen", ["hash", "collide"])
+def test_the_sorted_screen_keeps_every_repeated_key(monkeypatch, screen):
+    """The screen sorts the keys and keeps each one equal to its predecessor: with triplicates and more, 0.0 and
+    -0.0, NaN and NULL values, dropped rows (NULL customer) and, under screen='collide', keys shared by rows
+    that differ, the rows it reports are those of the exact query run on every kept row (200,000 rows on two
+    threads: equal keys come from different sorted runs)."""
+    import federation.engine_duckdb as engine
+
+    if screen == "collide":
+        monkeypatch.setattr(engine, "dup_screen_key", lambda cols: f"(hash({cols[0]}) % 3)")
+    con = connect(EngineSettings(threads=2))
+    con.execute("SET preserve_insertion_order = false")
+    pick = lambda salt, values: f"[{', '.join(values)}][(hash(i, {salt}) % {len(values)})::BIGINT + 1]"  # noqa: E731
+    con.execute(
+        "CREATE TEMP TABLE t AS SELECT i AS __row, "
+        f"{pick(1, ['NULL', repr('a'), repr('b'), repr('c')])} AS cid, (hash(i, 2) % 2000)::BIGINT AS ts, "
+        f"{pick(3, ['0.0::DOUBLE', '-0.0::DOUBLE', repr('nan') + '::DOUBLE', 'NULL', '1.5::DOUBLE'])} AS amt, "
+        f"{pick(4, ['NULL', repr('web'), repr('app')])} AS ch FROM range(200000) r(i)")
+    con.execute("CREATE TEMP VIEW ev AS SELECT *, cid IS NOT NULL AS keep FROM t")
+    con.execute("CREATE TEMP VIEW evr AS SELECT * FROM ev")
+    cols = ["cid", "ts", "amt", "ch"]
+    exact = engine._duplicate_rows(con, True, cols)  # no screen: every kept row numbered by the exact query
+    screened = engine._duplicate_rows(con, False, cols)
+    assert 50_000 < len(exact) < 150_000 and np.array_equal(screened, exact)
+    con.close()
+
+
 # ---- the point-in-time property on the DuckDB engine (as tests/data/test_leakage.py does for pandas)
 CUT = pd.Timestamp("2024-01-01")
 TYPES = ["visit", "purchase", "support_ticket", "return"]
