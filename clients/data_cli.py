@@ -183,7 +183,8 @@ def _propose(args) -> int:
     try:
         draft = propose_contract(frame, name=args.name or Path(args.file).name.split(".")[0], file=args.file, sep=sep,
                                  label=args.label, id_column=args.id_column, task=args.task or "", kind=args.kind,
-                                 timestamp=args.timestamp, event_type=args.event_type, amount=args.amount)
+                                 timestamp=args.timestamp, event_type=args.event_type, amount=args.amount,
+                                 notes=notes)
     except ConfigError as exc:
         for n in notes:
             print(f"note: {n}", file=sys.stderr)

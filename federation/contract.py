@@ -55,6 +55,7 @@ class SourceSpec:
     files: tuple[str, ...] = ()
     format: str = "auto"  # auto (from suffix) | csv | parquet | sql
     sep: str = ","
+    decimal: str = "."  # CSV: the decimal mark of numbers ("," for 12,5 exports; then sep must not be ",")
     encoding: str = "utf-8"
     chunksize: int = 200_000  # CSV rows per chunk (memory stays bounded by the contract's columns)
     url: str = ""  # sql: SQLAlchemy URL
@@ -316,6 +317,11 @@ def contract_from_dict(data: Mapping[str, Any]) -> DataContract:
     source = SourceSpec(**src)
     if source.format not in FORMATS:
         raise ConfigError(f"source.format={source.format!r}: use one of {', '.join(FORMATS)}")
+    if source.decimal not in (".", ","):
+        raise ConfigError(f"source.decimal={source.decimal!r}: use '.' or ','")
+    if source.decimal == source.sep:
+        raise ConfigError(f"source.decimal and source.sep are both {source.sep!r}: a file with decimal commas is "
+                          "separated by another character (set source.sep, e.g. ';')")
     cols = dict(data.get("columns") or {})
     _check_keys(cols, ColumnMap, "columns.")
     cols["amount"] = _strs(cols.get("amount"), "columns.amount")
@@ -552,9 +558,28 @@ def _draft_cutoff(ts, *, horizon_days: int) -> str:
     return str((t.max() - pd.Timedelta(days=horizon_days)).date())
 
 
+def _decimal_mark(frame, cols: list[str], sep: str) -> str:
+    """"," when the sample's numbers are written with a decimal comma (some column mostly "12,5"-shaped, none
+    "12.5"-shaped), else ".". Never "," in a comma-separated file."""
+    if sep == ",":
+        return "."
+    comma = dot = False
+    for col in cols:
+        t = frame[col].dropna().astype("string").str.strip()
+        t = t[t != ""].head(2000)
+        if not len(t):
+            continue
+        frac = t.str.fullmatch(r"-?\d+,\d+").mean()
+        if frac > 0.2 and t.str.fullmatch(r"-?\d+(,\d+)?").mean() > 0.95:
+            comma = True
+        if t.str.fullmatch(r"-?\d+\.\d+").mean() > 0.2:
+            dot = True
+    return "," if comma and not dot else "."
+
+
 def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, sep: str = ",", label: str = "", id_column: str = "",
                      task: str = "", kind: str = "table", timestamp: str = "", event_type: str = "",
-                     amount: str = "") -> dict[str, Any]:
+                     amount: str = "", notes: list[str] | None = None) -> dict[str, Any]:
     """A draft contract from a sample frame: numeric bounds (outward-rounded), top categories.
 
     Table (``kind="table"``): the label column is ``label`` or inferred from its name (churn, exited, target, ...)
@@ -584,7 +609,15 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
     ids = {id_col} if id_col else set()
     ids |= {c for c in cols if c != id_col and _norm(c) in ID_NAMES and _id_like(frame[c])}
     path = str(Path(file).expanduser().resolve())
-    source = {"files": [path], **({"sep": sep} if sep != "," else {})}
+    notes = notes if notes is not None else []
+    decimal = _decimal_mark(frame, cols, sep)
+    source = {"files": [path], **({"sep": sep} if sep != "," else {}), **({"decimal": decimal} if decimal != "." else {})}
+    if decimal != ".":
+        notes.append("numbers are written with a decimal comma (e.g. 12,5): drafted source.decimal ','")
+
+    def number(s):
+        t = s.astype("string").str.strip().replace("", pd.NA)
+        return pd.to_numeric(t.str.replace(",", ".", regex=False) if decimal == "," else t, errors="coerce")
 
     def features(skip: set[str]) -> list[dict[str, Any]]:
         feats: list[dict[str, Any]] = []
@@ -592,7 +625,7 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
             if col in skip:
                 continue
             s = frame[col]
-            num = pd.to_numeric(s.astype("string").str.strip().replace("", pd.NA), errors="coerce")
+            num = number(s)
             if num.notna().mean() > 0.95 and s.nunique(dropna=True) > 2:
                 lo, hi = float(np.floor(num.min())), float(np.ceil(num.max()))
                 hi = hi if hi > lo else lo + 1
@@ -601,8 +634,13 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
                               **({"fill": lo} if num.isna().any() else {})})
             else:
                 top = s.astype("string").value_counts().head(max_categories).index.tolist()
-                if s.nunique(dropna=True) > max(50, len(s) // 2):
-                    continue  # free text / another identifier: not a declared categorical feature
+                if s.nunique(dropna=True) > max(50, len(s) // 2):  # free text / another identifier
+                    if kind == "table":
+                        notes.append(f"column {col!r} left out of the features: {s.nunique(dropna=True)} distinct "
+                                     f"values in {len(s)} rows, neither a number nor a category (free text, a date or "
+                                     "another identifier); declare it by hand if it is a feature, or list it in "
+                                     "excluded_columns")
+                    continue
                 feats.append({"column": col, "kind": "categorical", "vocabulary": [str(v) for v in top]})
         return feats
 

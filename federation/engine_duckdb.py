@@ -365,6 +365,8 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
     source = V.contract_source(c, path)
     if source.format not in ("csv", "parquet"):
         raise _Fallback(f"{source.format} sources are read by the pandas path")
+    if c.source.decimal != ".":
+        raise _Fallback("numbers with a decimal comma (source.decimal) are read by the pandas path")
     P = _MappedProblems(source)
     stats: dict = {}
     required = V._preflight(c, source, P, stats=stats)

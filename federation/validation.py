@@ -114,10 +114,14 @@ def _blank(s: pd.Series) -> np.ndarray:
     return (t.isna() | (t.str.strip() == "")).to_numpy(dtype=bool)
 
 
-def _to_number(s: pd.Series) -> pd.Series:
+def _to_number(s: pd.Series, decimal: str = ".") -> pd.Series:
+    """Numbers of a column (blank -> NaN, not a number -> NaN). ``decimal=","``: "12,5" is 12.5 (source.decimal);
+    a value that also holds a "." ("1.234,5": thousands separators) is then not a number."""
     if s.dtype.kind in "fiub":
         return s.astype("float64")
     t = s.pipe(_text).str.strip()
+    if decimal != ".":
+        t = t.where(~t.str.contains(".", regex=False).fillna(False), "not a number").str.replace(decimal, ".", regex=False)
     return pd.to_numeric(t.where(t != ""), errors="coerce").astype("float64")
 
 
@@ -269,9 +273,10 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         if cols.amount:
             amount = pd.Series(1.0, index=raw.index)
             for a in cols.amount:
-                v = _to_number(raw[a])
+                v = _to_number(raw[a], c.source.decimal)
                 P.rows_bad(a, "are not numbers", (v.isna().to_numpy() & ~_blank(raw[a])) & keep, offset,
-                           "amounts must be plain numbers (no currency symbols or thousands separators)",
+                           "amounts must be plain numbers (no currency symbols or thousands separators"
+                           + ("; a decimal comma needs source.decimal: ','" if c.source.decimal == "." else "") + ")",
                            code="not_a_number")
                 P.rows_bad(a, "are missing (NaN)", _blank(raw[a]) & keep, offset,
                            "fill or drop these rows in the export; a missing amount cannot be summed", code="missing_value")
@@ -300,10 +305,12 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         for f in c.features:
             s = raw[f.column]
             if f.kind == "numeric":
-                v = _to_number(s)
+                v = _to_number(s, c.source.decimal)
                 blank = _blank(s)
                 P.rows_bad(f.column, "are not numbers (wrong dtype)", v.isna().to_numpy() & ~blank, offset,
-                           "the contract declares this column numeric; repair the values or declare it categorical",
+                           "the contract declares this column numeric; repair the values or declare it categorical"
+                           + (" (numbers written with a decimal comma need source.decimal: ',')"
+                              if c.source.decimal == "." else ""),
                            code="not_a_number")
                 if f.fill is None:
                     P.rows_bad(f.column, "are missing (NaN)", blank, offset,
@@ -316,6 +323,8 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                 _out_of(P, c.checks.out_of_bounds, f.column, f"are outside the declared bounds [{f.lo:g}, {f.hi:g}]",
                         oob, offset, "the encoding clips them to the bound; widen the contract's bounds (from public "
                         "domain knowledge) or repair the values", "out_of_bounds")
+                if f.fill is not None and blank.any():
+                    notes[f"missing value(s) of column {f.column!r} filled with the contract's fill: {f.fill:g}"] += int(blank.sum())
                 out[f.column] = v if f.fill is None else v.fillna(f.fill)
             else:
                 t = s.pipe(_text).str.strip()

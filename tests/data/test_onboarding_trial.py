@@ -199,3 +199,56 @@ def test_unparseable_timestamps_are_reported_before_their_consequences(tmp_path)
     codes = [p.code for p in e.value.problems]
     assert "too_few_customers" in codes and len(codes) >= 2
     assert "timestamp" in codes[0] or "cannot be parsed as timestamps" in str(e.value.problems[0])
+
+
+def test_decimal_commas_are_drafted_checked_and_read_as_numbers(tmp_path, capsys):
+    """A ';'-separated export with decimal commas (12,5): propose drafted the fee as a categorical of price strings
+    and silently dropped a score column, and data check passed (a second onboarding trial). Now the draft sets
+    source.decimal ',' and both columns are numeric; check reads 12,5 as 12.5; a dotted value ('1.234,5': a
+    thousands separator) is refused by row, and a free-text column left out is said."""
+    from federation.contract import build_features, load_contract
+    from federation.validation import read_validated
+
+    rng = np.random.default_rng(1)
+    n = 300
+    fee = np.round(rng.uniform(18, 120, n), 2)
+    frame = pd.DataFrame({"Client Ref": [f"CL-{i:05d}" for i in range(n)],
+                          "Monthly Fee": [f"{v:.2f}".replace(".", ",") for v in fee],
+                          "Value Score": [f"{v:.3f}".replace(".", ",") for v in rng.uniform(0, 1, n)],
+                          "Remarks": [f"called on day {i} about tariff {rng.integers(1e6)}" for i in range(n)],
+                          "Cancelled": np.where(rng.random(n) < 1 / (1 + np.exp(-(fee - 70) / 10)), "1", "0")})
+    path = tmp_path / "eu.csv"
+    frame.to_csv(path, index=False, sep=";")
+    rc, draft, contract, err = _propose(tmp_path, path, "--label", "Cancelled", capsys=capsys)
+    assert rc == 0, err
+    assert draft["source"]["decimal"] == "," and "decimal comma" in err
+    kinds = {f["column"]: f["kind"] for f in draft["features"]}
+    assert kinds == {"Monthly Fee": "numeric", "Value Score": "numeric"}, kinds
+    assert "column 'Remarks' left out of the features" in err
+    assert data_main(["data", "check", str(contract)]) == 0, capsys.readouterr().err
+    c = load_contract(str(contract))
+    v = read_validated(c)
+    assert np.allclose(v.frame["Monthly Fee"].to_numpy(), fee)
+    fs = build_features(v.frame, c)
+    assert fs.X.shape == (n, len(c.feature_names()))
+    bad = frame.copy()
+    bad.loc[7, "Monthly Fee"] = "1.234,50"
+    bad.to_csv(path, index=False, sep=";")
+    capsys.readouterr()
+    assert data_main(["data", "check", str(contract)]) != 0
+    assert "'Monthly Fee': 1 row(s) are not numbers" in capsys.readouterr().err
+
+
+def test_a_filled_blank_is_said(tmp_path):
+    """A numeric feature with fill: its blanks were filled without a word (the trial's 11 blank 'Total Billed')."""
+    from federation.contract import contract_from_dict
+    from federation.validation import read_validated
+
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"x": ["1", "", "3", " ", "5", "6"], "y": ["0", "1", "0", "1", "0", "1"]}).to_csv(path, index=False)
+    c = contract_from_dict({"name": "t", "kind": "table", "source": {"files": [str(path)]},
+                            "columns": {"label": "y"}, "label": {"column": "y", "positive": ["1"], "negative": ["0"]},
+                            "features": [{"column": "x", "kind": "numeric", "lo": 0, "hi": 10, "fill": 0}],
+                            "min_customers": 2})
+    notes = read_validated(c).report.notes
+    assert "2 missing value(s) of column 'x' filled with the contract's fill: 0" in notes, notes
