@@ -231,8 +231,17 @@ def render_markdown(card: Mapping[str, Any]) -> str:
 
     lines += ["", "## Metrics", ""]
     shown = [(k, label) for k, label in _HEADLINE if k in m]
+    dp = bool(m.get("dp_release"))
+    if dp:  # every value below comes from noisy counts: say so where it is read, not only in a later table
+        shown = [(k, "Held-out customers (noisy count)" if k == "n" else label) for k, label in shown]
+
+    def value(k: str) -> str:
+        hw = m.get("auc_roc_half_width")
+        return f"{_cell(m[k])} +- {_cell(hw)}" if dp and k == "auc_roc" and hw is not None else _cell(m[k])
+
     if shown:
-        lines += ["| Metric | Value |", "|---|---|"] + [f"| {label} | {_cell(m[k])} |" for k, label in shown]
+        lines += ["| Metric | " + ("DP estimate (from noisy counts)" if dp else "Value") + " |", "|---|---|"] + [
+            f"| {label} | {value(k)} |" for k, label in shown]
     others = sorted(k for k, v in m.items() if k not in dict(_HEADLINE) and not isinstance(v, (dict, list)))
     if others:
         lines += ["", "| Other metric | Value |", "|---|---|"] + [f"| {_cell(k)} | {_cell(m[k])} |" for k in others]

@@ -184,3 +184,13 @@ def test_invalid_inputs_are_reported_together():
                    "evaluation_mechanism.unit", "evaluation_mechanism.epsilon", "evaluation_mechanism.delta"):
         assert needle in msg, needle
     assert msg.startswith("14 problem(s)")
+
+
+def test_a_card_from_dp_releases_says_its_values_are_noisy_where_they_are_read():
+    """An onboarding trial read 'Held-out customers 1,291' and 'AUC 0.8397' as exact (true: 1,431 and 0.802); only a
+    later table said the values were DP releases."""
+    card = _card(metrics={"n": 1291, "base_rate": 0.2, "auc_roc": 0.8397, "dp_release": True,
+                          "auc_roc_half_width": 0.049, "auc_roc_meaningful": True})
+    md = render_markdown(card)
+    assert "| Metric | DP estimate (from noisy counts) |" in md
+    assert "| Held-out customers (noisy count) | 1,291 |" in md and "| AUC-ROC | 0.8397 +- 0.0490 |" in md
