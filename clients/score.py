@@ -308,7 +308,9 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
                              f"{len(sm.feature_names)}); the contract and the model disagree")
     scores = score_frame(sm, fs.X, fs.customer_ids, th, personalised=pm)
     path = write_scores(scores, out)
-    counts = scores["segment"].value_counts().reindex(list(SEGMENTS), fill_value=0)
+    possible = [g for g in SEGMENTS if ("churn" in sm.heads or "churn" not in g and g != "both")
+                and ("propensity" in sm.heads or "propensity" not in g and g != "both")]  # a one-head model: 2
+    counts = scores["segment"].value_counts().reindex(possible, fill_value=0)
     return {"out": str(path), "customers": len(scores), "heads": list(sm.heads), "thresholds": th,
             "segments": {k: int(n) for k, n in counts.items()}, "model_sha256": sm.manifest["sha256"],
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
