@@ -381,3 +381,38 @@ def test_online_retail_simulation_partners_identical_on_both_engines(shared_data
         for k in a.y:
             np.testing.assert_array_equal(a.y[k], b.y[k])
     assert len(calls) == n  # every partner went through the DuckDB engine
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_the_feature_pass_split_by_customer_hash_gives_the_same_result(tmp_path, monkeypatch, fmt, dedup):
+    """A large log is aggregated in several passes (each the customers of one hash partition, so a pass fits in
+    memory instead of spilling): forced here to 3 passes on a small log, with duplicates, edge cases and a
+    deduplicating contract, the features, labels and report equal the pandas path's."""
+    import federation.engine_duckdb as engine
+
+    passes = []
+    monkeypatch.setattr(engine, "PASS_MIN_ROWS", 0)
+    monkeypatch.setattr(engine, "aggregate_passes", lambda customers, limit: passes.append(customers) or 3)
+    text = EDGE_CONTRACT.replace("lookback_days: 90}", "lookback_days: 90, drop_missing_customer: true}") + (
+        "deduplicate: true\n" if dedup else "")
+    (tmp_path / "c.yaml").write_text(text)
+    c = load_contract(str(tmp_path / "c.yaml"))
+    ev = _log_with_duplicates()
+    ev.loc[len(ev)] = [None, pd.Timestamp("2023-12-20"), "visit", 0.0, "web", "a", "north"]  # no customer: dropped
+    path = tmp_path / f"log.{fmt}"
+    ev.to_parquet(path, index=False) if fmt == "parquet" else ev.to_csv(path, index=False)
+    res = assert_same(c, path)
+    assert res.report.rows_read == len(ev)
+    assert res.timings["aggregate_passes"] == 3 and passes and passes[0] >= 5  # the customer estimate was made
+    assert len(res.features.customer_ids) == 5
+
+
+def test_the_number_of_passes_fits_the_memory_limit():
+    from federation.engine_duckdb import aggregate_passes, memory_bytes
+
+    assert memory_bytes("2GB") == 2 * 10**9 and memory_bytes("512MiB") == 512 * 2**20
+    assert aggregate_passes(200_000, "2GB") == 1 and aggregate_passes(1_900_000, "2GB") == 2
+    assert aggregate_passes(1_900_000, "4GB") == 1 and aggregate_passes(20_000_000, "2GB") == 14
+    with pytest.raises(ValueError, match="2GB"):
+        memory_bytes("lots")
