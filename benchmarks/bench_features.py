@@ -197,7 +197,10 @@ def _one_size(args, n_events: int, contract: Path) -> tuple[list[list[str]], boo
         rows.append([f"{n_events:,}", k, f"{r['seconds']:.1f}", f"{eps / 1e6:.2f}", ratio, f"{r['cpu_seconds']:.1f}",
                      cratio, f"{r['rss_mib']:,.0f}"])
     if "duckdb" in results and "timings" in results["duckdb"]:
-        print("duckdb stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["duckdb"]["timings"].items()))
+        tm = dict(results["duckdb"]["timings"])
+        passes = int(tm.pop("aggregate_passes", 1))
+        print("duckdb stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items())
+              + f"; feature pass in {passes} customer partition(s) (federation.engine_duckdb.aggregate_passes)")
     ok = True
     if "failed" not in results.get("duckdb", {"failed": 1}) and "failed" not in results.get("pandas", {"failed": 1}):
         same_x = np.array_equal(np.load(str(args.data_dir / "result-duckdb.json") + ".X.npy"),
