@@ -230,6 +230,9 @@ def run_secure_fedavg(
         claimed = [v for v in node_pid.values()]
         # two nodes claiming one partner id: both records kept, under the id and the node (never one overwriting)
         node_pid = {u: v if claimed.count(v) == 1 else f"{v} (node {u})" for u, v in node_pid.items()}
+        for v in sorted({v for v in claimed if claimed.count(v) > 1}):
+            print(f"fedprop: WARNING: round {rnd}: several nodes reply as partner {v!r}; each is recorded under its "
+                  "node id, and only heads signed by the partner's own ledger key count as its witness", flush=True)
         for u, m, _ in flats:
             rec["partners"].setdefault(node_pid[u], {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
         flats = [c for _, _, c in flats]
