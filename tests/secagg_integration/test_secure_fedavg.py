@@ -137,8 +137,11 @@ def test_a_refusing_partner_is_a_dropout_and_the_round_completes(tmp_path):
     [refusal] = r["refusals"]
     assert refusal["stage"] == "masked_input" and "refusing to train" in refusal["reason"]
     # evaluation is a DP release: its AUC is noisy, so check it only within its stated noise
-    hw = r["evaluate"]["churn.auc_roc_half_width"]
-    assert 0 < hw and r["evaluate"]["churn.auc_roc"] > 0.5 - 2 * hw
+    hw, auc = r["evaluate"]["churn.auc_roc_half_width"], r["evaluate"]["churn.auc_roc"]
+    if auc is None:  # NaN in the round record: the noisy counts of 2 tiny partners left no AUC (a few % of runs)
+        assert r["evaluate"]["churn.auc_roc_meaningful"] == 0
+    else:
+        assert 0 < hw and auc > 0.5 - 2 * hw
 
 
 def test_vanished_partner_and_too_few_survivors(tmp_path):
