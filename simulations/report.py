@@ -135,7 +135,7 @@ def headline(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
             t = s["tasks"][head]
             for k in ("federated_dp_auc", "federated_dp_top_decile_lift", "centralized_auc", "centralized_top_decile_lift",
                       "local_only_auc_mean", "local_only_top_decile_lift_mean", "base_rate", "mean_gain_auc",
-                      "partners_gaining_auc"):
+                      "partners_gaining_auc", "local_only_auc_pooled", "personalised_auc_pooled"):
                 row[k] = t.get(k)
             row["dp_evaluation_auc"] = t.get("federated_eval_auc_from_histograms")
             row["dp_evaluation_auc_half_width"] = t.get("federated_eval_auc_half_width")
@@ -193,6 +193,7 @@ def sweep_points(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
                 "federated_dp_top_decile_lift": _num(row.get("federated_dp_top_decile_lift")),
                 "centralized_auc": _num(row.get("centralized_auc")),
                 "local_only_auc_mean": _num(row.get("local_only_auc_mean")),
+                "local_only_auc_pooled": _num(row.get("local_only_auc_pooled")),
             })
     for pts in out.values():
         pts.sort(key=lambda p: (p["target_epsilon"] is None, p["target_epsilon"] or 0.0))
@@ -327,11 +328,11 @@ def fig_privacy_utility(head: str, points: list[dict[str, Any]]) -> str | None:
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
     xs, ys = zip(*pts)
     ax.plot(xs, ys, marker="o", color=COLORS["federated_dp"], label="federated (DP)")
-    for key, name, style in (("centralized_auc", "centralized", "--"), ("local_only_auc_mean", "local_only", ":")):
-        vals = [p[key] for p in points if p[key] is not None]
+    for key, name, style in (("centralized_auc", "centralized", "--"), ("local_only_auc_pooled", "local_only", ":")):
+        vals = [p[key] for p in points if p.get(key) is not None]
         if vals:
             level = sum(vals) / len(vals)
-            label = "centralized non-private" if name == "centralized" else "local-only mean (non-private)"
+            label = "centralized non-private" if name == "centralized" else "local-only, pooled (non-private)"
             ax.axhline(level, color=COLORS[name], linestyle=style, label=f"{label} ({level:.3f})")
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter
@@ -371,7 +372,9 @@ def _value_rows(pp: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
 
 VALUE_HEADER = ["task", "partner", "test customers", "local-only AUC", "fed-DP AUC", "centralized AUC", "gain AUC",
                 "local-only lift@10%", "fed-DP lift@10%", "centralized lift@10%", "gain lift"]
-HEADLINE_HEADER = ["task", "fed-DP AUC", "centralized AUC", "local-only AUC (mean)", "fed-DP lift@10%",
+# every AUC column is pooled (every partner's test customers together; local-only and personalised: each partner's
+# own model on its own customers), so the columns compare like with like (a per-partner mean stood here before)
+HEADLINE_HEADER = ["task", "fed-DP AUC", "centralized AUC", "local-only AUC", "personalised AUC", "fed-DP lift@10%",
                    "centralized lift@10%", "base rate", "DP federated evaluation AUC (95% noise interval)"]
 
 
@@ -387,8 +390,8 @@ def _dp_eval_cell(r: dict[str, Any]) -> str:
 
 
 def _headline_rows(hl: dict[str, dict[str, Any]]) -> list[list[str]]:
-    return [[h, _f(r.get("federated_dp_auc")), _f(r.get("centralized_auc")), _f(r.get("local_only_auc_mean")),
-             _f(r.get("federated_dp_top_decile_lift"), 2), _f(r.get("centralized_top_decile_lift"), 2),
+    return [[h, _f(r.get("federated_dp_auc")), _f(r.get("centralized_auc")), _f(r.get("local_only_auc_pooled")),
+             _f(r.get("personalised_auc_pooled")), _f(r.get("federated_dp_top_decile_lift"), 2), _f(r.get("centralized_top_decile_lift"), 2),
              _f(r.get("base_rate")), _dp_eval_cell(r)] for h, r in hl.items()]
 
 
@@ -534,12 +537,12 @@ def render_html(rep: dict[str, Any]) -> str:
     if rep["kind"] == "sweep":
         title = f"fedprop sweep report: {Path(rep['dir']).name}"
         rows = [[head, p["run"], _f(p["target_epsilon"], 2), _f(p["achieved_epsilon_max"]), _f(p["federated_dp_auc"]),
-                 _f(p["federated_dp_top_decile_lift"], 2), _f(p["centralized_auc"]), _f(p["local_only_auc_mean"])]
+                 _f(p["federated_dp_top_decile_lift"], 2), _f(p["centralized_auc"]), _f(p.get("local_only_auc_pooled"))]
                 for head, pts in rep["points"].items() for p in pts]
         body = [f"<h1>{html.escape(title)}</h1>", f"<p class=\"note\">{html.escape(rep['dir'])}: {len(rep['runs'])} runs</p>",
                 "<h2>Privacy-utility</h2>", _html_figures(rep["figures"]),
                 _html_table(["task", "run", "target epsilon", "achieved max epsilon", "fed-DP AUC", "fed-DP lift@10%",
-                             "centralized AUC", "local-only AUC (mean)"], rows)]
+                             "centralized AUC", "local-only AUC (pooled)"], rows)]
         for r in rep["runs"]:
             name = Path(r["dir"]).name
             body += [f"<h2 id=\"run-{html.escape(name)}\">Run {html.escape(name)}</h2>", _html_run(r, level=3, link_base=f"{name}/")]
@@ -570,10 +573,10 @@ def render_markdown(rep: dict[str, Any]) -> str:
     if rep["kind"] == "sweep":
         lines = [f"# fedprop sweep report: {Path(rep['dir']).name}", "", "## Privacy-utility", ""]
         lines += _md_table(["task", "run", "target epsilon", "achieved max epsilon", "fed-DP AUC", "fed-DP lift@10%",
-                            "centralized AUC", "local-only AUC (mean)"],
+                            "centralized AUC", "local-only AUC (pooled)"],
                            [[head, p["run"], _f(p["target_epsilon"], 2), _f(p["achieved_epsilon_max"]),
                              _f(p["federated_dp_auc"]), _f(p["federated_dp_top_decile_lift"], 2), _f(p["centralized_auc"]),
-                             _f(p["local_only_auc_mean"])] for head, pts in rep["points"].items() for p in pts])
+                             _f(p.get("local_only_auc_pooled"))] for head, pts in rep["points"].items() for p in pts])
         for r in rep["runs"]:
             lines += ["", f"## Run {Path(r['dir']).name}", ""] + _md_run(r, level=3)
     else:

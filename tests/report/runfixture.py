@@ -84,7 +84,9 @@ def make_run(run_dir: Path, key_dir: Path, *, epsilon: float = 3.0, partners: in
         "baselines": {"centralized": {"pooled": {h: M.metrics_from_scores(Yall[:, j], _scores(rng, Yall[:, j], 1.6))
                                                  for j, h in enumerate(HEADS)},
                                       "per_partner": per_partner(1.6)},
-                      "local_only": {"per_partner": per_partner(0.8)}},
+                      "local_only": {"per_partner": per_partner(0.8),
+                                     "pooled": {h: M.metrics_from_scores(Yall[:, j], _scores(rng, Yall[:, j], 0.8))
+                                                for j, h in enumerate(HEADS)}}},
         "rounds": out.rounds[TAG],
         "partners": {pid: {"n_train": 4 * len(Y), "n_test": len(Y)} for pid, Y in labels.items()},
     }}

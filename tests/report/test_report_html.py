@@ -47,6 +47,10 @@ def test_run_report_files_tables_and_figures(run_dir):
     assert rep["config"]["privacy"]["epsilon"] == 3.0
     md = (run_dir / "report.md").read_text()
     assert "| churn | 2 |" in md and "gain AUC" in md and "data:image" not in md
+    # the headline compares pooled with pooled (it put a per-partner mean of local-only AUCs beside pooled ones)
+    summ = json.loads((run_dir / "summary.json").read_text())["tasks"]["churn"]
+    assert rep["headline"]["churn"]["local_only_auc_pooled"] == summ["local_only_auc_pooled"] is not None
+    assert "| fed-DP AUC | centralized AUC | local-only AUC | personalised AUC |" in md and "AUC (mean)" not in md
     # the accountant named is the run's own (the report once said "Opacus RDP" for every run, tight ones included)
     acc = rep["config"]["privacy"]["accountant"]
     assert f"accountant: {acc}: every DP-SGD round" in md and ("Opacus RDP" in md) == (acc == "opacus")
