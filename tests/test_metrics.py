@@ -263,6 +263,11 @@ def test_dp_release_holds_only_noisy_counts_on_public_edges():
     s = M.summarize_release(nc)
     assert abs(s["auc_roc"] - M.metrics_from_scores(y, p)["auc_roc"]) < max(0.03, 3 * s["auc_roc_half_width"])
     assert 0 < s["auc_roc_half_width"] < 0.05 and s["auc_roc_meaningful"]
+    # one release, one interval: the round log and the signed card summarise it separately and must agree
+    again = M.summarize_release(M.combine_releases([dict(flat)], prefix="churn.hist."))
+    assert all(again[f"{k}_half_width"] == s[f"{k}_half_width"] for k in M.ERROR_BAR_KEYS)
+    other = dict(flat, **{"churn.hist.pos": [v + (i == 3) for i, v in enumerate(flat["churn.hist.pos"])]})
+    assert M._release_seed(M.combine_releases([other], prefix="churn.hist.")) != M._release_seed(nc)
 
 
 def test_release_combination_sums_raw_counts_and_noise():
