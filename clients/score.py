@@ -298,7 +298,17 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
                                       heads=tuple(sm.heads))
         except PersonalisedModelError as exc:
             raise ScoringRefused(str(exc)) from None
-    v = read_validated(c, str(data), labels=False, min_customers=1)
+    from federation.errors import DataValidationError
+
+    try:
+        v = read_validated(c, str(data), labels=False, min_customers=1)
+    except DataValidationError as exc:
+        if c.kind == "events" and any(p.code in ("too_few_customers", "no_rows") for p in exc.problems):
+            raise ScoringRefused(  # the training-time advice (delta, DP noise) means nothing when scoring
+                f"nobody to score in {data} at cutoff {c.events.cutoff}: no customer has an activity event in the "
+                f"{c.events.lookback_days} days before it (the log may end earlier); score at a day the log covers "
+                "(--cutoff YYYY-MM-DD). Nothing was written.") from None
+        raise
     frame = v.frame
     if c.kind == "table" and "__label" not in frame:
         frame = frame.assign(__label=np.zeros(len(frame), np.float32))  # labels are not used for scoring
@@ -307,6 +317,8 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
         raise ScoringRefused(f"features built from {data} do not match the model's ({len(fs.feature_names)} vs "
                              f"{len(sm.feature_names)}); the contract and the model disagree")
     scores = score_frame(sm, fs.X, fs.customer_ids, th, personalised=pm)
+    # every customer id in the log counts (the validation report's population is only those active in the window)
+    in_data = int(frame["__cid"].nunique()) if c.kind == "events" and "__cid" in frame else int(v.report.customers)
     path = write_scores(scores, out)
     possible = [g for g in SEGMENTS if ("churn" in sm.heads or "churn" not in g and g != "both")
                 and ("propensity" in sm.heads or "propensity" not in g and g != "both")]  # a one-head model: 2
@@ -314,8 +326,8 @@ def score(*, model: str | Path, data: str | Path, contract: str | Path, out: str
     return {"out": str(path), "customers": len(scores), "heads": list(sm.heads), "thresholds": th,
             "segments": {k: int(n) for k, n in counts.items()}, "model_sha256": sm.manifest["sha256"],
             "key_fingerprint": sm.manifest["key_fingerprint"], "cutoff": c.events.cutoff if c.kind == "events" else None,
-            "validation": v.report.summary(), "customers_in_data": int(v.report.customers),
-            "skipped": max(0, int(v.report.customers) - len(scores)), "rows_read": int(v.report.rows_read),
+            "validation": v.report.summary(), "customers_in_data": in_data,
+            "skipped": max(0, in_data - len(scores)), "rows_read": int(v.report.rows_read),
             "rows_used": int(v.report.rows_used),
             "models": ({h: d + (f" (out-of-fold ECE {pm.choices[h].ece:.3f} on your customers)"
                                 if pm.choices[h].ece == pm.choices[h].ece else "")
@@ -400,8 +412,9 @@ def _cmd(args) -> int:
     for w in result["warnings"]:
         print(f"  WARNING: {w}", file=sys.stderr)
     if result["skipped"] or result["rows_used"] < result["rows_read"]:
-        why = ("customers with no event before the cutoff have no features at that date"
-               if result["cutoff"] else "rows the contract's validation set aside (see the notes below)")
+        why = ("customers with no activity event in the contract's lookback window before the cutoff have no "
+               "features at that date" if result["cutoff"] else "rows the contract's validation set aside (see the "
+               "notes below)")
         print(f"  skipped: {result['skipped']} of {result['customers_in_data']} customers, "
               f"{result['rows_read'] - result['rows_used']} of {result['rows_read']} rows not used ({why})\n"
               + "\n".join(f"  {line}" for line in result["validation"].splitlines()[1:]))

@@ -178,6 +178,27 @@ def test_cutoff_override_scores_current_customers(model_copy, pinned, events_csv
     assert res["cutoff"] == "2024-03-31" and res["customers"] > 0  # after the training cutoff: no label horizon
 
 
+def test_a_cutoff_past_the_log_is_refused_as_nothing_to_score(model_copy, pinned, events_csv, tmp_path):
+    """--cutoff today on an old log: the refusal spoke of delta, DP noise and min_customers=1 (an onboarding trial);
+    it now says no customer is active in the window before the cutoff, and what to do."""
+    from clients.score import ScoringRefused
+
+    with pytest.raises(ScoringRefused, match=r"no customer has an activity event in the \d+ days before it") as exc:
+        score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=CONTRACT, out=tmp_path / "s.parquet",
+              cutoff="2031-01-01")
+    assert "delta" not in str(exc.value) and "--cutoff YYYY-MM-DD" in str(exc.value)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_customers_inactive_in_the_window_are_counted_as_skipped(model_copy, pinned, events_csv, tmp_path):
+    import pandas as pd
+
+    res = score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=CONTRACT, out=tmp_path / "s.parquet",
+                cutoff="2024-03-31")
+    ids = pd.read_csv(events_csv)["user_id"].astype(str).str.strip().nunique()
+    assert res["customers_in_data"] == ids and res["skipped"] == ids - res["customers"]
+
+
 def test_thresholds_from_config_and_flags(tmp_path):
     assert load_thresholds(None, None) == {"churn": 0.2, "propensity": 0.8}  # conf/scoring.yaml
     assert load_thresholds(None, "churn=0.35") == {"churn": 0.35, "propensity": 0.8}
