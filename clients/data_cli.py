@@ -134,9 +134,10 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
         end = max(last(c[ts]) for c in src.chunks([ts])) if src is not None else last(frame[ts])
         if pd.notna(end):
             draft["events"]["cutoff"] = str((end - pd.Timedelta(days=draft["events"]["horizon_days"])).date())
-        notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
-                     + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
-                        if others else ""))
+        if fmt:  # (a whole-file pass for the cutoff alone says nothing about the format)
+            notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
+                         + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
+                            if others else ""))
     elif others:
         notes.append(f"column {ts!r} is neither ISO 8601 nor a format propose knows: set columns.timestamp_format "
                      "(a strptime format such as '%d/%m/%Y %H:%M') and events.cutoff by hand")

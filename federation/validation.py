@@ -561,6 +561,11 @@ def _event_findings(st: EventStats, c: DataContract, P: _Problems, report: Repor
         P.add(f"column {c.columns.timestamp!r}: the log ends about {short} day(s) before the label horizon ends "
               f"({cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}); labels would overstate churn: move "
               "events.cutoff earlier or shorten events.horizon_days", code="log_ends_early", column=c.columns.timestamp)
+    if set(e.activity) <= set(e.purchase):
+        P.add("events.activity holds only purchase types, so churn (no activity in the horizon) is exactly 'no "
+              "purchase', the complement of propensity: both heads learn one label. Add the log's other activity "
+              "(visits, logins, calls) to events.activity if it has any", code="note:churn_is_no_purchase",
+              column="events.activity")
     if n:
         report.positives = {"churn": float(1 - st.active_in_horizon / n), "propensity": float(st.bought_in_horizon / n)}
         if st.active_in_horizon == n:

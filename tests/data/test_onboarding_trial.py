@@ -252,3 +252,22 @@ def test_a_filled_blank_is_said(tmp_path):
                             "min_customers": 2})
     notes = read_validated(c).report.notes
     assert "2 missing value(s) of column 'x' filled with the contract's fill: 0" in notes, notes
+
+
+def test_an_iso_parquet_log_gets_no_format_note_and_a_purchase_only_log_is_told_its_two_labels_are_one(tmp_path,
+                                                                                                    capsys):
+    """An event-log trial: propose said an ISO timestamp column 'is not ISO 8601' for every Parquet file, and a log
+    whose activity is only purchases trained churn and propensity on one label without a word."""
+    rng = np.random.default_rng(2)
+    n = 3000
+    when = pd.Timestamp("2011-01-01") + pd.to_timedelta(rng.integers(0, 360 * 86400, n), unit="s")
+    log = pd.DataFrame({"Member": rng.integers(0, 300, n).astype(str), "When": when.astype(str),
+                        "event_type": "purchase", "amount": rng.uniform(1, 50, n).round(2)})
+    path = tmp_path / "orders.parquet"
+    log.to_parquet(path, index=False)
+    rc, draft, contract, err = _propose(tmp_path, path, "--kind", "events", "--id", "Member", "--timestamp", "When",
+                                        capsys=capsys)
+    assert rc == 0, err
+    assert "is not ISO 8601" not in err and not draft["columns"].get("timestamp_format")
+    assert data_main(["data", "check", str(contract)]) == 0
+    assert "churn (no activity in the horizon) is exactly 'no purchase'" in capsys.readouterr().out
