@@ -645,8 +645,6 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
         return feats
 
     if kind == "events":
-        if not id_col:
-            raise ConfigError(f"cannot tell which column of {file} holds the customer id: name it with --id COLUMN")
         def parses(c: str) -> bool:  # most sampled values read as dates
             sample = frame[c].dropna().astype("string").head(200)
             import warnings
@@ -656,18 +654,40 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
                 return len(sample) > 0 and pd.to_datetime(sample, errors="coerce", format="mixed").notna().mean() > 0.9
 
         ts = need(timestamp, "--timestamp column") or _pick(cols, TIME_NAMES) or _pick_pattern(cols, TIME_PATTERN, parses)
-        if not ts:
-            raise ConfigError(f"cannot tell which column of {file} holds the event time: name it with --timestamp COLUMN")
+        missing = [w for w, got in (("the customer id (--id COLUMN)", id_col), ("the event time (--timestamp COLUMN)", ts))
+                   if not got]
+        if missing:  # every flag the draft needs, at once
+            raise ConfigError(f"cannot tell which column of {file} holds {' or '.join(missing)}: name "
+                              f"{'them' if len(missing) > 1 else 'it'}; columns: {', '.join(cols)}")
         et = need(event_type, "--event-type column") or _pick(cols, ("event_type", "eventtype", "event", "type", "action"))
         am = need(amount, "--amount column") or _pick(cols, ("amount", "value", "revenue", "price", "total", "spend"))
+        amounts = [am] if am else []
+        if not am:  # an order-line log: quantity x unit price
+            qty = _pick(cols, ("qty", "quantity", "units", "unitssold"))
+            price = _pick(cols, ("unitprice", "unit_price", "priceeach", "unitcost", "itemprice", "priceper"))
+            price = price or _pick_pattern(cols, r"price", lambda c: c != qty)
+            if qty and price:
+                amounts = [qty, price]
+                notes.append(f"amount drafted as {qty!r} x {price!r} (line value; a list is multiplied)")
+        taken = {id_col, ts, et, *amounts}
+        product = _pick([c for c in cols if c not in taken], (
+            "product", "productid", "sku", "item", "itemcode", "itemid", "stockcode", "article", "productcode"))
+        tx = _pick([c for c in cols if c not in taken | {product}], (
+            "transaction", "transactionid", "invoice", "invoiceno", "invoicenumber", "receipt", "receiptno", "orderno",
+            "orderid", "ordernumber", "order", "basket", "basketid"))
+        for what, col in (("product", product), ("transaction (purchases are counted per transaction)", tx)):
+            if col:
+                notes.append(f"column {col!r} drafted as the {what}")
         types = [str(v) for v in frame[et].astype("string").value_counts().head(max_categories).index] if et else []
-        mapped = {id_col, ts, et, am} - {""}
+        mapped = (taken | {product, tx}) - {""}
         static = [f for f in features(mapped | ids) if f["kind"] == "categorical"]
         return {"name": name, "kind": "events", "source": source,
                 "columns": {"customer_id": id_col, "timestamp": ts, **({"event_type": et} if et else {}),
-                            **({"amount": [am]} if am else {})},
+                            **({"amount": amounts} if amounts else {}), **({"product": product} if product else {}),
+                            **({"transaction": tx} if tx else {})},
                 "events": {"activity": types or ["purchase"],
-                           "purchase": [t for t in types if "purchase" in t.lower() or "order" in t.lower()] or types[:1],
+                           "purchase": [t for t in types if "purchase" in t.lower() or "order" in t.lower()] or types[:1]
+                           or ["purchase"],
                            "returns": [t for t in types if "return" in t.lower() or "refund" in t.lower()],
                            "support": [t for t in types if "support" in t.lower() or "ticket" in t.lower()],
                            "cutoff": _draft_cutoff(frame[ts], horizon_days=90), "horizon_days": 90, "lookback_days": 365},

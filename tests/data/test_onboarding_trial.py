@@ -108,9 +108,12 @@ def test_an_order_log_with_day_first_timestamps_gets_their_format_and_a_cutoff_i
     assert draft["columns"]["timestamp_format"] == "%d/%m/%Y %H:%M"
     # before: dateutil read 01/12 as January 12th, and the cutoff came out months off
     assert draft["events"]["cutoff"] == str((last - pd.Timedelta(days=90)).date())
-    # a product code changes between a customer's lines: not a static attribute; the country is one
-    assert [s["column"] for s in draft["static"]] == ["Market"] and "'Item Code' left out of static" in err
-    assert "no event type column" in err and "event_type_rule: prefix" in err and "no amount column" in err
+    # a product code is the product column (before: a static attribute candidate, then left out); the country is one
+    assert [s["column"] for s in draft["static"]] == ["Market"] and draft["columns"]["product"] == "Item Code"
+    # quantity x unit price is the line value, the order number the transaction (before: "no amount column")
+    assert draft["columns"]["amount"] == ["Qty", "Unit Price GBP"] and draft["columns"]["transaction"] == "Order No"
+    assert draft["events"]["purchase"] == ["purchase"]  # (was [] without an event type column)
+    assert "no event type column" in err and "event_type_rule: prefix" in err and "no amount column" not in err
     assert "data.cutoff" in err
     # the note's recipe makes it pass the check
     draft["columns"].update(event_type="Order No", amount=["Qty", "Unit Price GBP"])
@@ -271,3 +274,12 @@ def test_an_iso_parquet_log_gets_no_format_note_and_a_purchase_only_log_is_told_
     assert "is not ISO 8601" not in err and not draft["columns"].get("timestamp_format")
     assert data_main(["data", "check", str(contract)]) == 0
     assert "churn (no activity in the horizon) is exactly 'no purchase'" in capsys.readouterr().out
+
+
+def test_events_propose_names_every_missing_column_at_once(tmp_path, capsys):
+    """An event-log trial had to rerun propose once per missing flag (--id, then --timestamp)."""
+    log = pd.DataFrame({"Member": ["a", "b"] * 50, "Stamp": ["x"] * 100, "Qty": [1] * 100})
+    path = tmp_path / "log.csv"
+    log.to_csv(path, index=False)
+    rc, _, _, err = _propose(tmp_path, path, "--kind", "events", capsys=capsys)
+    assert rc == 2 and "--id COLUMN" in err and "--timestamp COLUMN" in err and "Member, Stamp, Qty" in err
