@@ -111,15 +111,7 @@ def test_small_test_set_gain_is_not_significant():
     assert 0.03 < d.half_width < 0.2 and not d.significant
 
 
-def _part(pid, n, rng, w, shift):
-    def draw(k):
-        X = rng.random((k, len(w))).astype(np.float32)
-        p = 1 / (1 + np.exp(-((X - 0.5) @ w + shift)))
-        return torch.from_numpy(X), torch.from_numpy((rng.random(k) < p).astype(np.float32))[:, None]
-
-    Xtr, Ytr = draw(n)
-    Xte, Yte = draw(n // 2)
-    return PartnerData(pid, ("churn",), Xtr, Ytr, Xte, Yte, tuple(f"f{i}" for i in range(len(w))), public_n_train=n)
+from tests.utility.test_utility_federation import _part  # noqa: E402 - one synthetic partner, shared
 
 
 def test_run_baselines_pairs_global_and_personalised_with_local_and_summary_reports_it():
