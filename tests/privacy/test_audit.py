@@ -121,7 +121,9 @@ def test_small_audit_noise_off_has_power_and_dp_stays_below_claim(small, engine)
     cfg, X, Y = small
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's own deprecation noise; fedprop's noise source is the CSPRNG
-        off = run_audit(cfg, X, Y, engine=engine, canaries=200, dp=False)
+        # 500 canaries for the noise-off run: at 200 the most a run can show is 3.57 and one or two wrong guesses
+        # (measured: 2.65-3.57 over 6 runs) drop it near 3x the claim; at 500, 30 runs gave 3.47-3.59.
+        off = run_audit(cfg, X, Y, engine=engine, canaries=500, dp=False)
         on = run_audit(cfg, X, Y, engine=engine, canaries=200, dp=True)
     assert off.noise_multiplier == 0 and on.noise_multiplier == on.calibrated_noise_multiplier > 0
     assert on.claimed_epsilon <= cfg.privacy.epsilon
