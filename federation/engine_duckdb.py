@@ -338,7 +338,7 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
         et = et_t
     sel.append(f"{et} AS et")
     known = tuple(dict.fromkeys(e.activity + e.purchase + e.returns + e.support))
-    unknown = f"NOT {_in(et, known)}"
+    unknown = f"NOT {_in('et', known)}"  # in the outer SELECT, on the inner's et: the text is cleaned once per row
     # amounts: the product of the declared columns, as validation computes it
     has = {"amt": bool(cols.amount)}
     if cols.amount:
@@ -369,10 +369,9 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
         static.append(f"s{i}")
         if f.kind == "categorical":
             suspect.append(f"({t} <> '' AND NOT {_in(t, tuple(f.vocabulary))})")
-    sel += [f"{keep} AS keep", f"coalesce({' OR '.join(suspect)}, false) AS early", f"{unknown} AS unknown",
-            f"{aware} AS aware"]
+    sel += [f"{keep} AS keep", f"coalesce({' OR '.join(suspect)}, false) AS early", f"{aware} AS aware"]
     typed = f"SELECT {', '.join(sel)} FROM {src}"
-    flags = f"coalesce(early OR {' OR '.join(late)}, false) AS suspect"
+    flags = f"{unknown} AS unknown, coalesce(early OR {' OR '.join(late)}, false) AS suspect"
     return f"SELECT * EXCLUDE (early), {flags} FROM ({typed})", {**has, "static": static, "cid_text": cid_text}
 
 
@@ -446,8 +445,10 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
                         f"(PARTITION BY cid, {', '.join(dup_cols)} ORDER BY __row) = 1")
             rel = "evd"
         n_src = int(con.execute(f"SELECT count(*) FROM {src}").fetchone()[0])  # Parquet: from the metadata
-        est = (int(con.execute(f"SELECT approx_count_distinct(cid) FROM {rel}").fetchone()[0] or 0)
-               if n_src >= PASS_MIN_ROWS else 0)
+        # the estimate reads the raw id column only (not the typed view: no text cleaning, no flags); untrimmed
+        # text ids can only count more customers, i.e. plan more passes, never too few
+        est = (int(con.execute(f"SELECT approx_count_distinct({_id(c.columns.customer_id)}) FROM {src}").fetchone()[0]
+                   or 0) if n_src >= PASS_MIN_ROWS else 0)
         passes = aggregate_passes(est, settings.memory_limit) if est else 1
         for i in range(passes):  # a customer's rows are all in one pass (hash of its id): the union is exact
             part = rel if passes == 1 else f"(SELECT * FROM {rel} WHERE hash(cid) % {passes} = {i})"
