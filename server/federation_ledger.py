@@ -32,8 +32,26 @@ from federation.privacy.ledger import Ledger, LedgerEntry, generate_node_key
 
 __all__ = [
     "FEDERATION_PARTNER", "open_federation_ledger", "record_server_release", "server_release_event",
-    "record_partner_heads",
+    "record_partner_heads", "SERVER_LEDGER_KEY", "server_ledger_key",
 ]
+
+#: the federation ledger's signing key in the server's key folder (``release.key_dir``), never next to the ledger
+SERVER_LEDGER_KEY = "federation-ledger.key"
+
+
+def server_ledger_key(key_dir: str | Path) -> Path:
+    """The server's federation-ledger key ``<key_dir>/federation-ledger.key`` (created on first use, 0600, public key
+    at ``.pub``). Every writer of a run's federation ledger (the partner heads witness and the partner-level DP
+    releases of secure rounds) signs with this one key: a ledger refuses appends by any other key."""
+    key = Path(key_dir) / SERVER_LEDGER_KEY
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            generate_node_key(key)
+        except PrivacyError:
+            if not key.exists():  # lost a creation race: the other writer's key is used
+                raise
+    return key
 
 #: ``partner`` field of server entries (the report keeps them apart from any partner's customer layer).
 FEDERATION_PARTNER = "federation"

@@ -117,28 +117,16 @@ def _record_release(run_dir: Path, cfg: FedpropConfig, *, run_id: str, server_ro
     extra = {"scheme": "distributed-gaussian-secagg", "threshold": threshold, "survivors": survivors,
              "noise_std_per_share": cfg.central_dp.noise_multiplier * cfg.central_dp.clipping_norm / math.sqrt(threshold),
              "trust": "at least `threshold` summed partners added their noise share"}
-    try:
-        from server.federation_ledger import open_federation_ledger, record_server_release
-    except ImportError:  # pragma: no cover - the federation ledger module is optional
-        open_federation_ledger = record_server_release = None
-    if open_federation_ledger is not None:
-        with open_federation_ledger(run_dir / LEDGER_FILE) as ledger:
-            record_server_release(
-                ledger, run_id=run_id, round=server_round, noise_multiplier=cfg.central_dp.noise_multiplier,
-                clipping_norm=cfg.central_dp.clipping_norm, num_sampled=survivors, delta=cfg.central_dp.delta,
-                update_hash=update_hash, config_hash=config_hash(cfg), extra=extra,
-            )
-        return
-    from federation.privacy.ledger import Ledger, generate_node_key
+    from server.federation_ledger import open_federation_ledger, record_server_release, server_ledger_key
 
-    key = run_dir / "federation_ledger.key"
-    if not key.exists():
-        generate_node_key(key)
-    with Ledger.open(run_dir / LEDGER_FILE, signing_key=key) as ledger:
-        ledger.append(kind="server_dp_round", partner="federation", run_id=run_id, round=server_round,
-                      delta=cfg.central_dp.delta, mechanism=Gaussian(noise_multiplier=cfg.central_dp.noise_multiplier),
-                      clipping_norm=cfg.central_dp.clipping_norm, config_hash=config_hash(cfg),
-                      update_hash=update_hash, privacy_unit="partner", extra=extra)
+    # the run's one federation ledger, signed by the server's key in release.key_dir: the same ledger and key as the
+    # partner heads witness (server/server_app.py), which appends to it in the same round
+    with open_federation_ledger(run_dir / LEDGER_FILE, key_path=server_ledger_key(cfg.release.key_dir)) as ledger:
+        record_server_release(
+            ledger, run_id=run_id, round=server_round, noise_multiplier=cfg.central_dp.noise_multiplier,
+            clipping_norm=cfg.central_dp.clipping_norm, num_sampled=survivors, delta=cfg.central_dp.delta,
+            update_hash=update_hash, config_hash=config_hash(cfg), extra=extra,
+        )
 
 
 def run_secure_fedavg(

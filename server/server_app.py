@@ -81,14 +81,9 @@ def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> N
                 heads[name] = head
     if not heads:
         return
-    from federation.privacy.ledger import generate_node_key
-    from server.federation_ledger import open_federation_ledger, record_partner_heads
+    from server.federation_ledger import open_federation_ledger, record_partner_heads, server_ledger_key
 
-    key = Path(cfg.release.key_dir) / "federation-ledger.key"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        generate_node_key(key)
-    with open_federation_ledger(out.dir / WITNESS_FILE, key_path=key) as ledger:
+    with open_federation_ledger(out.dir / WITNESS_FILE, key_path=server_ledger_key(cfg.release.key_dir)) as ledger:
         record_partner_heads(ledger, run_id=run_id, round=int(rec["round"]), heads=heads, conflicts=conflicts)
 
 

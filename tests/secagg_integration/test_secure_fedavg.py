@@ -168,7 +168,8 @@ def test_central_dp_rounds_are_recorded_in_the_federation_ledger(tmp_path):
     eps = [r["secagg"]["partner_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1]
     ledger = out.dir / LEDGER_FILE
-    key_pub = next(p for p in out.dir.iterdir() if p.name.endswith(".pub") and "ledger" in p.name)
+    key_pub = tmp_path / "keys" / "federation-ledger.key.pub"  # release.key_dir: the server's key, not the run dir's
+    assert not list(out.dir.glob("*.key")) and not list(out.dir.glob("*.key.pub"))
     assert verify(ledger, key_pub).entries == 2  # hash chain and Ed25519 signatures check out
     from federation.privacy.ledger import Ledger
 
@@ -178,3 +179,23 @@ def test_central_dp_rounds_are_recorded_in_the_federation_ledger(tmp_path):
     assert [e.round for e in entries] == [1, 2] and all(e.privacy_unit == "partner" for e in entries)
     assert entries[0].mechanism["noise_multiplier"] == 1.0 and entries[0].clipping_norm == 0.5
     assert entries[0].extra["threshold"] == 2 and entries[0].extra["survivors"] == 3
+
+
+def test_both_dp_layers_share_one_federation_ledger_and_key(tmp_path):
+    """Customer-level DP-SGD at the partners AND partner-level distributed noise (the documented combination): the
+    round's server_dp_round entry and the partner heads witness go to the one federation ledger under the one server
+    key. (They used two keys, the run dir's and release.key_dir's, and the witness of round 1 raised
+    LedgerIntegrityError: every such run died after its first round.)"""
+    cfg = tiny_config(tmp_path, central_dp={"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5})
+    _, out, rounds = _federate(cfg, tmp_path)
+    assert len(rounds) == 2
+    from federation.privacy.ledger import Ledger, verify_against
+
+    fed_pub = tmp_path / "keys" / "federation-ledger.key.pub"
+    verify(out.dir / LEDGER_FILE, fed_pub)
+    with Ledger.open(out.dir / LEDGER_FILE, signing_key=None) as opened:
+        kinds = [e.kind for e in opened.entries()]
+    assert kinds.count("server_dp_round") == 2 and kinds.count("partner_heads") == 2
+    ledger = tmp_path / "ledgers" / cfg.data.name / "partner-0.sqlite"
+    pub = tmp_path / "ledgers-keys" / cfg.data.name / "partner-0.key.pub"
+    assert verify_against(ledger, out.dir / LEDGER_FILE, public_key=pub, federation_public_key=fed_pub).heads_checked >= 2
