@@ -42,6 +42,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--amount", default="", help="events: the amount column")
     pr.add_argument("--name", default="")
     pr.add_argument("--sep", default=None, help="CSV separator (default: detected from the header among , ; tab |)")
+    pr.add_argument("--encoding", default="utf-8",
+                    help="CSV text encoding, drafted as source.encoding (default utf-8; e.g. latin-1, cp1252)")
     pr.add_argument("--rows", type=int, default=100_000,
                     help="read at most this many rows, the first ones of the file (default 100000)")
     pr.set_defaults(func=_propose)
@@ -169,14 +171,17 @@ def _propose(args) -> int:
     notes: list[str] = []
     sep = args.sep if args.sep is not None else ","
     try:
-        src = open_source(args.file, sep=sep, chunksize=args.rows)
+        src = open_source(args.file, sep=sep, encoding=args.encoding, chunksize=args.rows)
         if args.sep is None and src.format == "csv" and _sniff_sep(src) != sep:
             sep = _sniff_sep(src)
-            src = open_source(args.file, sep=sep, chunksize=args.rows)
+            src = open_source(args.file, sep=sep, encoding=args.encoding, chunksize=args.rows)
             notes.append(f"the file is separated by {sep!r}: drafted source.sep {sep!r} (--sep to override)")
         frame = next(src.chunks(src.columns()))
     except DataValidationError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+        # there is no contract yet: the encoding is a flag of propose (then drafted as source.encoding)
+        print("FAILED: " + str(exc).replace(
+            "set source.encoding in the contract", "rerun propose with --encoding ENCODING (a Windows or older "
+            "export is often --encoding cp1252 or latin-1); it is drafted as source.encoding"), file=sys.stderr)
         return 1
     if len(frame) >= args.rows:
         notes.append(f"drafted from the first {len(frame)} rows only (--rows): bounds and categories "
@@ -194,6 +199,8 @@ def _propose(args) -> int:
             msg += f" (columns: {', '.join(map(str, frame.columns))})"
         print(f"FAILED: {msg}", file=sys.stderr)
         return 2
+    if src.format == "csv" and args.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        draft["source"]["encoding"] = args.encoding
     _review_draft(draft, frame, args, notes, src=src if len(frame) >= args.rows else None)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

@@ -548,6 +548,15 @@ def _id_like(s) -> bool:
     return bool(num.isna().any() or (num.dropna() == num.dropna().round()).all())
 
 
+def _date_like(text) -> bool:
+    """Most of a text column's values are dates (03/15/2021, 2021-03-15, 15.03.2021; with or without a time)."""
+    import re
+
+    head = text.head(2000)
+    return bool(head.str.fullmatch(r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?)?",
+                                   flags=re.ASCII).mean() > 0.9)
+
+
 def _draft_cutoff(ts, *, horizon_days: int) -> str:
     """The last day whose whole label horizon lies inside the sample (review it: it must be the same everywhere)."""
     import pandas as pd
@@ -625,6 +634,25 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
             if col in skip:
                 continue
             s = frame[col]
+            t = s.dropna().astype("string").str.strip()
+            t = t[t != ""]
+            if kind == "table" and len(t) and not pd.api.types.is_numeric_dtype(s.dtype):
+                if t.str.fullmatch(r"\d+").mean() > 0.95 and t.str.fullmatch(r"0\d+").mean() > 0.05 and _id_like(s):
+                    notes.append(f"column {col!r} left out of the features: unique per row and written with leading "
+                                 "zeros (a code, not a number): an identifier; if it is the customer id, rerun with "
+                                 f"--id {col!r}")
+                    continue
+                if _date_like(t):
+                    notes.append(f"column {col!r} left out of the features: it holds dates, and a customer table has "
+                                 "no date features (as a category, each day would be its own value); derive a number "
+                                 "in the export (e.g. days since signup at one fixed date) and declare it, or list the "
+                                 "column in excluded_columns")
+                    continue
+            if kind == "table" and pd.api.types.is_datetime64_any_dtype(s.dtype):
+                notes.append(f"column {col!r} left out of the features: it holds dates, and a customer table has no "
+                             "date features; derive a number in the export (e.g. days since signup at one fixed "
+                             "date) and declare it, or list the column in excluded_columns")
+                continue
             num = number(s)
             if num.notna().mean() > 0.95 and s.nunique(dropna=True) > 2:
                 lo, hi = float(np.floor(num.min())), float(np.ceil(num.max()))
@@ -632,6 +660,11 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
                 tr = "log1p" if lo >= 0 and hi > 1000 else "identity"
                 feats.append({"column": col, "kind": "numeric", "lo": lo, "hi": hi, "transform": tr,
                               **({"fill": lo} if num.isna().any() else {})})
+                odd = int((num.isna() & s.notna() & (s.astype("string").str.strip() != "")).sum())
+                if odd:  # e.g. "?" for missing: data check refuses them until the export writes them blank
+                    notes.append(f"column {col!r} drafted as numeric, but {odd} of its values are not numbers (a "
+                                 "missing-value marker such as '?' or '-'?): data check refuses them; write them blank "
+                                 "in the export (blanks get the drafted fill), or declare the column categorical")
             else:
                 top = s.astype("string").value_counts().head(max_categories).index.tolist()
                 if s.nunique(dropna=True) > max(50, len(s) // 2):  # free text / another identifier
@@ -700,15 +733,26 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
         if not lab:
             raise ConfigError(f"cannot tell which column of {file} is the label (two-valued columns: "
                               f"{', '.join(two) or 'none'}): name it with --label COLUMN")
-    values = [str(v) for v in frame[lab].dropna().astype("string").str.strip().unique()]
-    if len(values) != 2:
-        raise ConfigError(f"label column {lab!r} has {len(values)} distinct values; a label needs exactly 2 "
-                          "(recode it, or declare positive/negative values by hand)")
-    pos = [v for v in values if v.lower() in POSITIVE_VALUES]
-    if len(pos) != 1:  # no recognisable "yes": the minority class is the event a churn/propensity model predicts
-        counts = frame[lab].astype("string").str.strip().value_counts()
-        pos = [str(counts.idxmin())]
-    neg = [v for v in values if v != pos[0]]
+    text = frame[lab].dropna().astype("string").str.strip()
+    text = text[text != ""]
+    # spellings of one value that differ only in case (" Yes", "yes", "YES "): one class, every spelling declared
+    # (data check strips values but compares them case-sensitively)
+    spellings: dict[str, list[str]] = {}
+    for v in text.unique():
+        spellings.setdefault(str(v).casefold(), []).append(str(v))
+    if len(spellings) != 2:
+        raise ConfigError(f"label column {lab!r} has {len(spellings)} distinct values (ignoring case and surrounding "
+                          "spaces); a label needs exactly 2: recode it in the export, or draft with another --label "
+                          "and declare label.positive / label.negative (every spelling) by hand")
+    classes = sorted(spellings, key=lambda k: (-int((text.str.casefold() == k).sum()), k))  # majority first
+    pos_key = [k for k in classes if k in POSITIVE_VALUES]
+    # no recognisable "yes": the minority class is the event a churn/propensity model predicts
+    pos_key = pos_key[0] if len(pos_key) == 1 else classes[-1]
+    pos = sorted(spellings[pos_key])
+    neg = sorted(next(v for k, v in spellings.items() if k != pos_key))
+    if len(pos) + len(neg) > 2:
+        notes.append(f"label column {lab!r} writes its two values in {len(pos) + len(neg)} spellings (case, spaces): "
+                     "each is drafted in label.positive / label.negative")
     task = task or ("churn" if any(k in _norm(lab) for k in CHURN_NAMES) else "propensity")
     return {"name": name, "kind": "table", "source": source,
             "columns": {"customer_id": id_col, "label": lab},

@@ -272,19 +272,21 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         notes[UNKNOWN_TYPES_NOTE] += int(unknown.sum())
         if cols.amount:
             amount = pd.Series(1.0, index=raw.index)
+            # only purchases' amounts are summed (monetary, amount_30d/90d): a page view or ticket without one is fine
+            buy = et.isin(list(c.events.purchase)).fillna(False).to_numpy(dtype=bool)
             for a in cols.amount:
                 v = _to_number(raw[a], c.source.decimal)
                 P.rows_bad(a, "are not numbers", (v.isna().to_numpy() & ~_blank(raw[a])) & keep, offset,
                            "amounts must be plain numbers (no currency symbols or thousands separators"
                            + ("; a decimal comma needs source.decimal: ','" if c.source.decimal == "." else "") + ")",
                            code="not_a_number")
-                P.rows_bad(a, "are missing (NaN)", _blank(raw[a]) & keep, offset,
-                           "fill or drop these rows in the export; a missing amount cannot be summed", code="missing_value")
+                P.rows_bad(a, "are purchases without an amount", _blank(raw[a]) & buy & keep, offset,
+                           "fill them in the export (or check events.purchase); a purchase's amount is summed into "
+                           "the monetary features (other events may leave it blank)", code="missing_value")
                 P.rows_bad(a, "are infinite", np.isinf(v.to_numpy()) & keep, offset, "repair these values",
                            code="infinite")
                 amount = amount * v
             if c.events.amount_nonnegative:
-                buy = et.isin(list(c.events.purchase)).fillna(False).to_numpy(dtype=bool)
                 neg = (amount < 0).to_numpy() & buy & keep
                 P.rows_bad("*".join(cols.amount), "are purchases with a negative amount", neg, offset,
                            "refunds must be separate return events; fix the sign or the event type",
@@ -310,7 +312,9 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                 P.rows_bad(f.column, "are not numbers (wrong dtype)", v.isna().to_numpy() & ~blank, offset,
                            "the contract declares this column numeric; repair the values or declare it categorical"
                            + (" (numbers written with a decimal comma need source.decimal: ',')"
-                              if c.source.decimal == "." else ""),
+                              if c.source.decimal == "." else "")
+                           + "; a missing value written as a marker such as '?' or '-' must be left blank in the "
+                           "export (blank, NA, N/A and NULL are read as missing and get the feature's fill)",
                            code="not_a_number")
                 if f.fill is None:
                     P.rows_bad(f.column, "are missing (NaN)", blank, offset,

@@ -125,7 +125,7 @@ CASES = [
     ('spend_infinite.csv', 'table.yaml',
      "column 'spend': 1 row(s) are infinite (line 6); repair these values"),
     ('spend_not_number.csv', 'table.yaml',
-     "column 'spend': 2 row(s) are not numbers (wrong dtype) (lines 4, 8); the contract declares this column numeric; repair the values or declare it categorical (numbers written with a decimal comma need source.decimal: ',')"),
+     "column 'spend': 2 row(s) are not numbers (wrong dtype) (lines 4, 8); the contract declares this column numeric; repair the values or declare it categorical (numbers written with a decimal comma need source.decimal: ','); a missing value written as a marker such as '?' or '-' must be left blank in the export (blank, NA, N/A and NULL are read as missing and get the feature's fill)"),
     ('too_few_customers.csv', 'table.yaml',
      "only 3 customer(s), fewer than the contract's min_customers=5: with n customers, delta must be well below 1/n (delta is the probability that the guarantee fails for someone), and the DP-SGD noise, calibrated to one customer, swamps the signal of a small table. Pool more history, join a larger partner group, or leave this partner out of DP training"),
     ('truncated.csv.gz', 'table.yaml',

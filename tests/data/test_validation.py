@@ -110,7 +110,7 @@ def test_event_log_timestamps_and_amounts(shared_data, tmp_path):
     assert "'InvoiceDate': 1 row(s) are in the future (after 2026-01-01 00:00) (line 8)" in text
     assert "31/12/2010" not in text and "2031" not in text
     assert "'Quantity*UnitPrice': 1 row(s) are purchases with a negative amount" in text
-    assert "'Quantity': 1 row(s) are missing (NaN)" in text
+    assert "'Quantity': 1 row(s) are purchases without an amount" in text
 
 
 def test_cli_check_reports_once_without_traceback(shared_data, tmp_path, capsys):
