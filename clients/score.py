@@ -167,7 +167,18 @@ def check_contract_matches(model_path: Path, sm: ScoredModel, contract, cards: d
     for head, card in cards.items():
         if card.get("model", {}).get("file") != model_path.name:
             continue
-        want = card.get("data_contract", {}).get("hash")
+        dc = card.get("data_contract", {})
+        want = dc.get("hash")
+        if want and want != contract.contract_hash() and contract.kind == "events" and dc.get("cutoff"):
+            # a model trained with data.cutoff / data.horizon_days overriding the contract's window: same encodings
+            # (the window says which events are read, not how features are encoded); scoring uses its own cutoff
+            try:
+                trained = contract.with_events(cutoff=str(dc["cutoff"]),
+                                               horizon_days=int(dc.get("horizon_days", contract.events.horizon_days)))
+            except (TypeError, ValueError):
+                trained = contract
+            if trained.contract_hash() == want:
+                break
         if want and want != contract.contract_hash():
             problems.append(
                 f"contract {contract.name!r} has hash {contract.contract_hash()[:12]}, but the model card "

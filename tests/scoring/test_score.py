@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from clients.score import SEGMENTS, deciles, load_thresholds, score
 from federation.errors import ConfigError
@@ -274,3 +275,23 @@ def test_a_card_edited_on_disk_is_refused_not_believed(model_copy, pinned, event
                         "--contract", CONTRACT, "--out", tmp_path / "s.csv")
     assert rc == 1 and "REFUSED" in err and "model_card_churn.json" in err
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_model_trained_with_a_data_cutoff_override_scores_with_the_contract_file(model_copy, pinned, events_csv,
+                                                                                  tmp_path):
+    """`fedprop simulate ... data.cutoff=...` (the onboarding guide's way to try another date) signs a card whose
+    contract hash covers that cutoff; scoring with the unedited contract file was refused as 'bounds or vocabularies
+    differ'. The window is not an encoding: the card's cutoff/horizon are put in, then the hash must match."""
+    from clients.score import ScoringRefused
+    from pathlib import Path
+
+    src = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / CONTRACT).read_text())
+    src["events"]["cutoff"], src["events"]["horizon_days"] = "2023-11-15", 60  # the file's own window differs
+    other = tmp_path / "c.yaml"
+    other.write_text(yaml.safe_dump(src))
+    res = score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=other, out=tmp_path / "s.parquet")
+    assert res["cutoff"] == "2023-11-15" and res["customers"] > 0  # scored at the contract's own cutoff
+    src["static"][0]["vocabulary"] = src["static"][0]["vocabulary"][:-1]  # an encoding that differs: still refused
+    other.write_text(yaml.safe_dump(src))
+    with pytest.raises(ScoringRefused, match="hash"):
+        score(model=model_copy / MODEL, public_key=pinned, data=events_csv, contract=other, out=tmp_path / "t.parquet")
