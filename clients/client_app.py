@@ -257,10 +257,11 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
             state_dict = msg.content["arrays"].to_torch_state_dict()
         with times.phase("evaluate"):
             metrics, mechanisms = N.evaluate(cfg, data, state_dict, privacy)
+        head = None
         if privacy is not None:  # a DP evaluation release: recorded (and budget-checked) before it leaves the node
             try:
                 with times.phase("ledger"):
-                    LH.record_evaluation(
+                    head = LH.record_evaluation(
                         LH.resolve_node_ledger(cfg, dict(context.node_config), deployment=config is None),
                         run_id=ledger_run_id(msg, context),
                         round=int(msg.content["config"].get("server-round", 0)), mechanisms=mechanisms,
@@ -278,6 +279,8 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         record.update(N.public_timings(times))  # coarse timings of this message (operational metadata, no data)
         content = RecordDict({"metrics": record})
         _add_partner_name(content, context)
+        if head is not None:  # the signed head after the evaluation releases: the server witnesses it too
+            content["ledger"] = ConfigRecord(head)
         return Message(content=content, reply_to=msg)
 
     from clients.secure_update import register_secure_update  # numpy + cryptography only

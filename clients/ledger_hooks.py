@@ -345,8 +345,14 @@ def ledger_files(node: NodeLedger) -> dict[str, str]:
 
 def record_evaluation(
     node: NodeLedger, *, run_id: str, round: int, mechanisms: list[Mapping[str, Any]], delta: float, config_hash: str
-) -> None:
+) -> dict[str, Any] | None:
     """Check the policy, then append one ``evaluation_release`` per noisy histogram BEFORE it is sent.
+
+    Returns the ledger head after the last of them, signed by the node's ledger key, as the evaluation reply's
+    ``ledger`` record (``entry-seq``, ``entry-hash``, ``ledger-id``, ``ledger-partner``, ``head-signature``; None
+    without mechanisms: nothing was recorded or released): the
+    server witnesses it like a train reply's head, so an owner who restores a copy of the ledger taken before the
+    evaluation (dropping releases that did leave) fails ``verify --against``.
 
     Raises PrivacyError (after recording a refusal) when the release would exceed the remaining budget."""
     from federation.privacy.events import event_from_dict
@@ -365,5 +371,10 @@ def record_evaluation(
             for res in reserved:
                 res.release("evaluation refused or failed before release; nothing was sent")
             raise
+        last = None
         for res in reserved:
-            res.commit()
+            last = res.commit()
+        if last is None:  # no mechanism: nothing was released, no head to witness
+            return None
+        return {"entry-seq": last.seq, "entry-hash": last.entry_hash, "ledger-id": ledger.ledger_id,
+                "ledger-partner": node.partner, "head-signature": ledger.sign_head(last.seq, last.entry_hash)}

@@ -71,6 +71,14 @@ INVENTORY: tuple[Field, ...] = (
     Field("evaluate", "metrics:metrics/num-examples", PUBLIC, "the constant 1 (Flower needs a weight key)"),
     Field("evaluate", "metrics:metrics/partition-id", PUBLIC, "the partner's index in the federation"),
     Field("evaluate", "metrics:metrics/time.*-s", PUBLIC, "wall-clock seconds per phase, rounded to 10 ms"),
+    Field("evaluate", "configs:ledger/entry-seq", PUBLIC, "sequence number of the ledger entry that recorded the last "
+          "of this reply's evaluation releases"),
+    Field("evaluate", "configs:ledger/entry-hash", PUBLIC, "hash of that ledger entry (the server keeps it as a witness, "
+          "so a copy of the ledger from before the evaluation fails verify --against)"),
+    Field("evaluate", "configs:ledger/ledger-id", PUBLIC, "the partner ledger's id"),
+    Field("evaluate", "configs:ledger/ledger-partner", PUBLIC, "the partner name its ledger records"),
+    Field("evaluate", "configs:ledger/head-signature", PUBLIC, "the node's signature (ledger key) of that head, as in a "
+          "train reply"),
     Field("evaluate", "metrics:metrics/*.hist.bins", NON_PRIVATE, "exact histogram (non-private runs only)"),
     Field("evaluate", "metrics:metrics/*.hist.sum_score", NON_PRIVATE, "exact histogram (non-private runs only)"),
     Field("evaluate", "metrics:metrics/*.hist.sum_logloss", NON_PRIVATE, "exact histogram (non-private runs only)"),

@@ -221,8 +221,12 @@ def run_secure_fedavg(
         for v in sorted({v for v in claimed if claimed.count(v) > 1}):
             print(f"fedprop: WARNING: round {rnd}: several nodes reply as partner {v!r}; each is recorded under its "
                   "node id, and only heads signed by the partner's own ledger key count as its witness", flush=True)
-        for u, m, _ in flats:
-            rec["partners"].setdefault(node_pid[u], {})["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
+        for u, m, c in flats:
+            p = rec["partners"].setdefault(node_pid[u], {})
+            p["evaluate"] = {k: v for k, v in m.items() if HIST not in k}
+            led = c["ledger"] if "ledger" in c.config_records else None
+            if led is not None and {"entry-seq", "entry-hash", "ledger-partner"} <= set(led):
+                p["evaluation-ledger"] = ledger_head(led, u)  # the head after its evaluation releases: witnessed
         flats = [c for _, _, c in flats]
         witnesses = result.witnesses if survivors else {}
         for u in survivors:  # the server knows WHO was summed, never what each sent

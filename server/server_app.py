@@ -67,18 +67,25 @@ def witness(out: RunOutputs, cfg: FedpropConfig, *, run_id: str, rec: dict) -> N
     truncated or replaced after the run. Every head is kept with the node that sent it and the node's signature; two
     nodes claiming one name are both kept (``conflicts``), and verification counts only heads the partner's own
     ledger key signed, so a hostile node can neither frame a partner nor hide its genuine head."""
-    heads: dict[str, dict] = {}
-    conflicts: list[dict] = []  # a name claimed by a second node this round: kept (only the signed head counts)
+    latest: dict[tuple, dict] = {}  # (name, node, ledger id) -> that node's latest head this round
     for p in rec.get("partners", {}).values():
-        led = p.get("ledger")
-        if led and led.get("ledger-partner"):
-            name = led["ledger-partner"]
+        # the train reply's head and, later in the same ledger, the evaluation reply's head (after the evaluation
+        # releases, which would otherwise never be witnessed): a node's later head implies its earlier one
+        for led in (p.get("ledger"), p.get("evaluation-ledger")):
+            if not (led and led.get("ledger-partner")):
+                continue
             head = {"seq": int(led["entry-seq"]), "entry_hash": led["entry-hash"], "ledger_id": led.get("ledger-id"),
                     "signature": led.get("head-signature"), "node": led.get("node")}
-            if name in heads:
-                conflicts.append({"partner": name, **head})
-            else:
-                heads[name] = head
+            key = (led["ledger-partner"], head["node"], head["ledger_id"])
+            if key not in latest or head["seq"] > latest[key]["seq"]:
+                latest[key] = head
+    heads: dict[str, dict] = {}
+    conflicts: list[dict] = []  # a name claimed by a second node this round: kept (only the signed head counts)
+    for (name, _, _), head in latest.items():
+        if name in heads:
+            conflicts.append({"partner": name, **head})
+        else:
+            heads[name] = head
     if not heads:
         return
     from server.federation_ledger import open_federation_ledger, record_partner_heads, server_ledger_key

@@ -261,7 +261,13 @@ class RecordingStrategy(Strategy):
             self.names[int(msg.metadata.src_node_id)] = pid
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
-            self._current["partners"].setdefault(pid, {})["evaluate"] = ev
+            parts, node = self._current["partners"], int(msg.metadata.src_node_id)
+            # under the record of the node that trained as this partner this round (a node claiming another's name
+            # gets its own record: it must not overwrite that partner's evaluation nor its witnessed head)
+            rec = parts.setdefault(record_key(parts, pid, node), {})
+            rec["evaluate"] = ev
+            if "ledger" in msg.content.config_records:  # the head after recording the evaluation releases: witnessed
+                rec["evaluation-ledger"] = ledger_head(msg.content["ledger"], node)
         if self.evaluate_rounds is None or server_round in self.evaluate_rounds:
             self._announce_missing(replies, "evaluation", server_round)  # unscheduled rounds asked nobody
         ok = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]

@@ -299,3 +299,52 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure, f
     with pytest.raises(LedgerVerificationError):
         verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
                        partner=node.partner)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_server_witness_catches_erased_evaluation_releases(tmp_path, secure):
+    """Adversary: whoever can write the ledger's folder (not the key folder), e.g. the ledger's owner, who wants its
+    budget back. It copies the ledger after the last train reply and restores that copy after the evaluation: the
+    copy is intact (chain, signatures and signed head are the node's own), and it lacks the evaluation_release
+    entries, i.e. DP releases that did leave the node. The evaluation reply carries the signed ledger head too, and
+    the server witnesses it, so verify --against refuses the copy (before: only train replies carried a head, and
+    the restored copy verified against the federation ledger)."""
+    import shutil
+
+    from federation.privacy.ledger import LedgerVerificationError, verify_against
+    from server.outputs import RunOutputs
+    from server.server_app import WITNESS_FILE, run_federation
+    from tests.secagg_integration.conftest import InProcessGrid
+
+    extra = {"partners": 3, "secagg": {"enabled": True}} if secure else {}
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")}, **extra)
+    app = make_client_app(config=cfg, loader=load_partner)
+    node = LH.resolve_node_ledger(cfg, {"partition-id": 0})
+    grid = InProcessGrid(app, cfg.partners)
+    out = RunOutputs(tmp_path / "run")
+    out.write_config(cfg)
+    backup = tmp_path / "before-evaluation.sqlite"
+    real = grid.send_and_receive
+
+    def snap(messages, **kw):  # the owner's copy, taken just before the node answers the evaluation
+        messages = list(messages)
+        if any(m.metadata.message_type == "evaluate" for m in messages) and node.ledger_path.exists():
+            shutil.copy(node.ledger_path, backup)
+        return real(messages, **kw)
+
+    grid.send_and_receive = snap
+    run_federation(grid, cfg, heads=("churn", "propensity"), out=out, run_id="wit-eval")
+    with Ledger.open(node.ledger_path, signing_key=None) as led:
+        released = [e for e in led.entries() if e.kind == "evaluation_release"]
+    assert released, "the run made evaluation releases"
+    with Ledger.open(backup, signing_key=None) as led:
+        assert not [e for e in led.entries() if e.kind == "evaluation_release"]
+    fed, fed_pub = out.dir / WITNESS_FILE, tmp_path / "srvkeys" / "federation-ledger.key.pub"
+    ok = verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
+                        partner=node.partner)
+    assert ok.last_recorded_head[0] >= released[-1].seq  # the server saw the head after the evaluation releases
+    verify(backup, node.public_key_path)  # the copy is intact on its own ...
+    shutil.copy(backup, node.ledger_path)
+    with pytest.raises(LedgerVerificationError, match="truncated or rolled back"):  # ... but not against the witness
+        verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
+                       partner=node.partner)
