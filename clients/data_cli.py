@@ -140,6 +140,11 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
             notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
                          + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
                             if others else ""))
+    elif others and frame[ts].dropna().astype("string").str.strip().str.fullmatch(r"\d{9,13}").mean() > 0.9:
+        notes.append(f"column {ts!r} holds whole numbers, like Unix epoch seconds or milliseconds: data check refuses "
+                     "them (no strptime format reads an epoch number); convert the column to ISO 8601 text in the "
+                     "export (e.g. in pandas pd.to_datetime(column, unit='s') or unit='ms'), then propose again for "
+                     "the cutoff")
     elif others:
         notes.append(f"column {ts!r} is neither ISO 8601 nor a format propose knows: set columns.timestamp_format "
                      "(a strptime format such as '%d/%m/%Y %H:%M') and events.cutoff by hand")

@@ -511,7 +511,7 @@ TIME_NAMES = ("timestamp", "time", "date", "datetime", "ts", "event_time", "even
 # names that exact lists miss in real exports ("Client Number", "Order Time", "Subscriber Key"): a customer-ish
 # word followed by an id-ish one; a name ending in date/time/timestamp (or "_at")
 ID_PATTERN = r"^(customer|client|cust|account|acct|user|member|subscriber|contract|policyholder)_?(id|number|no|num|key|ref|code)$"
-TIME_PATTERN = r"(date|time|timestamp|datetime)$|_at$"
+TIME_PATTERN = r"(date|time|timestamp|datetime)$|_at$|_ts$"
 
 
 def _pick_pattern(columns, pattern: str, accept=lambda c: True) -> str:
@@ -561,7 +561,14 @@ def _draft_cutoff(ts, *, horizon_days: int) -> str:
     """The last day whose whole label horizon lies inside the sample (review it: it must be the same everywhere)."""
     import pandas as pd
 
-    t = pd.to_datetime(ts, errors="coerce", utc=True).dropna()
+    import warnings
+
+    text = ts.dropna().astype("string").str.strip()
+    if len(text) and text.str.fullmatch(r"\d{9,13}").mean() > 0.9:  # epoch numbers: not dates fedprop reads
+        return "YYYY-MM-DD"
+    with warnings.catch_warnings():  # pandas' "could not infer format" is not the user's concern here
+        warnings.simplefilter("ignore", UserWarning)
+        t = pd.to_datetime(ts, errors="coerce", utc=True).dropna()
     if t.empty:
         return "YYYY-MM-DD"
     return str((t.max() - pd.Timedelta(days=horizon_days)).date())
@@ -684,6 +691,8 @@ def propose_contract(frame, *, name: str, file: str, max_categories: int = 20, s
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if len(sample) and sample.str.strip().str.fullmatch(r"\d{9,13}").mean() > 0.9:
+                    return True  # epoch numbers: the event time, which the draft's review says check refuses
                 return len(sample) > 0 and pd.to_datetime(sample, errors="coerce", format="mixed").notna().mean() > 0.9
 
         ts = need(timestamp, "--timestamp column") or _pick(cols, TIME_NAMES) or _pick_pattern(cols, TIME_PATTERN, parses)

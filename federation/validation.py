@@ -138,6 +138,14 @@ _TZ = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 _TS_MIN, _TS_MAX = pd.Timestamp.min.tz_localize(None), pd.Timestamp.max.tz_localize(None)
 
 
+# whole numbers of 9-13 digits: Unix epoch seconds (2001-2286) or milliseconds, which no strptime format reads
+EPOCH_RE = r"\d{9,13}"
+EPOCH_ADVICE = ("they are whole numbers, like Unix epoch seconds or milliseconds: fedprop reads event times as text "
+                "(ISO 8601, or the strptime format in columns.timestamp_format) or as Parquet timestamps, and no "
+                "strptime format reads an epoch number; convert the column in the export (e.g. in pandas "
+                "pd.to_datetime(column, unit='s') or unit='ms', written as ISO 8601)")
+
+
 def _parse_ts(s: pd.Series, fmt: str, column: str, offset: int, P: _Problems, keep: np.ndarray) -> pd.Series:
     """Timestamps as naive UTC datetime64[ns]; offsets are converted to UTC, a column that MIXES rows with and
     without a UTC offset is a problem (the naive rows' zone is unknown), out-of-range dates are unparseable."""
@@ -251,9 +259,12 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
         P.rows_bad(cols.timestamp, "have no timestamp", missing & keep, offset,
                    "every event needs a time; drop or repair these rows in the export", code="missing_timestamp")
         bad = ts.isna().to_numpy() & ~missing
+        epoch = bad & keep & (ts_raw.pipe(_text).str.strip().str.fullmatch(EPOCH_RE).fillna(False).to_numpy(dtype=bool)
+                              if not pd.api.types.is_datetime64_any_dtype(ts_raw) else False)
         P.rows_bad(cols.timestamp, "cannot be parsed as timestamps (or are impossible dates)", bad & keep, offset,
-                   f"use ISO 8601 (YYYY-MM-DD HH:MM:SS), real calendar days between 1678 and 2261, or declare "
-                   f"columns.timestamp_format" + (f" (declared {cols.timestamp_format!r})" if cols.timestamp_format else ""),
+                   (EPOCH_ADVICE if epoch.sum() > 0.9 * (bad & keep).sum() else
+                    f"use ISO 8601 (YYYY-MM-DD HH:MM:SS), real calendar days between 1678 and 2261, or declare "
+                    f"columns.timestamp_format" + (f" (declared {cols.timestamp_format!r})" if cols.timestamp_format else "")),
                    code="bad_timestamp")
         fut = (ts > now).fillna(False).to_numpy(dtype=bool)
         P.rows_bad(cols.timestamp, f"are in the future (after {now:%Y-%m-%d %H:%M})", fut & keep, offset,
@@ -557,8 +568,10 @@ def _event_findings(st: EventStats, c: DataContract, P: _Problems, report: Repor
     n = st.population
     if not st.horizon_events:
         P.add(f"column {c.columns.timestamp!r}: no events in the label horizon [{cutoff:%Y-%m-%d}, "
-              f"{cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}) (the log ends before it); every customer "
-              "would count as churned: move events.cutoff earlier or export more recent data",
+              f"{cutoff + pd.Timedelta(days=e.horizon_days):%Y-%m-%d}) "
+              + ("(no event time could be read: see the timestamp rows above)" if st.last_ts is None else
+                 "(the log ends before it); every customer would count as churned: move events.cutoff earlier or "
+                 "export more recent data"),
               code="no_horizon_events", column=c.columns.timestamp)
     elif st.last_ts < cutoff + pd.Timedelta(days=e.horizon_days - 1):
         short = (cutoff + pd.Timedelta(days=e.horizon_days) - st.last_ts).days

@@ -144,3 +144,29 @@ def test_page_views_without_an_amount_pass_and_a_purchase_without_one_is_refused
             read(c, str(path), now="2026-01-01")
         assert [(p.code, p.count) for p in e.value.problems] == [("missing_value", 2)]
         assert "2 row(s) are purchases without an amount" in str(e.value)
+
+
+def test_epoch_second_timestamps_are_named_as_such_by_propose_and_check(tmp_path, capsys):
+    """An 'event_ts' column of Unix epoch seconds: propose could not find the time column, then said 'set
+    columns.timestamp_format (a strptime format)', which cannot read epochs, and printed pandas' own warning;
+    check said to use ISO 8601 and that 'the log ends before' the horizon."""
+    ev, _ = _views_without_amounts(tmp_path, "csv")
+    ev = ev.rename(columns={"ts": "event_ts"}).assign(event_ts=ev["ts"].astype("datetime64[s]").astype("int64").astype(str))
+    path = tmp_path / "epoch.csv"
+    ev.to_csv(path, index=False)
+    rc, draft, contract, err = _propose(tmp_path, path, "--kind", "events", "--id", "cid", capsys=capsys)
+    assert rc == 0, err
+    assert draft["columns"]["timestamp"] == "event_ts" and "Unix epoch" in err and "UserWarning" not in err
+    assert draft["events"]["cutoff"] == "YYYY-MM-DD"
+    from federation.contract import load_contract
+    from federation.errors import DataValidationError
+    from federation.validation import read_validated
+
+    text = contract.read_text().replace("cutoff: YYYY-MM-DD", "cutoff: '2024-03-01'")
+    contract.write_text(text)
+    with pytest.raises(DataValidationError) as e:
+        read_validated(load_contract(str(contract)), now="2026-01-01")
+    msg = str(e.value)
+    assert "like Unix epoch seconds or milliseconds" in msg and "unit='s'" in msg
+    assert "the log ends before it" not in msg and "no event time could be read" in msg
+    assert str(ev["event_ts"].iloc[0]) not in msg
