@@ -118,6 +118,34 @@ def node_split_key(cfg: FedpropConfig, node_config: dict, *, deployment: bool = 
     return N.split_key_from_file(str(node.key_path))
 
 
+ALLOW_NON_PRIVATE = "allow-non-private"
+ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
+
+
+def _node_allows(node_config: dict, key: str) -> bool:
+    value = node_config.get(key, False)
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+
+def check_run_config_against_node(cfg: FedpropConfig, node_config: dict) -> None:
+    """A deployed node's refusal of a run config that switches off its guarantee. Adversary: the coordinator, or
+    anyone who can submit a run of the signed app (the run config is not signed). ``privacy.enabled=false`` would
+    send exact counts, the training loss and un-noised models with no ledger entry and no policy check;
+    ``privacy.noise=reproducible`` noise that whoever knows the seed can replay. Only the node's own config, set
+    at onboarding, can allow either (``allow-non-private=true``, ``allow-reproducible-noise=true``)."""
+    from federation.privacy.policy import PolicyViolationError
+
+    if not cfg.privacy.enabled and not _node_allows(node_config, ALLOW_NON_PRIVATE):
+        raise PolicyViolationError(
+            "run refused by this node: the run config sets privacy.enabled=false (no differential privacy: exact "
+            f"counts, loss and models would leave the node); only the node config can allow that ({ALLOW_NON_PRIVATE}=true)")
+    if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not _node_allows(node_config, ALLOW_REPRODUCIBLE_NOISE):
+        raise PolicyViolationError(
+            "run refused by this node: the run config sets privacy.noise=reproducible (DP noise derived from the run's "
+            "seed: whoever knows it can remove the noise); only the node config can allow that "
+            f"({ALLOW_REPRODUCIBLE_NOISE}=true)")
+
+
 def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoader | None = None,
                     split_key: bytes | None = None, mods: list | None = None) -> ClientApp:
     """Simulation passes its typed config, a partner loader and the run's secret split key (never in the run
@@ -130,8 +158,10 @@ def make_client_app(*, config: FedpropConfig | None = None, loader: N.PartnerLoa
         N = _heavy().N
         from federation.models import federations
         cfg = config or from_run_config(context.run_config)
-        heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
         node_config = dict(context.node_config)
+        if config is None:  # deployment: the run config is the coordinator's, the node config the partner's
+            check_run_config_against_node(cfg, node_config)
+        heads = msg.content["config"].get("heads", ",".join(federations(cfg.task, cfg.model.heads)[0]))
         with times.phase("data-prep"):  # a cache hit after the first message of this partner in this process
             key = split_key if split_key is not None else node_split_key(cfg, node_config, deployment=config is None)
             data = N.load_partner(cfg, node_config=node_config, loader=load, heads_key=str(heads), split_key=key)

@@ -74,7 +74,8 @@ def test_kill9_superlink_mid_run_and_resume(tmp_path):
     cfg = _cfg(tmp_path)
     crashed, reference = tmp_path / "run-crashed", tmp_path / "run-reference"
     t0 = time.monotonic()
-    with loopback_federation(tmp_path / "fed", PARTNERS) as fed:
+    with loopback_federation(tmp_path / "fed", PARTNERS,  # the nodes allow the run's reproducible noise
+                             extra_node_config={"allow-reproducible-noise": True}) as fed:
         outcome: dict = {}
 
         def submit():
