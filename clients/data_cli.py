@@ -105,6 +105,26 @@ def _timestamp_format(values) -> tuple[str, list[str]]:
     return (fits[0], fits[1:]) if fits else ("", ["?"])
 
 
+STRAY_DAY_SHARE = 0.05  # a trailing day with fewer events than this share of the median day is a stray's
+
+
+def log_end(per_day) -> tuple:
+    """(last day of the log's bulk, events after it) from events per day (a Series indexed by day, sorted):
+    trailing days with fewer than STRAY_DAY_SHARE x the median day's events are strays (propose drafts the
+    cutoff from the end, so 30 stray rows weeks late put it past the data, churn then overstated)."""
+    import pandas as pd
+
+    floor = STRAY_DAY_SHARE * float(per_day.median())
+    dense = per_day[per_day >= floor]
+    end = dense.index[-1] if len(dense) else per_day.index[-1]
+    later = per_day.index[per_day.index > end]
+    for day in later:  # sparse days right after the bulk (an export's partial last day) still belong to it
+        if day - end > pd.Timedelta(days=1):
+            break
+        end = day
+    return end, int(per_day[per_day.index > end].sum())
+
+
 def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
     """What propose_contract cannot see from column names alone, fixed in the draft or said in a note. ``src``: the
     whole file when ``frame`` is only its first rows (an event log's cutoff then comes from its last timestamp)."""
@@ -127,16 +147,25 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
     fmt, others = _timestamp_format(frame[ts])
     if fmt:
         cols["timestamp_format"] = fmt
-    if fmt or src is not None:
-        def last(s):
-            if pd.api.types.is_datetime64_any_dtype(s):
-                return s.max()
-            return pd.to_datetime(s.astype("string").str.strip(), format=fmt or "ISO8601", errors="coerce",
-                                  utc=not fmt).max()
-        end = max(last(c[ts]) for c in src.chunks([ts])) if src is not None else last(frame[ts])
-        if pd.notna(end):
+    if fmt or src is not None or not others:  # a format, ISO 8601, or the whole file: the log's end is known
+        def days(s):  # events per calendar day (UTC), a few hundred numbers however long the log
+            if not pd.api.types.is_datetime64_any_dtype(s):
+                s = pd.to_datetime(s.astype("string").str.strip(), format=fmt or "ISO8601", errors="coerce",
+                                   utc=not fmt)
+            s = s.dropna()
+            if getattr(s.dt, "tz", None) is not None:
+                s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+            return s.dt.floor("D").value_counts()
+        per_day = (pd.concat([days(c[ts]) for c in src.chunks([ts])]) if src is not None
+                   else days(frame[ts])).groupby(level=0).sum().sort_index()
+        if len(per_day):
+            end, strays = log_end(per_day)
             draft["events"]["cutoff"] = str((end - pd.Timedelta(days=draft["events"]["horizon_days"])).date())
-        if fmt:  # (a whole-file pass for the cutoff alone says nothing about the format)
+            if strays:
+                notes.append(f"{strays} event(s) dated after {end.date()} fall on sparse days past the log's bulk "
+                             "(a test record, a clock error?): the drafted cutoff ignores them; check them, and "
+                             "the cutoff")
+        if fmt:  # (a whole-file pass for the cutoff or an ISO sample says nothing more about the format)
             notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
                          + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
                             if others else ""))
@@ -167,7 +196,7 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
     if "amount" not in cols:
         notes.append("no amount column was inferred: name it with --amount COLUMN, or set columns.amount to a list "
                      "that is multiplied (e.g. [quantity, unit price]); without it the amount features are empty")
-    notes.append(f"events.cutoff {draft['events']['cutoff']} is the file's last day minus the horizon: set the day "
+    notes.append(f"events.cutoff {draft['events']['cutoff']} is the log's last day minus the horizon: set the day "
                  "the federation agrees on (fedprop simulate uses it; data.cutoff=YYYY-MM-DD overrides it for one run)")
 
 

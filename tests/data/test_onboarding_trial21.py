@@ -170,3 +170,44 @@ def test_epoch_second_timestamps_are_named_as_such_by_propose_and_check(tmp_path
     assert "like Unix epoch seconds or milliseconds" in msg and "unit='s'" in msg
     assert "the log ends before it" not in msg and "no event time could be read" in msg
     assert str(ev["event_ts"].iloc[0]) not in msg
+
+
+def test_stray_late_rows_do_not_move_the_drafted_cutoff():
+    """Trial 21: 30 rows dated weeks after an export's bulk put the drafted cutoff past the data (churn 0.83). The
+    log's end is now the last day of its bulk; a sparse day right after it (a partial last day) still counts."""
+    import pandas as pd
+
+    from clients.data_cli import log_end
+
+    days = pd.date_range("2024-01-01", "2024-06-30", freq="D")
+    per_day = pd.Series(500, index=days)
+    per_day.iloc[-1] = 12  # the export ran at 00:30 on its last day: part of the bulk
+    strays = pd.Series([3, 1, 2], index=pd.to_datetime(["2024-07-20", "2024-08-02", "2024-09-15"]))
+    end, n = log_end(pd.concat([per_day, strays]).sort_index())
+    assert end == pd.Timestamp("2024-06-30") and n == 6
+    assert log_end(per_day) == (pd.Timestamp("2024-06-30"), 0)
+    sparse = pd.Series(1, index=pd.to_datetime(["2024-01-01", "2024-02-11", "2024-05-03"]))  # a small, sparse log
+    assert log_end(sparse) == (pd.Timestamp("2024-05-03"), 0)
+
+
+def test_propose_names_the_strays_it_ignored(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from clients.data_cli import main as data_main
+
+    rng = np.random.default_rng(0)
+    t = pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 180 * 86400, 20_000), unit="s")
+    late = pd.to_datetime(["2024-09-01 10:00", "2024-10-15 08:00"])
+    frame = pd.DataFrame({"customer_id": rng.integers(0, 800, 20_002),
+                          "timestamp": [x.isoformat() for x in list(t) + list(late)],
+                          "event_type": "purchase", "amount": 10.0})
+    path = tmp_path / "log.csv"
+    frame.to_csv(path, index=False)
+    rc = data_main(["data", "propose", str(path), "--kind", "events"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    draft = yaml.safe_load(out)
+    assert draft["events"]["cutoff"] == str((t.max().floor("D") - pd.Timedelta(days=90)).date())
+    assert "2 event(s) dated after" in err
