@@ -297,11 +297,12 @@ def load_partner_features(data_cfg: Any, *, partition_id: int, num_partitions: i
                      code="too_few_customers", count=len(fs))],
             source=f"{c.name} partner {partition_id}")
     _check_positives(fs, int(_cfg(data_cfg, "min_positives", 10)), partition_id=partition_id,
-                     num_partitions=num_partitions, name=c.name)
+                     num_partitions=num_partitions, name=c.name, natural=partitioner == "natural")
     return fs
 
 
-def _check_positives(fs: FeatureSet, need: int, *, partition_id: int, num_partitions: int, name: str) -> None:
+def _check_positives(fs: FeatureSet, need: int, *, partition_id: int, num_partitions: int, name: str,
+                     natural: bool = False) -> None:
     """A simulated partner with a handful of positives (or negatives) has no local model and no meaningful DP
     evaluation: refuse the split, naming the counts (the data team holds all of this data; nothing leaves a node)."""
     problems = []
@@ -311,8 +312,11 @@ def _check_positives(fs: FeatureSet, need: int, *, partition_id: int, num_partit
             if k < need:
                 problems.append(Problem(
                     f"partner {partition_id} of {num_partitions} has {k} {task} {what} (of {len(y)} customers), fewer "
-                    f"than data.min_positives={need}; use fewer partners, a larger data.dirichlet_alpha, another "
-                    "data.partition_by, or data.min_positives=0 to accept it", code="too_few_positives", count=k))
+                    f"than data.min_positives={need}; "
+                    + ("coarsen the partition column in the export, use another data.partition_by or "
+                       "data.partitioner=dirichlet or iid" if natural else
+                       "use fewer partners or a larger data.dirichlet_alpha")
+                    + ", or data.min_positives=0 to accept it", code="too_few_positives", count=k))
     if problems:
         raise DataValidationError(problems, source=f"{name} partner {partition_id}")
 
