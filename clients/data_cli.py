@@ -18,7 +18,7 @@ import yaml
 from federation.contract import CHURN_NAMES, PROPOSAL_WARNING, _norm, load_contract, propose_contract
 from federation.errors import ConfigError, DataValidationError
 from federation.readers import SEPARATORS, open_source, read_frame
-from federation.validation import read_validated
+from federation.validation import EPOCH_FORMATS, read_validated
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -145,11 +145,20 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
         return
     ts, cid = cols["timestamp"], cols["customer_id"]
     fmt, others = _timestamp_format(frame[ts])
+    digits = frame[ts].dropna().astype("string").str.strip()
+    if not fmt and others and len(digits) and digits.str.fullmatch(r"\d{9,13}").mean() > 0.9:  # Unix time
+        fmt, others = ("epoch_s" if digits.str.len().median() <= 11 else "epoch_ms"), []
+        notes.append(f"column {ts!r} holds whole numbers of {digits.str.len().median():.0f} digits: drafted "
+                     f"columns.timestamp_format {fmt} (Unix time in {'seconds' if fmt == 'epoch_s' else 'milliseconds'}"
+                     ", UTC); check the unit against a known event's date")
     if fmt:
         cols["timestamp_format"] = fmt
     if fmt or src is not None or not others:  # a format, ISO 8601, or the whole file: the log's end is known
         def days(s):  # events per calendar day (UTC), a few hundred numbers however long the log
-            if not pd.api.types.is_datetime64_any_dtype(s):
+            if fmt in EPOCH_FORMATS:
+                s = pd.to_datetime(pd.to_numeric(s.astype("string").str.strip(), errors="coerce"),
+                                   unit=EPOCH_FORMATS[fmt], errors="coerce")
+            elif not pd.api.types.is_datetime64_any_dtype(s):
                 s = pd.to_datetime(s.astype("string").str.strip(), format=fmt or "ISO8601", errors="coerce",
                                    utc=not fmt)
             s = s.dropna()
@@ -165,15 +174,10 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
                 notes.append(f"{strays} event(s) dated after {end.date()} fall on sparse days past the log's bulk "
                              "(a test record, a clock error?): the drafted cutoff ignores them; check them, and "
                              "the cutoff")
-        if fmt:  # (a whole-file pass for the cutoff or an ISO sample says nothing more about the format)
+        if fmt and fmt not in EPOCH_FORMATS:  # (a whole-file pass or an ISO sample says nothing more about it)
             notes.append(f"column {ts!r} is not ISO 8601: drafted columns.timestamp_format {fmt!r}"
                          + (f" (the sample also fits {', '.join(map(repr, others))}: check which one the export uses)"
                             if others else ""))
-    elif others and frame[ts].dropna().astype("string").str.strip().str.fullmatch(r"\d{9,13}").mean() > 0.9:
-        notes.append(f"column {ts!r} holds whole numbers, like Unix epoch seconds or milliseconds: data check refuses "
-                     "them (no strptime format reads an epoch number); convert the column to ISO 8601 text in the "
-                     "export (e.g. in pandas pd.to_datetime(column, unit='s') or unit='ms'), then propose again for "
-                     "the cutoff")
     elif others:
         notes.append(f"column {ts!r} is neither ISO 8601 nor a format propose knows: set columns.timestamp_format "
                      "(a strptime format such as '%d/%m/%Y %H:%M') and events.cutoff by hand")

@@ -309,6 +309,8 @@ def _typed_view(c: DataContract, src: str, types: dict[str, str], csv: bool, now
     suspect.append(blank_cid)
     # timestamps
     tcol, tt = cols.timestamp, types[cols.timestamp]
+    if cols.timestamp_format in V.EPOCH_FORMATS:  # exact float-to-ns conversion as pandas does it: that path
+        raise _Fallback(f"Unix-time timestamps (columns.timestamp_format {cols.timestamp_format})")
     aware = "false"
     if tt.startswith("timestamp"):
         raw = _id(tcol)

@@ -140,15 +140,25 @@ _TS_MIN, _TS_MAX = pd.Timestamp.min.tz_localize(None), pd.Timestamp.max.tz_local
 
 # whole numbers of 9-13 digits: Unix epoch seconds (2001-2286) or milliseconds, which no strptime format reads
 EPOCH_RE = r"\d{9,13}"
-EPOCH_ADVICE = ("they are whole numbers, like Unix epoch seconds or milliseconds: fedprop reads event times as text "
-                "(ISO 8601, or the strptime format in columns.timestamp_format) or as Parquet timestamps, and no "
-                "strptime format reads an epoch number; convert the column in the export (e.g. in pandas "
-                "pd.to_datetime(column, unit='s') or unit='ms', written as ISO 8601)")
+EPOCH_ADVICE = ("they are whole numbers, like Unix epoch seconds or milliseconds: declare columns.timestamp_format: "
+                "epoch_s (10 digits today) or epoch_ms (13 digits)")
+# columns.timestamp_format values that are not strptime formats: Unix time (UTC by definition), whole or decimal
+EPOCH_FORMATS = {"epoch_s": "s", "epoch_ms": "ms"}
+_EPOCH_NUMBER = r"-?\d+(?:\.\d+)?"
 
 
 def _parse_ts(s: pd.Series, fmt: str, column: str, offset: int, P: _Problems, keep: np.ndarray) -> pd.Series:
     """Timestamps as naive UTC datetime64[ns]; offsets are converted to UTC, a column that MIXES rows with and
     without a UTC offset is a problem (the naive rows' zone is unknown), out-of-range dates are unparseable."""
+    if fmt in EPOCH_FORMATS:  # Unix time: seconds or ms since 1970-01-01 UTC, as numbers or their text
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            x = pd.to_numeric(s, errors="coerce").astype("float64")
+        else:
+            t = s.pipe(_text).str.strip()
+            x = pd.to_numeric(t.where(t.str.fullmatch(_EPOCH_NUMBER).fillna(False)), errors="coerce").astype("float64")
+        lo, hi = (v.value / {"s": 1e9, "ms": 1e6}[EPOCH_FORMATS[fmt]] for v in (_TS_MIN, _TS_MAX))
+        x = x.where((x >= lo) & (x <= hi))
+        return pd.to_datetime(x, unit=EPOCH_FORMATS[fmt], errors="coerce").astype("datetime64[ns]")
     if pd.api.types.is_datetime64_any_dtype(s):
         ts = s
         if getattr(ts.dt, "tz", None) is not None:
@@ -195,7 +205,10 @@ def _arrow_type_problems(types: dict[str, str], c: DataContract) -> list[Problem
     """Parquet columns whose stored type cannot hold what the contract declares (checked before reading)."""
     want: dict[str, tuple[str, tuple[str, ...]]] = {}
     if c.kind == "events":
-        want[c.columns.timestamp] = ("a timestamp (or ISO 8601 text)", _TIMESTAMP_TYPES)
+        want[c.columns.timestamp] = (("a Unix time (a number, or its text)", ("int", "uint", "float", "double",
+                                                                                "decimal", "string", "large_string"))
+                                     if c.columns.timestamp_format in EPOCH_FORMATS
+                                     else ("a timestamp (or ISO 8601 text)", _TIMESTAMP_TYPES))
         for a in c.columns.amount:
             want[a] = ("a number", _NUMERIC_TYPES)
     for f in c.features:
@@ -260,9 +273,13 @@ def _convert_chunk(raw: pd.DataFrame, c: DataContract, offset: int, P: _Problems
                    "every event needs a time; drop or repair these rows in the export", code="missing_timestamp")
         bad = ts.isna().to_numpy() & ~missing
         epoch = bad & keep & (ts_raw.pipe(_text).str.strip().str.fullmatch(EPOCH_RE).fillna(False).to_numpy(dtype=bool)
-                              if not pd.api.types.is_datetime64_any_dtype(ts_raw) else False)
+                              if not pd.api.types.is_datetime64_any_dtype(ts_raw)
+                              and cols.timestamp_format not in EPOCH_FORMATS else False)
         P.rows_bad(cols.timestamp, "cannot be parsed as timestamps (or are impossible dates)", bad & keep, offset,
-                   (EPOCH_ADVICE if epoch.sum() > 0.9 * (bad & keep).sum() else
+                   (f"columns.timestamp_format {cols.timestamp_format} reads numbers of "
+                    f"{'seconds' if cols.timestamp_format == 'epoch_s' else 'milliseconds'} since 1970-01-01 UTC: "
+                    "repair these rows in the export, or check the unit" if cols.timestamp_format in EPOCH_FORMATS else
+                    EPOCH_ADVICE if epoch.sum() > 0.9 * (bad & keep).sum() else
                     f"use ISO 8601 (YYYY-MM-DD HH:MM:SS), real calendar days between 1678 and 2261, or declare "
                     f"columns.timestamp_format" + (f" (declared {cols.timestamp_format!r})" if cols.timestamp_format else "")),
                    code="bad_timestamp")

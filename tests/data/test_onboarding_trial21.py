@@ -146,30 +146,49 @@ def test_page_views_without_an_amount_pass_and_a_purchase_without_one_is_refused
         assert "2 row(s) are purchases without an amount" in str(e.value)
 
 
-def test_epoch_second_timestamps_are_named_as_such_by_propose_and_check(tmp_path, capsys):
-    """An 'event_ts' column of Unix epoch seconds: propose could not find the time column, then said 'set
-    columns.timestamp_format (a strptime format)', which cannot read epochs, and printed pandas' own warning;
-    check said to use ISO 8601 and that 'the log ends before' the horizon."""
-    ev, _ = _views_without_amounts(tmp_path, "csv")
-    ev = ev.rename(columns={"ts": "event_ts"}).assign(event_ts=ev["ts"].astype("datetime64[s]").astype("int64").astype(str))
-    path = tmp_path / "epoch.csv"
-    ev.to_csv(path, index=False)
-    rc, draft, contract, err = _propose(tmp_path, path, "--kind", "events", "--id", "cid", capsys=capsys)
-    assert rc == 0, err
-    assert draft["columns"]["timestamp"] == "event_ts" and "Unix epoch" in err and "UserWarning" not in err
-    assert draft["events"]["cutoff"] == "YYYY-MM-DD"
-    from federation.contract import load_contract
+@pytest.mark.parametrize("unit,fmt", [("s", "csv"), ("ms", "csv"), ("s", "parquet")])
+def test_unix_time_event_logs_are_drafted_checked_and_featured_like_iso_ones(tmp_path, capsys, unit, fmt):
+    """An 'event_ts' column of Unix epoch seconds (trial 21): propose could not find the time column, then said
+    'set columns.timestamp_format (a strptime format)', which cannot read epochs. Now propose drafts
+    timestamp_format epoch_s / epoch_ms with the cutoff from the log's end, check passes, and the features equal
+    those of the same log written as ISO 8601 text; a row that is not a number is one clear problem."""
+    import yaml
+
+    from federation.contract import build_features, load_contract
+    from federation.engine_duckdb import read_event_features
     from federation.errors import DataValidationError
     from federation.validation import read_validated
 
-    text = contract.read_text().replace("cutoff: YYYY-MM-DD", "cutoff: '2024-03-01'")
-    contract.write_text(text)
-    with pytest.raises(DataValidationError) as e:
-        read_validated(load_contract(str(contract)), now="2026-01-01")
-    msg = str(e.value)
-    assert "like Unix epoch seconds or milliseconds" in msg and "unit='s'" in msg
-    assert "the log ends before it" not in msg and "no event time could be read" in msg
-    assert str(ev["event_ts"].iloc[0]) not in msg
+    ev, iso_path = _views_without_amounts(tmp_path, "csv")
+    scale = 1 if unit == "s" else 1000
+    epoch = ev["ts"].astype("datetime64[s]").astype("int64") * scale
+    ev2 = ev.rename(columns={"ts": "event_ts"}).assign(event_ts=epoch if fmt == "parquet" else epoch.astype(str))
+    path = tmp_path / f"epoch.{fmt}"
+    (ev2.to_parquet(path, index=False) if fmt == "parquet" else ev2.to_csv(path, index=False))
+    rc, draft, contract, err = _propose(tmp_path, path, "--kind", "events", "--id", "cid", capsys=capsys)
+    assert rc == 0, err
+    assert draft["columns"]["timestamp"] == "event_ts" and draft["columns"]["timestamp_format"] == f"epoch_{unit}"
+    assert f"timestamp_format epoch_{unit}" in err and "UserWarning" not in err
+    assert draft["events"]["cutoff"] == str((ev["ts"].max().floor("D") - pd.Timedelta(days=90)).date())
+    (tmp_path / "c.yaml").write_text(EVENTS)
+    iso = load_contract(str(tmp_path / "c.yaml"))
+    d = yaml.safe_load(EVENTS)
+    d["columns"].update(timestamp="event_ts", timestamp_format=f"epoch_{unit}")
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(d))
+    c = load_contract(str(tmp_path / "e.yaml"))
+    want = build_features(read_validated(iso, str(iso_path), now="2026-01-01").frame, iso)
+    got = read_event_features(c, str(path), now="2026-01-01")
+    assert got.engine.startswith("pandas (fallback: Unix-time")
+    assert np.array_equal(got.features.X, want.X) and list(got.features.customer_ids) == list(want.customer_ids)
+    assert all(np.array_equal(got.features.y[k], want.y[k]) for k in want.y)
+    if fmt == "csv":
+        bad = ev2.assign(event_ts=ev2["event_ts"].astype(str))
+        bad.loc[3, "event_ts"] = "2024-02-01"
+        bad.to_csv(path, index=False)
+        with pytest.raises(DataValidationError) as e:
+            read_validated(c, str(path), now="2026-01-01")
+        assert [p.code for p in e.value.problems] == ["bad_timestamp"]
+        assert f"epoch_{unit} reads numbers of" in str(e.value) and "2024-02-01" not in str(e.value)
 
 
 def test_stray_late_rows_do_not_move_the_drafted_cutoff():
