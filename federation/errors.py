@@ -76,16 +76,16 @@ def _public_name(text: str, limit: int = 64) -> str:
 def public_reason(exc: BaseException) -> str:
     """What a node may send about a failure (Flower puts ``str(exception)`` into the error reply).
 
-    Only the error category, the problem codes, the contract's column names or config keys, and counts;
-    never ``str(exc)``, which may quote a customer id or a cell. Log ``exc`` in full locally instead.
+    Only the error category, the problem codes and the contract's column names or config keys; never
+    ``str(exc)``, which may quote a customer id or a cell, and no counts: "too_few_positives rows=3" would tell
+    the coordinator a partner's exact number of positives, a raw count that is no DP release. Log ``exc`` in full
+    locally instead.
     """
     if isinstance(exc, DataValidationError):
         parts = []
         for p in exc.problems[:20]:
             if isinstance(p, Problem):
-                col = f" column={_public_name(p.column)}" if p.column else ""
-                cnt = f" rows={p.count}" if p.count else ""
-                parts.append(f"{p.code}{col}{cnt}")
+                parts.append(p.code + (f" column={_public_name(p.column)}" if p.column else ""))
             else:
                 parts.append("unclassified")
         more = f"; +{len(exc.problems) - 20} more" if len(exc.problems) > 20 else ""

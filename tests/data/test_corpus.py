@@ -164,9 +164,10 @@ def test_first_line_is_pinned(name, contract, first):
     # the whole local message names rows and columns, never a planted value
     body = text.replace(str(CORPUS / name), "<file>")  # the file's own name may hold a planted string
     assert not PLANTED.search(body), PLANTED.search(body)
-    # what may leave the node: a category, codes, column names or keys, counts
+    # what may leave the node: a category, codes, column names or keys; no counts (raw counts are no DP release)
     public = public_reason(exc)
     assert not PLANTED.search(public) and str(CORPUS) not in public and "\n" not in public
+    assert "rows=" not in public and not re.search(r"=\d", public)
     assert public.startswith("data_validation_failed: " if contract else "config_error")
 
 
