@@ -90,6 +90,12 @@ class ChaChaNoise:
         return torch.from_numpy(acc.reshape(tuple(shape))).to(dtype=dtype, device=device or "cpu")
 
 
+    def normal(self, loc: float, scale: float, size) -> np.ndarray:
+        """numpy Generator.normal's signature (float64), from the keystream: for code written against numpy."""
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        return loc + self.gaussian(shape, scale, dtype=torch.float64).numpy()
+
+
 NoiseSource = "torch.Generator | ChaChaNoise"
 
 

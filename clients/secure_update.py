@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, Metadata
 from flwr.clientapp import ClientApp
 
+from clients.noise import ChaChaNoise
 from federation.config import FedpropConfig, from_run_config
 from federation.errors import BudgetExceededError
 from federation.secagg.flower import STATE_KEY as SECAGG_STATE_KEY
@@ -64,7 +65,7 @@ def secure_update(
         raise BudgetExceededError(reply.error.reason or f"train refused (code {reply.error.code})")
     delta = flatten(reply.content["arrays"]) - flatten(message.content["arrays"])
     num_examples = int(reply.content["metrics"]["num-examples"])
-    rng = np.random.default_rng(int.from_bytes(entropy(32), "big"))  # DP noise: seeded from the OS CSPRNG
+    rng = ChaChaNoise(entropy(32))  # partner-level DP noise: a ChaCha20 keystream keyed by the OS CSPRNG
     vector = partner_vector(cfg, delta=delta, num_examples=num_examples, threshold=sa.threshold,
                             value_range_=sa.quantization.clip, rng=rng)
     if "ledger" in reply.content.config_records:  # this release's ledger head: the server's rollback witness

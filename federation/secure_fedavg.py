@@ -127,9 +127,12 @@ def partner_vector(
     num_examples: int,
     threshold: int,
     value_range_: float,
-    rng: np.random.Generator,
+    rng,
 ) -> np.ndarray:
     """The partner's input to the secure sum (float64, length len(delta) + 1); see the module docstring.
+
+    ``rng``: anything with numpy's ``normal(loc, scale, size)``; nodes pass ``clients.noise.ChaChaNoise`` (a
+    ChaCha20 keystream keyed by the OS CSPRNG), tests may pass a seeded numpy Generator.
 
     ``threshold`` and ``value_range_`` are the round's SecAgg parameters as the protocol enforces them.
     """

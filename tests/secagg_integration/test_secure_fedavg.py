@@ -51,13 +51,16 @@ def test_threshold_never_a_minority(tmp_path):
     assert all(threshold_for(cfg, n) > n / 2 for n in range(2, 50))
 
 
-@pytest.mark.parametrize("survivors", [3, 5])
-def test_distributed_noise_gives_the_aggregate_at_least_sigma_c(tmp_path, survivors):
+@pytest.mark.parametrize("survivors,source", [(3, "numpy"), (5, "numpy"), (3, "chacha")])
+def test_distributed_noise_gives_the_aggregate_at_least_sigma_c(tmp_path, survivors, source):
     """Each of the summed partners adds N(0, (sigma C)^2 / t): with t survivors the sum's noise std is
-    exactly sigma * C; with more it is sigma * C * sqrt(k / t) (over-noising, never under)."""
+    exactly sigma * C; with more it is sigma * C * sqrt(k / t) (over-noising, never under). "chacha" is the
+    nodes' source (clients/secure_update.py: a ChaCha20 keystream keyed by os.urandom, not a seeded PCG64)."""
+    from clients.noise import ChaChaNoise
+
     cfg = tiny_config(tmp_path, central_dp={"enabled": True, "noise_multiplier": 0.8, "clipping_norm": 0.5})
     t = 3
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1) if source == "numpy" else ChaChaNoise()
     d = 40_000
     huge = np.full(d, 1.0)  # L2 norm 200, clipped to C = 0.5
     vecs = [partner_vector(cfg, delta=huge, num_examples=10, threshold=t, value_range_=1.0, rng=rng)
