@@ -118,9 +118,10 @@ def resolve_node_ledger(cfg: FedpropConfig, node_config: Mapping[str, Any], *, d
                 "ledger-path='/var/lib/fedprop/ledger.sqlite' node-key='/etc/fedprop/keys/ledger.key' "
                 "(create the key with `fedprop certs ledger-key`)")
         ledger_path, key_path = Path(str(node_config["ledger-path"])), Path(str(node_config["node-key"]))
-        if key_path.resolve().parent == ledger_path.resolve().parent:
+        folder = ledger_path.resolve().parent
+        if key_path.resolve().parent == folder or folder in key_path.resolve().parents:  # also a subfolder of it
             raise ConfigError(
-                f"node config node-key={str(key_path)!r} lies in the ledger's folder: keep the ledger's signing key in "
+                f"node config node-key={str(key_path)!r} lies in the ledger's folder (or below it): keep the ledger's signing key in "
                 "the node's key directory (0700), so that whoever can write the ledger's folder cannot re-sign it")
         policy = str(node_config.get("budget-policy") or "")
         return NodeLedger(partner, ledger_path, key_path, Path(policy) if policy else None, True)

@@ -348,3 +348,21 @@ def test_server_witness_catches_erased_evaluation_releases(tmp_path, secure):
     with pytest.raises(LedgerVerificationError, match="truncated or rolled back"):  # ... but not against the witness
         verify_against(node.ledger_path, fed, public_key=node.public_key_path, federation_public_key=fed_pub,
                        partner=node.partner)
+
+
+@pytest.mark.parametrize("where,refused", [("same", True), ("below", True), ("apart", False)])
+def test_a_deployed_node_refuses_a_ledger_key_inside_the_ledgers_folder(tmp_path, where, refused):
+    """Whoever can write the ledger's folder must not be able to reach its signing key: not next to the ledger,
+    nor in a subfolder of it (only the same folder was refused before)."""
+    from federation.errors import FedpropError
+
+    cfg = make_cfg(tmp_path, policy=False)
+    ledger = tmp_path / "var" / "ledger.sqlite"
+    key = {"same": tmp_path / "var" / "l.key", "below": tmp_path / "var" / "keys" / "l.key",
+           "apart": tmp_path / "etc" / "l.key"}[where]
+    node_config = {"partition-id": 0, "ledger-path": str(ledger), "node-key": str(key)}
+    if refused:
+        with pytest.raises(FedpropError, match="lies in the ledger's folder"):
+            LH.resolve_node_ledger(cfg, node_config, deployment=True)
+    else:
+        assert LH.resolve_node_ledger(cfg, node_config, deployment=True).key_path == key
