@@ -19,7 +19,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, Metadata
 from flwr.clientapp import ClientApp
 
-from clients.noise import ChaChaNoise
 from federation.config import FedpropConfig, from_run_config
 from federation.errors import BudgetExceededError
 from federation.secagg.flower import STATE_KEY as SECAGG_STATE_KEY
@@ -65,6 +64,8 @@ def secure_update(
         raise BudgetExceededError(reply.error.reason or f"train refused (code {reply.error.code})")
     delta = flatten(reply.content["arrays"]) - flatten(message.content["arrays"])
     num_examples = int(reply.content["metrics"]["num-examples"])
+    from clients.noise import ChaChaNoise  # (torch: imported where a round runs, not with the ClientApp module)
+
     rng = ChaChaNoise(entropy(32))  # partner-level DP noise: a ChaCha20 keystream keyed by the OS CSPRNG
     vector = partner_vector(cfg, delta=delta, num_examples=num_examples, threshold=sa.threshold,
                             value_range_=sa.quantization.clip, rng=rng)

@@ -32,8 +32,8 @@ A released histogram is a statistic of the partner's held-out customers: how man
 churned/converted (the base rate), and how the model's scores are distributed per class, at the bin
 resolution. No individual prediction, identifier or feature leaves the node, but a histogram is not private
 by itself: with small counts a bin can single out a customer (e.g. "the one positive with score in
-[0.981, 0.982)"). :func:`noisy` releases the histogram with differential privacy instead; its mechanism dict
-is what a privacy ledger records for this release, like any other release.
+[0.981, 0.982)"). :func:`release_histogram` releases the counts with differential privacy instead (discrete Gaussian noise on
+fixed public edges); its mechanism is recorded in the partner's ledger before the release leaves.
 
 Undefined metrics (no positives, no negatives, no examples) are ``nan``; every function keeps one shape.
 """

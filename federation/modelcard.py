@@ -126,7 +126,7 @@ def build_model_card(
 
     ``metrics``: e.g. :func:`federation.metrics.summarize` of the combined evaluation histogram.
     ``privacy``: one entry per partner that trained with DP; empty for a non-private model.
-    ``evaluation_mechanism``: the mechanism dict of :func:`federation.metrics.noisy` if evaluation
+    ``evaluation_mechanism``: the mechanism dict of the DP evaluation release (its kind and unit) if evaluation
     aggregates were released with DP noise, else ``None``.
     """
     problems: list[str] = []
@@ -163,7 +163,7 @@ def build_model_card(
     mech = None if evaluation_mechanism is None else _jsonable(evaluation_mechanism, "evaluation_mechanism", problems)
     if mech is not None:
         if not isinstance(mech, dict):
-            problems.append("evaluation_mechanism must be the mechanism dict returned by metrics.noisy()")
+            problems.append("evaluation_mechanism must be the evaluation release's mechanism dict (with kind and unit)")
         else:
             for key in ("kind", "unit"):
                 if not isinstance(mech.get(key), str):

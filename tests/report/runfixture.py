@@ -2,7 +2,7 @@
 
 It has the files a simulation writes (config.json, federated_rounds.json/csv, checkpoints, the final model
 signed by the server key with its model cards, federation.pub, summary.json/md) with metrics computed by
-the real code (clients.evaluation histograms -> server.strategy.pooled_summaries; simulations.summary),
+the real code (exact per-partner histograms -> server.strategy.pooled_summaries; simulations.summary),
 from a fixed logistic-regression model on seeded synthetic features. The real Ray run is covered by
 tests/core/test_e2e_simulation.py and the slow test in this directory.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clients.evaluation import evaluation_metrics
 from federation import metrics as M
 from federation.config import from_dict
 from federation.featurespec import feature_names
@@ -26,6 +25,16 @@ from simulations.summary import build_summary, render_summary
 
 HEADS = ("churn", "propensity")
 TAG = "churn+propensity"
+
+
+def _exact_metrics(y, p, *, prefix: str) -> dict:
+    """A fixture partner's exact (NOT DP) evaluation metrics and histogram: report tests only."""
+    hist = M.histogram_from_scores(y, p, bins=M.DEFAULT_BINS)
+    s = M.summarize(hist)
+    out = {f"{prefix}auc": s["auc_roc"], f"{prefix}log-loss": s["log_loss"],
+           f"{prefix}top-decile-lift": s["top_decile_lift"]}
+    out.update(M.to_flat(hist, prefix=f"{prefix}hist."))
+    return out
 
 
 def _scores(rng: np.random.Generator, y: np.ndarray, strength: float) -> np.ndarray:
@@ -55,7 +64,7 @@ def make_run(run_dir: Path, key_dir: Path, *, epsilon: float = 3.0, partners: in
             P = np.stack([_scores(rng, Y[:, j], strength * (0.7 + 0.3 * r / rounds)) for j in range(2)], axis=1)
             ev = {"num-examples": len(Y), "partition-id": int(pid)}
             for j, h in enumerate(HEADS):
-                ev.update(evaluation_metrics(Y[:, j], P[:, j], prefix=f"{h}.")[0])
+                ev.update(_exact_metrics(Y[:, j], P[:, j], prefix=f"{h}."))
             flats.append(ev)
             rec["partners"][pid] = {
                 "train": {"num-examples": 4 * len(Y), "partition-id": int(pid), "epsilon": epsilon * np.sqrt(r / rounds),
