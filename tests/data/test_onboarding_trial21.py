@@ -9,14 +9,7 @@ import pytest
 import yaml
 
 from clients.data_cli import main as data_main
-
-
-def _propose(tmp_path, path, *args, capsys):
-    rc = data_main(["data", "propose", str(path), *args])
-    out = capsys.readouterr()
-    contract = tmp_path / "contract.yaml"
-    contract.write_text(out.out)
-    return rc, (yaml.safe_load(out.out) if rc == 0 else None), contract, out.err
+from tests.data.test_onboarding_trial import _propose
 
 
 def _bank(tmp_path, n=300, seed=3, encoding="latin-1", missing="?"):
