@@ -419,25 +419,26 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         timings["prepare"] = time.perf_counter() - t0
         e = c.events
         cut = pd.Timestamp(e.cutoff)
-        cut_ns, lb_ns = int(cut.value), int((cut - pd.Timedelta(days=e.lookback_days)).value)
+        cut_ns = int(cut.value)
         hz_ns = int((cut + pd.Timedelta(days=e.horizon_days)).value)
         ts_ns = "epoch_ns(ts)"
         in_h = f"({ts_ns} >= {cut_ns} AND {ts_ns} < {hz_ns})"
         dup_cols = ["ts", "et"] + (["amt"] if has["amt"] else []) + [k for k in ("ch", "prod", "tx") if has[k]] + has["static"]
         # Validation statistics ride on the feature pass at little cost: a row is kept iff its cid is not NULL (or
         # always), so "kept" is a property of the group; per-row conditions that only need to exist in a group are
-        # bits of one bit_or; the type tests reuse the aggregate's bits m (the contract's sets are the schema's).
+        # one bool_or each; the type tests reuse the aggregate's bits m (the contract's sets are the schema's).
         kept = "cid IS NOT NULL" if e.drop_missing_customer else "true"
         sc = c.schema()
         if (sc.activity_types, sc.purchase_types) != (e.activity, e.purchase):  # the bits m would mean other sets
             raise _Fallback("the contract's event schema names other activity/purchase types than its events block")
-        vf = (f"(CASE WHEN suspect THEN 1 ELSE 0 END) | (CASE WHEN aware THEN 2 ELSE 0 END) | "
-              f"(CASE WHEN {ts_ns} < {cut_ns} AND {ts_ns} >= {lb_ns} AND (m & 1) <> 0 THEN 8 ELSE 0 END) | "
-              f"(CASE WHEN hz THEN 4 | ((m & 1) << 4) | ((m & 2) << 4) ELSE 0 END)")  # 16: active, 32: bought
+        # A group's population, horizon and label facts are aggregates the feature pass computes anyway
+        # (activity_events > 0: an activity in the lookback window; label_active / label_bought: one in the
+        # horizon); only "has a suspect row" and "has a text time with an offset" are extra. (A NULL-id group
+        # is counted only with drop_missing_customer, where it is not kept; otherwise its rows are an error.)
         derived = (f"coalesce({in_h}, false) AS hz",)
         extra = (
-            "count(*) AS n_rows", "count(*) FILTER (WHERE m = 0) AS n_unknown", f"bit_or(CAST({vf} AS INTEGER)) AS vflags",
-            f"max({ts_ns}) AS last_ts", "count(*) FILTER (WHERE hz) AS n_horizon",
+            "count(*) AS n_rows", "count(*) FILTER (WHERE m = 0) AS n_unknown", "bool_or(suspect) AS any_suspect",
+            "bool_or(aware) AS any_aware", f"max({ts_ns}) AS last_ts", "count(*) FILTER (WHERE hz) AS n_horizon",
             *(f"arg_max({s}, ({ts_ns}, __row)) FILTER (WHERE {ts_ns} < {cut_ns} AND {s} IS NOT NULL) AS {s}"
               for s in has["static"]),
         )
@@ -460,11 +461,12 @@ def _stream(c: DataContract, path: str | None, *, delta, now: pd.Timestamp, min_
         timings["aggregate"] = time.perf_counter() - t0 - timings["prepare"]
         timings["aggregate_passes"] = float(passes)
         k = f"FILTER (WHERE {kept})"
+        pop = f"{kept} AND activity_events > 0"
         tot = con.execute(  # n_suspect, n_aware: groups with such a row (only their existence matters)
-            f"SELECT sum(n_rows), sum(n_rows) {k}, count(*) FILTER (WHERE vflags & 1 <> 0), sum(n_unknown) {k}, "
-            f"count(*) FILTER (WHERE vflags & 2 <> 0), max(last_ts) {k}, sum(n_horizon) {k}, "
-            f"count(*) FILTER (WHERE {kept} AND vflags & 8 <> 0), count(*) FILTER (WHERE {kept} AND vflags & 24 = 24), "
-            f"count(*) FILTER (WHERE {kept} AND vflags & 40 = 40) FROM agg").fetchone()
+            f"SELECT sum(n_rows), sum(n_rows) {k}, count(*) FILTER (WHERE any_suspect), sum(n_unknown) {k}, "
+            f"count(*) FILTER (WHERE any_aware), max(last_ts) {k}, sum(n_horizon) {k}, "
+            f"count(*) FILTER (WHERE {pop}), count(*) FILTER (WHERE {pop} AND label_active), "
+            f"count(*) FILTER (WHERE {pop} AND label_bought) FROM agg").fetchone()
         n_rows, n_kept, n_suspect, n_unknown, n_aware, last_ts, n_h, n_pop, n_act, n_buy = \
             [0 if v is None and i != 5 else v for i, v in enumerate(tot)]
         if c.deduplicate:  # counts before deduplication, as validation reports them
