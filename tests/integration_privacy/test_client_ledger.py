@@ -237,6 +237,20 @@ def test_restarted_node_restores_its_run_state_and_never_spends_twice_for_a_roun
     assert kinds.count(("dpsgd_round", 1)) == 1 and kinds.count(("run_start", None)) == 1
 
 
+def _witnessed_federation(tmp_path, secure: bool):
+    """A 2-round federation (3 partners under secure aggregation) whose server keeps a witness: (cfg, partner 0's
+    ledger, the in-process grid, the run outputs)."""
+    from server.outputs import RunOutputs
+    from tests.secagg_integration.conftest import InProcessGrid
+
+    extra = {"partners": 3, "secagg": {"enabled": True}} if secure else {}
+    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")}, **extra)
+    grid = InProcessGrid(make_client_app(config=cfg, loader=load_partner), cfg.partners)
+    out = RunOutputs(tmp_path / "run")
+    out.write_config(cfg)
+    return cfg, LH.resolve_node_ledger(cfg, {"partition-id": 0}), grid, out
+
+
 @pytest.mark.parametrize("framer", [False, True], ids=["honest", "a-partner-claims-its-name"])
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure, framer):
@@ -250,17 +264,9 @@ def test_server_witness_catches_a_rolled_back_partner_ledger(tmp_path, secure, f
     import shutil
 
     from federation.privacy.ledger import LedgerVerificationError, verify_against
-    from server.outputs import RunOutputs
     from server.server_app import WITNESS_FILE, run_federation
-    from tests.secagg_integration.conftest import InProcessGrid
 
-    extra = {"partners": 3, "secagg": {"enabled": True}} if secure else {}
-    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")}, **extra)
-    app = make_client_app(config=cfg, loader=load_partner)
-    node = LH.resolve_node_ledger(cfg, {"partition-id": 0})
-    grid = InProcessGrid(app, cfg.partners)
-    out = RunOutputs(tmp_path / "run")
-    out.write_config(cfg)
+    cfg, node, grid, out = _witnessed_federation(tmp_path, secure)
 
     snapshots = []
     real = grid.send_and_receive
@@ -312,17 +318,9 @@ def test_server_witness_catches_erased_evaluation_releases(tmp_path, secure):
     import shutil
 
     from federation.privacy.ledger import LedgerVerificationError, verify_against
-    from server.outputs import RunOutputs
     from server.server_app import WITNESS_FILE, run_federation
-    from tests.secagg_integration.conftest import InProcessGrid
 
-    extra = {"partners": 3, "secagg": {"enabled": True}} if secure else {}
-    cfg = make_cfg(tmp_path, policy=False, epsilon=3.0, rounds=2, release={"key_dir": str(tmp_path / "srvkeys")}, **extra)
-    app = make_client_app(config=cfg, loader=load_partner)
-    node = LH.resolve_node_ledger(cfg, {"partition-id": 0})
-    grid = InProcessGrid(app, cfg.partners)
-    out = RunOutputs(tmp_path / "run")
-    out.write_config(cfg)
+    cfg, node, grid, out = _witnessed_federation(tmp_path, secure)
     backup = tmp_path / "before-evaluation.sqlite"
     real = grid.send_and_receive
 
