@@ -18,7 +18,7 @@ import yaml
 from federation.contract import CHURN_NAMES, PROPOSAL_WARNING, _norm, load_contract, propose_contract
 from federation.errors import ConfigError, DataValidationError
 from federation.readers import SEPARATORS, open_source, read_frame
-from federation.validation import EPOCH_FORMATS, read_validated
+from federation.validation import EPOCH_FORMATS, EPOCH_RE, read_validated
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -146,7 +146,7 @@ def _review_draft(draft: dict, frame, args, notes: list[str], src=None) -> None:
     ts, cid = cols["timestamp"], cols["customer_id"]
     fmt, others = _timestamp_format(frame[ts])
     digits = frame[ts].dropna().astype("string").str.strip()
-    if not fmt and others and len(digits) and digits.str.fullmatch(r"\d{9,13}").mean() > 0.9:  # Unix time
+    if not fmt and others and len(digits) and digits.str.fullmatch(EPOCH_RE).mean() > 0.9:  # Unix time
         fmt, others = ("epoch_s" if digits.str.len().median() <= 11 else "epoch_ms"), []
         notes.append(f"column {ts!r} holds whole numbers of {digits.str.len().median():.0f} digits: drafted "
                      f"columns.timestamp_format {fmt} (Unix time in {'seconds' if fmt == 'epoch_s' else 'milliseconds'}"
