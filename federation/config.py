@@ -40,7 +40,8 @@ class PrivacyConfig:
     enabled: bool = True
     epsilon: float = 3.0  # target for the whole run, per partner, privacy unit = one customer
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    # DP-SGD clipping bound C (L2, per customer per step). 0 = auto: from privacy.epsilon, see AUTO_SCHEDULE.
+    max_grad_norm: float = 0.0
     accountant: str = "tight"
     # Per-partner privacy ledgers (clients/ledger_hooks.py). Simulation: <ledger_dir>/<data.name>/partner-<i>.sqlite, kept
     # ACROSS runs so a partner's budget is cumulative per policy period (relative paths: to the CWD).
@@ -163,7 +164,7 @@ class ReleaseConfig:
 @dataclass
 class FedpropConfig:
     partners: int = 5
-    rounds: int = 10
+    rounds: int = 0  # server rounds; 0 = auto: from privacy.epsilon, see AUTO_SCHEDULE
     task: str = "both"
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +179,36 @@ class FedpropConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     num_cpus_per_client: float = 1.0
     verbose: bool = False
+
+
+# ``rounds: 0`` and ``privacy.max_grad_norm: 0`` mean "choose from privacy.epsilon": (epsilon from, C, rounds), the
+# last row whose threshold epsilon reaches. It reads only the declared (public) target epsilon, never data, so it
+# costs no privacy and the server and every node resolve the same numbers (they travel in the config hash).
+# Measured with benchmarks/bench_utility.py on the four bundled datasets over fixed splits (README "How the defaults
+# were chosen"): at epsilon < 2 the noise multiplier is large and C=1 with 10 rounds keeps the noise per step
+# lowest; from epsilon 2 a larger clip bound clips less signal, and from epsilon 3 more rounds add accuracy.
+# Without DP (privacy.enabled=false) the first row applies. An explicit non-zero value always wins.
+AUTO_SCHEDULE: tuple[tuple[float, float, int], ...] = ((0.0, 1.0, 10), (2.0, 2.0, 10), (3.0, 2.0, 20))
+
+
+def auto_schedule(epsilon: float | None) -> tuple[float, int]:
+    """(max_grad_norm, rounds) that ``0 = auto`` resolves to for a target epsilon (None: no DP)."""
+    row = AUTO_SCHEDULE[0]
+    for r in AUTO_SCHEDULE:
+        if epsilon is not None and epsilon >= r[0]:
+            row = r
+    return row[1], row[2]
+
+
+def _resolve_auto(cfg: FedpropConfig) -> None:
+    """Fill ``rounds`` / ``privacy.max_grad_norm`` left at 0 (auto) in place; explicit values are kept."""
+    pv = cfg.privacy
+    eps = float(pv.epsilon) if pv.enabled and isinstance(pv.epsilon, (int, float)) and pv.epsilon > 0 else None
+    clip, rounds = auto_schedule(eps)
+    if cfg.rounds == 0:
+        cfg.rounds = rounds
+    if pv.max_grad_norm == 0:
+        pv.max_grad_norm = clip
 
 
 def min_partners(cfg: FedpropConfig) -> int:
@@ -200,12 +231,14 @@ def _allowed(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
 
 
 def validate(cfg: FedpropConfig) -> FedpropConfig:
-    """Collect every invalid value, then raise one ConfigError naming each full key."""
+    """Resolve ``0 = auto`` keys (AUTO_SCHEDULE), collect every invalid value, then raise one ConfigError naming
+    each full key. Validate after setting privacy.epsilon: auto values are fixed by the first validation."""
     p: list[str] = []
+    _resolve_auto(cfg)
     if cfg.partners < 1:
         p.append(f"partners={cfg.partners} must be >= 1 (number of partner nodes)")
     if cfg.rounds < 1:
-        p.append(f"rounds={cfg.rounds} must be >= 1")
+        p.append(f"rounds={cfg.rounds} must be >= 1 (or 0: chosen from privacy.epsilon)")
     p += _allowed("task", cfg.task, TASKS)
     p += _allowed("model.kind", cfg.model.kind, MODELS)
     p += _allowed("model.heads", cfg.model.heads, ("two_head", "separate"))
@@ -219,7 +252,7 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
         if not 0 < pv.delta < 1:
             p.append(f"privacy.delta={pv.delta} must be in (0, 1); use well below 1/n customers, e.g. 1e-5")
         if not pv.max_grad_norm > 0:
-            p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0")
+            p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0 (or 0: chosen from privacy.epsilon)")
         p += _allowed("privacy.accountant", pv.accountant, ACCOUNTANTS)
         if not isinstance(pv.ledger_dir, str) or (pv.ledger_dir and not pv.ledger_dir.strip()):
             p.append(f"privacy.ledger_dir={pv.ledger_dir!r} must be \"\" (per-run ledgers) or a directory path")

@@ -157,7 +157,8 @@ def _run(cfg: FedpropConfig, run_dir: Path, partner_loader, split_key: bytes, na
     t0 = time.perf_counter()
     print(f"fedprop: {cfg.partners} partners x {cfg.rounds} rounds, task={cfg.task}, model={cfg.model.kind}, "
           f"data={cfg.data.name}, DP target epsilon={cfg.privacy.epsilon if cfg.privacy.enabled else 'off'} "
-          f"(delta={cfg.privacy.delta:g}, per partner, unit=customer) -> {run_dir}", flush=True)
+          f"(delta={cfg.privacy.delta:g}, per partner, unit=customer"
+          f"{f', clip C={cfg.privacy.max_grad_norm:g}' if cfg.privacy.enabled else ''}) -> {run_dir}", flush=True)
     flwr.simulation.run_simulation(
         server_app=make_server_app(config=cfg, run_dir=run_dir),
         client_app=make_client_app(config=cfg, loader=partner_loader, split_key=split_key),

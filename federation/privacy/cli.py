@@ -133,6 +133,11 @@ def _plan(args: argparse.Namespace, out) -> int:
     target = args.target_epsilon
     if target is None and args.noise_multiplier is None:
         target = _cfg_get(cfg, "privacy.epsilon")
+    if rounds is not None and int(rounds) == 0:  # rounds: 0 = auto from the target epsilon (federation/config.py)
+        from federation.config import auto_schedule
+
+        eps_for_auto = target if target is not None else _cfg_get(cfg, "privacy.epsilon")
+        rounds = None if eps_for_auto is None else auto_schedule(float(eps_for_auto))[1]
     missing = [name for name, v in (("--rounds", rounds),) if v is None]
     if args.sampling_rate is not None:
         q = args.sampling_rate

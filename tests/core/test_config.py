@@ -49,3 +49,42 @@ def test_run_config_round_trip_is_flat_and_exact():
     assert all(isinstance(v, (int, float, bool, str)) for v in flat.values())
     assert flat["fedprop.model.hidden"] == "8,4"
     assert to_dict(from_run_config(flat)) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("eps, clip, rounds", [(0.5, 1.0, 10), (1.0, 1.0, 10), (1.99, 1.0, 10), (2.0, 2.0, 10),
+                                               (3.0, 2.0, 20), (8.0, 2.0, 20)])
+def test_auto_clip_and_rounds_follow_the_declared_epsilon(eps, clip, rounds):
+    from federation.config import AUTO_SCHEDULE, auto_schedule
+
+    cfg = from_dict({"privacy": {"epsilon": eps}})
+    assert (cfg.privacy.max_grad_norm, cfg.rounds) == (clip, rounds) == auto_schedule(eps)
+    assert [r[0] for r in AUTO_SCHEDULE] == sorted(r[0] for r in AUTO_SCHEDULE) and AUTO_SCHEDULE[0][0] == 0
+
+
+def test_explicit_clip_and_rounds_win_and_no_dp_takes_the_first_row():
+    cfg = from_dict({"rounds": 7, "privacy": {"epsilon": 3.0, "max_grad_norm": 0.5}})
+    assert (cfg.rounds, cfg.privacy.max_grad_norm) == (7, 0.5)
+    assert from_dict({"rounds": 0, "privacy": {"epsilon": 8.0, "max_grad_norm": 3.0}}).rounds == 20
+    off = from_dict({"privacy": {"enabled": False, "epsilon": 8.0}})
+    assert (off.rounds, off.privacy.max_grad_norm) == (10, 1.0)
+
+
+def test_auto_values_resolve_identically_on_server_and_node_and_travel_resolved():
+    # The server's typed config and a node's config parsed from the same declared run config (0 = auto) agree,
+    # so the plan check and the config hash match; the resolved numbers are what to_run_config sends.
+    declared = to_run_config(FedpropConfig())
+    assert declared["fedprop.rounds"] == 0 and declared["fedprop.privacy.max_grad_norm"] == 0.0
+    declared["fedprop.privacy.epsilon"] = 1.0
+    server, node = from_run_config(dict(declared)), from_run_config(dict(declared))
+    assert to_dict(server) == to_dict(node) and (server.rounds, server.privacy.max_grad_norm) == (10, 1.0)
+    sent = to_run_config(server)
+    assert (sent["fedprop.rounds"], sent["fedprop.privacy.max_grad_norm"]) == (10, 1.0)
+    assert to_dict(from_run_config(sent)) == to_dict(server)
+
+
+@pytest.mark.parametrize("override, key", [({"rounds": -1}, "rounds="), ({"privacy": {"max_grad_norm": -1.0}},
+                                                                         "privacy.max_grad_norm=")])
+def test_negative_auto_keys_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key) as exc:
+        from_dict(override)
+    assert "0: chosen from privacy.epsilon" in str(exc.value)

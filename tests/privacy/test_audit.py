@@ -106,10 +106,11 @@ def test_guessing_on_perfect_and_on_useless_scores():
 @pytest.fixture(scope="module")
 def small():
     from clients.audit import background
-    from federation.config import FedpropConfig
+    from federation.config import FedpropConfig, validate
 
     cfg = FedpropConfig()
     cfg.rounds, cfg.privacy.epsilon = 2, 1.0
+    cfg = validate(cfg)  # resolves privacy.max_grad_norm (0 = auto) before the audit reads C
     X, Y = background(cfg, 0)
     return cfg, X[:1500], Y[:1500]
 

@@ -171,3 +171,16 @@ def test_report_audit_file_is_schema_checked(tmp_path):
     bad.write_text(_json.dumps({"schema": "other", "line": "x"}))
     with _pytest.raises(FedpropError, match="not a fedprop audit file"):
         _audit_summary(bad)
+
+
+def test_plan_resolves_auto_rounds_from_the_target_epsilon(tmp_path, capsys):
+    from federation.config import auto_schedule
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rounds: 0\ntrain:\n  batch_size: 50\n  local_epochs: 2\nprivacy:\n  epsilon: 3.0\n")
+    assert main(["budget", "plan", "--config", str(cfg), "--n-customers", "1000", "--accountant", "rdp",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == auto_schedule(3.0)[1] == 20
+    assert main(["budget", "plan", "--config", str(cfg), "--n-customers", "1000", "--accountant", "rdp",
+                 "--target-epsilon", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == auto_schedule(1.0)[1] == 10
