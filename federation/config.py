@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -182,11 +183,13 @@ class FedpropConfig:
 
 
 # ``rounds: 0`` and ``privacy.max_grad_norm: 0`` mean "choose from privacy.epsilon": (epsilon from, C, rounds), the
-# last row whose threshold epsilon reaches. It reads only the declared (public) target epsilon, never data, so it
+# last row whose threshold the epsilon of one federation reaches (privacy.epsilon; half of it with task=both and
+# model.heads=separate, which train two federations). It reads only the declared (public) config, never data, so it
 # costs no privacy and the server and every node resolve the same numbers (they travel in the config hash).
-# Measured with benchmarks/bench_utility.py on the four bundled datasets over fixed splits (README "How the defaults
-# were chosen"): at epsilon < 2 the noise multiplier is large and C=1 with 10 rounds keeps the noise per step
-# lowest; from epsilon 2 a larger clip bound clips less signal, and from epsilon 3 more rounds add accuracy.
+# Measured with benchmarks/bench_utility.py on the four bundled datasets over fixed splits (README "Utility at
+# epsilon 1 and 3", the rule-choice table): at epsilon < 2 the noise multiplier is large and C=1 with 10 rounds
+# keeps the noise per step lowest; from epsilon 2 a larger clip bound clips less signal, and from epsilon 3 more
+# rounds add accuracy.
 # Without DP (privacy.enabled=false) the first row applies. An explicit non-zero value always wins.
 AUTO_SCHEDULE: tuple[tuple[float, float, int], ...] = ((0.0, 1.0, 10), (2.0, 2.0, 10), (3.0, 2.0, 20))
 
@@ -204,10 +207,12 @@ def _resolve_auto(cfg: FedpropConfig) -> None:
     """Fill ``rounds`` / ``privacy.max_grad_norm`` left at 0 (auto) in place; explicit values are kept."""
     pv = cfg.privacy
     eps = float(pv.epsilon) if pv.enabled and isinstance(pv.epsilon, (int, float)) and pv.epsilon > 0 else None
+    if eps is not None and cfg.task == "both" and cfg.model.heads == "separate":
+        eps /= 2  # two federations on the same customers, each at half the budget (clients/node.py:run_share)
     clip, rounds = auto_schedule(eps)
-    if cfg.rounds == 0:
+    if type(cfg.rounds) is int and cfg.rounds == 0:
         cfg.rounds = rounds
-    if pv.max_grad_norm == 0:
+    if type(pv.max_grad_norm) in (int, float) and pv.max_grad_norm == 0:
         pv.max_grad_norm = clip
 
 
@@ -237,8 +242,8 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     _resolve_auto(cfg)
     if cfg.partners < 1:
         p.append(f"partners={cfg.partners} must be >= 1 (number of partner nodes)")
-    if cfg.rounds < 1:
-        p.append(f"rounds={cfg.rounds} must be >= 1 (or 0: chosen from privacy.epsilon)")
+    if type(cfg.rounds) is not int or cfg.rounds < 1:
+        p.append(f"rounds={cfg.rounds!r} must be an integer >= 1 (or 0: chosen from privacy.epsilon)")
     p += _allowed("task", cfg.task, TASKS)
     p += _allowed("model.kind", cfg.model.kind, MODELS)
     p += _allowed("model.heads", cfg.model.heads, ("two_head", "separate"))
@@ -251,8 +256,9 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
                      "privacy.enabled=false runs without DP)")
         if not 0 < pv.delta < 1:
             p.append(f"privacy.delta={pv.delta} must be in (0, 1); use well below 1/n customers, e.g. 1e-5")
-        if not pv.max_grad_norm > 0:
-            p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be > 0 (or 0: chosen from privacy.epsilon)")
+        if not 0 < pv.max_grad_norm < float("inf"):
+            p.append(f"privacy.max_grad_norm={pv.max_grad_norm} must be a finite number > 0 (or 0: chosen from "
+                     "privacy.epsilon)")
         p += _allowed("privacy.accountant", pv.accountant, ACCOUNTANTS)
         if not isinstance(pv.ledger_dir, str) or (pv.ledger_dir and not pv.ledger_dir.strip()):
             p.append(f"privacy.ledger_dir={pv.ledger_dir!r} must be \"\" (per-run ledgers) or a directory path")
@@ -357,6 +363,29 @@ def validate(cfg: FedpropConfig) -> FedpropConfig:
     return cfg
 
 
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` checked against the type of the key's default (bool, int, float, str), so a wrong type is one
+    ConfigError naming the key, not a TypeError later (or a string epsilon silently read as "no DP"). An integral
+    float is accepted for an integer key (20.0 -> 20); True / False are not numbers here."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return value
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"{key}={value!r} must be {what} (default {default!r})")
+    return value
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = [k for k in data if k not in known]
@@ -373,6 +402,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{prefix + name} must be a group of keys, got {value!r}")
             value = _build(type(default), value, prefix + name + ".")
+        else:
+            value = _typed(prefix + name, value, default)
         kwargs[name] = value
     return cls(**kwargs)
 

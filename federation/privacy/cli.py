@@ -121,6 +121,32 @@ def _cfg_get(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def _auto_rounds(cfg: dict, target: float | None) -> int:
+    """The rounds a run of this config would train: its ``rounds`` (0 or absent = auto), resolved as the run resolves
+    it (``federation.config._resolve_auto``, schema defaults for absent keys; ``--target-epsilon`` stands for the
+    config's epsilon). A value the run would refuse is refused here, naming the key."""
+    import dataclasses
+
+    from federation.config import FedpropConfig, _resolve_auto, _typed
+
+    base = FedpropConfig()
+
+    def value(key: str, default: Any) -> Any:
+        got = _cfg_get(cfg, key)
+        return default if got is None else _typed(key, got, default)
+
+    run = dataclasses.replace(
+        base, rounds=value("rounds", base.rounds), task=value("task", base.task),
+        model=dataclasses.replace(base.model, heads=value("model.heads", base.model.heads)),
+        privacy=dataclasses.replace(base.privacy, enabled=value("privacy.enabled", base.privacy.enabled),
+                                    epsilon=float(target) if target is not None
+                                    else value("privacy.epsilon", base.privacy.epsilon)))
+    _resolve_auto(run)
+    if run.rounds < 1:
+        raise FedpropError(f"rounds={run.rounds} in --config must be >= 1 (or 0: chosen from privacy.epsilon)")
+    return run.rounds
+
+
 def _plan(args: argparse.Namespace, out) -> int:
     cfg: dict = {}
     if args.config is not None:
@@ -133,11 +159,8 @@ def _plan(args: argparse.Namespace, out) -> int:
     target = args.target_epsilon
     if target is None and args.noise_multiplier is None:
         target = _cfg_get(cfg, "privacy.epsilon")
-    if rounds is not None and int(rounds) == 0:  # rounds: 0 = auto from the target epsilon (federation/config.py)
-        from federation.config import auto_schedule
-
-        eps_for_auto = target if target is not None else _cfg_get(cfg, "privacy.epsilon")
-        rounds = None if eps_for_auto is None else auto_schedule(float(eps_for_auto))[1]
+    if args.rounds is None and args.config is not None:
+        rounds = _auto_rounds(cfg, target)
     missing = [name for name, v in (("--rounds", rounds),) if v is None]
     if args.sampling_rate is not None:
         q = args.sampling_rate

@@ -88,3 +88,34 @@ def test_negative_auto_keys_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key) as exc:
         from_dict(override)
     assert "0: chosen from privacy.epsilon" in str(exc.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"rounds": 2.5}, "rounds=2.5 must be an integer"), ({"rounds": float("nan")}, "rounds=nan must be an integer"),
+    ({"rounds": True}, "rounds=True must be an integer"), ({"rounds": "0"}, "rounds='0' must be an integer"),
+    ({"privacy": {"epsilon": "3.0"}}, "privacy.epsilon='3.0' must be a number"),
+    ({"privacy": {"epsilon": True}}, "privacy.epsilon=True must be a number"),
+    ({"privacy": {"max_grad_norm": "0"}}, "privacy.max_grad_norm='0' must be a number"),
+    ({"privacy": {"max_grad_norm": float("inf")}}, "privacy.max_grad_norm=inf must be a finite number"),
+    ({"privacy": {"enabled": 1}}, "privacy.enabled=1 must be true or false"),
+])
+def test_wrongly_typed_values_are_refused_naming_the_key(override, key):
+    # A coordinator's (or a typo's) string epsilon must not read as "no DP", nor a float round count reach range().
+    with pytest.raises(ConfigError) as exc:
+        from_dict(override)
+    assert key in str(exc.value)
+
+
+def test_an_integral_float_round_count_is_an_integer():
+    cfg = from_dict({"rounds": 20.0})
+    assert cfg.rounds == 20 and type(cfg.rounds) is int
+
+
+def test_auto_reads_the_epsilon_of_one_federation_with_separate_heads():
+    # task=both with separate heads trains two federations at epsilon / 2 each (clients/node.py:run_share).
+    from federation.config import auto_schedule
+
+    two = from_dict({"task": "both", "model": {"heads": "separate"}, "privacy": {"epsilon": 3.0}})
+    assert (two.privacy.max_grad_norm, two.rounds) == auto_schedule(1.5) == (1.0, 10)
+    one = from_dict({"task": "churn", "model": {"heads": "separate"}, "privacy": {"epsilon": 3.0}})
+    assert (one.privacy.max_grad_norm, one.rounds) == auto_schedule(3.0)

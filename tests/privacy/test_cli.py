@@ -184,3 +184,23 @@ def test_plan_resolves_auto_rounds_from_the_target_epsilon(tmp_path, capsys):
     assert main(["budget", "plan", "--config", str(cfg), "--n-customers", "1000", "--accountant", "rdp",
                  "--target-epsilon", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rounds"] == auto_schedule(1.0)[1] == 10
+
+
+def test_plan_resolves_rounds_as_the_run_would(tmp_path, capsys):
+    # Absent rounds / epsilon take the schema defaults (0 = auto, epsilon 3), DP off takes the first row, and a
+    # round count the run would refuse is refused here too.
+    from federation.config import FedpropConfig, auto_schedule, from_dict
+
+    def plan(text: str, *extra: str):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(text)
+        return main(["budget", "plan", "--config", str(cfg), "--n-customers", "1000", "--batch-size", "50",
+                     "--epochs-per-round", "1", "--accountant", "rdp", "--json", *extra])
+
+    assert plan("train:\n  batch_size: 50\n", "--noise-multiplier", "1") == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == from_dict({}).rounds == auto_schedule(
+        FedpropConfig().privacy.epsilon)[1]
+    assert plan("privacy:\n  enabled: false\n  epsilon: 8\n", "--noise-multiplier", "1") == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == auto_schedule(None)[1]
+    assert plan("rounds: 0.5\n", "--noise-multiplier", "1") == 2
+    assert "rounds=0.5 must be an integer" in capsys.readouterr().err
