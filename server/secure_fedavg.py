@@ -31,6 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from federation import metrics as M
 from federation.config import FedpropConfig, config_hash, evaluation_rounds
 from federation.errors import FedpropError
 from federation.privacy.accountants import get_accountant
@@ -38,7 +39,8 @@ from federation.privacy.events import Gaussian
 from federation.secagg.flower import RECORD_KEY, secure_sum
 from federation.secagg.primitives import Entropy, RoundAbortedError
 from federation.secure_fedavg import aggregate_step, min_partner_weight, plan_round
-from server.strategy import HIST, aggregate_eval_metrics, ledger_head
+from server.strategy import (HIST, INVALID_UPDATE, aggregate_eval_metrics, ledger_head, partition_id,
+                             screen_evaluation)
 
 __all__ = ["ACTION", "LEDGER_FILE", "SecureFedAvgResult", "run_secure_fedavg"]
 
@@ -152,6 +154,7 @@ def run_secure_fedavg(
     num_params = int(_flatten(initial).size)
     rng = random.Random(cfg.seed)
     aggregate_eval = aggregate_eval_metrics(heads)
+    eval_edges = tuple(M.logit_edges(cfg.evaluation.bins))  # the federation's public score bins
     config_base = {"heads": ",".join(heads), "fedprop-run-id": run_id}  # partners key their ledgers by it
     if cfg.strategy.name == "fedprox":
         config_base["proximal-mu"] = float(cfg.strategy.proximal_mu)
@@ -210,9 +213,16 @@ def run_secure_fedavg(
         rec: dict[str, Any] = {"round": rnd, "partners": {}, "refusals": tap.errors, "secagg": info}
         node_pid: dict[int, str] = {}
         flats = []
-        for r in sorted(replies, key=lambda m: int(next(iter(m.content.metric_records.values())).get("partition-id", -1))):
-            m = dict(next(iter(r.content.metric_records.values())))
-            pid = str(int(m.get("partition-id", -1)))
+        for r in sorted(replies, key=lambda m: partition_id(next(iter(m.content.metric_records.values()), {}))):
+            m = dict(next(iter(r.content.metric_records.values()), {}))
+            pid = str(partition_id(m))
+            why = screen_evaluation(m, eval_edges)
+            if why is not None:  # a hostile or broken release is set aside, never fails the round
+                rec.setdefault("evaluate_refusals", []).append(
+                    {"node": r.metadata.src_node_id, "partner": pid, "code": INVALID_UPDATE, "reason": why})
+                print(f"fedprop: round {rnd} evaluation: the release of partner {pid} (node {r.metadata.src_node_id}) "
+                      f"is not pooled: {why}", flush=True)
+                continue
             node_pid[r.metadata.src_node_id] = pid
             flats.append((r.metadata.src_node_id, m, r.content))
         claimed = [v for v in node_pid.values()]

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from federation.atomicio import atomic_write_text
 from federation.errors import FedpropError
 from federation.config import FedpropConfig, config_hash, evaluation_rounds, from_run_config
+from federation import metrics as M
 from federation.featurespec import feature_names
 from federation.models import build_model, federations
 from server.outputs import RunOutputs, check_resumable, progress_line
@@ -33,7 +34,8 @@ from server.strategy import RecordingStrategy, build_strategy, pooled_summaries
 
 
 class ReleaseRefused(FedpropError):
-    """Too few rounds aggregated anything: the federation's model is not a result and is not released."""
+    """Too few rounds aggregated anything, or the final model is not finite: the federation's model is not a
+    result and is not released."""
 
 
 def aggregated_rounds(rounds: list[dict]) -> int:
@@ -42,18 +44,27 @@ def aggregated_rounds(rounds: list[dict]) -> int:
 
 
 def _release_or_refuse(out: RunOutputs, cfg: FedpropConfig, *, tag: str, heads, names, final: ArrayRecord, pooled) -> None:
-    """Release nothing from nothing: fewer than ``release.min_rounds`` aggregated rounds -> no model file, no
-    signature, no model card; ``RELEASE_REFUSED_<tag>.json`` says why and the run exits non-zero."""
+    """Release nothing from nothing: fewer than ``release.min_rounds`` aggregated rounds, or a final model with NaN
+    or infinite parameters (a diverged run) -> no model file, no signature, no model card;
+    ``RELEASE_REFUSED_<tag>.json`` says why and the run exits non-zero."""
     done = aggregated_rounds(out.rounds.get(tag, []))
+    state = final.to_torch_state_dict()
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    reason = None
     if done < cfg.release.min_rounds:
         reason = (f"federation {tag}: {done} of {cfg.rounds} round(s) aggregated any partner's update (release.min_rounds="
                   f"{cfg.release.min_rounds}); the model is not a result, so nothing was saved, signed or released. "
                   "See the refusals and errors in federated_rounds.json.")
+    elif bad:
+        reason = (f"federation {tag}: the final model's parameter(s) {', '.join(bad)} hold NaN or infinite values "
+                  "(training diverged); nothing was saved, signed or released. Lower train.lr or set "
+                  "privacy.max_grad_norm / rounds explicitly, and see federated_rounds.json.")
+    if reason is not None:
         atomic_write_text(out.dir / f"RELEASE_REFUSED_{tag}.json", json.dumps({"tag": tag, "aggregated_rounds": done,
                                                                               "reason": reason}, indent=2))
         print(f"fedprop: {reason}", flush=True)
         raise ReleaseRefused(reason)
-    out.save_final(tag, final.to_torch_state_dict(), heads=heads, feature_names=names)
+    out.save_final(tag, state, heads=heads, feature_names=names)
     release_model(out.dir, cfg, tag=tag, heads=heads, feature_names=names, rounds=out.rounds.get(tag, []), pooled=pooled)
 
 
@@ -152,6 +163,7 @@ def run_federation(grid: Grid, cfg: FedpropConfig, *, heads: tuple[str, ...], ou
     # crash in between leaves a checkpoint without a record (resume_point says so), never the reverse.
     strategy = RecordingStrategy(build_strategy(cfg, heads=heads, num_partners=num_partners), on_round=on_round,
                                  evaluate_rounds=evaluation_rounds(cfg), round_offset=start,
+                                 eval_edges=tuple(M.logit_edges(cfg.evaluation.bins)),
                                  on_aggregate=lambda rnd, arrays: out.save_checkpoint(tag, rnd, arrays.to_torch_state_dict()))
 
     result = strategy.start(
@@ -186,8 +198,10 @@ def open_run(run_dir: str | Path, cfg: FedpropConfig, run_config: dict, *,
         out.write_config(cfg)
     out.write_run(run_id=run_id, run_config={k: v for k, v in run_config.items() if k != RESUME_KEY},
                   flower_run_id=flower_run_id)
-    print(f"fedprop: run {run_id} (Flower run {flower_run_id}){' resumed' if resume else ''}; outputs in {out.dir}",
-          flush=True)
+    dp = (f"epsilon {cfg.privacy.epsilon:g}, clip C={cfg.privacy.max_grad_norm:g}" if cfg.privacy.enabled
+          else "privacy disabled")
+    print(f"fedprop: run {run_id} (Flower run {flower_run_id}){' resumed' if resume else ''}: {cfg.rounds} rounds, "
+          f"{dp}; outputs in {out.dir}", flush=True)
     return out, run_id, resume
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
@@ -109,8 +110,13 @@ def partner_id(msg: Message) -> str:
     else its partition id (simulations)."""
     if "partner" in msg.content.config_records:
         return str(msg.content["partner"]["name"])
-    metrics = next(iter(msg.content.metric_records.values()), {})
-    return str(int(metrics.get("partition-id", -1)))
+    return str(partition_id(next(iter(msg.content.metric_records.values()), {})))
+
+
+def partition_id(metrics) -> int:
+    """The partition id a reply reports, -1 when absent or not an integer (a hostile reply must not raise here)."""
+    v = metrics.get("partition-id", -1) if hasattr(metrics, "get") else -1
+    return int(v) if _scalar(v) and math.isfinite(v) and int(v) == v else -1
 
 
 def _reply_key(msg: Message) -> tuple:
@@ -124,6 +130,64 @@ def _reply_key(msg: Message) -> tuple:
             digest.update(name.encode())
             digest.update(rec[name].data)
     return (0, partner_id(msg), digest.hexdigest())
+
+
+INVALID_UPDATE = "invalid-update"
+
+
+def screen_update(msg: Message, reference: ArrayRecord | None) -> str | None:
+    """Why a plain train reply cannot be aggregated, or None. One hostile partner must not crash the server (a
+    shape FedAvg cannot broadcast), poison the global model (NaN / inf weights) or stall the round: such a reply is
+    set aside like a refusal. ``reference``: the global model sent this round (names, shapes and dtypes; public).
+    The reason names keys and shapes only, never a value."""
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        return f"{len(records)} array records (expected 1: the model)"
+    arrays = records[0]
+    if reference is not None:
+        if list(arrays.keys()) != list(reference.keys()):
+            return f"parameter names {sorted(arrays.keys())} differ from the global model's {sorted(reference.keys())}"
+        for k in reference.keys():
+            got, want = arrays[k], reference[k]
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                return f"parameter {k!r} is {got.dtype}{list(got.shape)}, the global model's {want.dtype}{list(want.shape)}"
+    for k in arrays.keys():
+        if not np.all(np.isfinite(arrays[k].numpy())):
+            return f"parameter {k!r} holds NaN or infinite values"
+    metrics = next(iter(msg.content.metric_records.values()), {})
+    n = metrics.get("num-examples") if "num-examples" in metrics else None
+    if not _scalar(n) or not math.isfinite(n) or n < 1 or int(n) != n:
+        return "num-examples (the FedAvg weight) is missing or not a positive integer"
+    return None
+
+
+MAX_RELEASED_COUNT = 2 ** 40  # a noisy per-bin count beyond this is not a customer count (and overflows int64 sums)
+
+
+def screen_evaluation(flat: dict[str, Any], edges: tuple[float, ...] | None) -> str | None:
+    """Why one partner's evaluation reply cannot be pooled, or None: every head it reports must be a well-formed
+    release on the federation's public bin ``edges`` with finite, bounded counts, and summarise on its own. A
+    hostile partner's malformed histogram is set aside instead of failing the whole round's evaluation. The reason
+    names keys only, never a value."""
+    for head in _heads_in([flat]):
+        prefix = f"{head}{HIST}"
+        if M.is_release(flat, prefix=prefix):
+            try:
+                same = edges is None or tuple(float(x) for x in flat[f"{prefix}edges"]) == tuple(edges)
+                counts = [np.asarray(flat[f"{prefix}{k}"], dtype=np.float64) for k in ("pos", "neg")]
+            except (KeyError, TypeError, ValueError):
+                return f"{prefix}edges / pos / neg are missing or not numbers"
+            if not same:
+                return f"{prefix}edges are not the federation's public bin edges"
+            bins = len(edges) - 1 if edges is not None else counts[0].shape[0]
+            if any(c.shape != (bins,) or not np.all(np.isfinite(c)) or np.any(np.abs(c) > MAX_RELEASED_COUNT)
+                   for c in counts):
+                return f"{prefix}pos / neg are not {bins} finite counts"
+        try:
+            summarize_head([flat], head)
+        except Exception:  # noqa: BLE001 -- a partner's reply must never raise in the server
+            return f"{prefix}* is not a valid evaluation record"
+    return None
 
 
 def ledger_head(led, node: int) -> dict[str, Any]:
@@ -153,8 +217,10 @@ class RecordingStrategy(Strategy):
 
     def __init__(self, inner: Strategy, *, on_round: Callable[[dict[str, Any]], None] | None = None,
                  evaluate_rounds: Iterable[int] | None = None, round_offset: int = 0,
-                 on_aggregate: Callable[[int, ArrayRecord], None] | None = None) -> None:
+                 on_aggregate: Callable[[int, ArrayRecord], None] | None = None,
+                 eval_edges: tuple[float, ...] | None = None) -> None:
         self.inner = inner
+        self.eval_edges = eval_edges  # the federation's public score-bin edges (evaluation.bins): replies must use them
         self.on_aggregate = on_aggregate  # (round, new global model): the checkpoint, written before the round's record
         self._arrays: ArrayRecord | None = None  # the global model sent this round (kept when nothing aggregates)
         self.round_offset = int(round_offset)  # rounds done before a resume: loop round r is the run's round r + offset
@@ -222,20 +288,28 @@ class RecordingStrategy(Strategy):
         return result
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = sorted(replies, key=_reply_key)
+        replies, screened = sorted(replies, key=_reply_key), []
         for msg in replies:
             if msg.has_error():
                 self._current["refusals"].append(self._missing(msg))
                 continue
+            name = self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
+            why = screen_update(msg, self._arrays)
+            if why is not None:  # set aside: recorded with the refusals, not aggregated, not counted as trained
+                self._current["refusals"].append({"node": msg.metadata.src_node_id, "partner": name,
+                                                  "code": INVALID_UPDATE, "reason": why})
+                print(f"fedprop: round {server_round} training: the update of partner {name} (node "
+                      f"{msg.metadata.src_node_id}) is not aggregated: {why}", flush=True)
+                continue
+            screened.append(msg)
             m = dict(next(iter(msg.content.metric_records.values())))
-            self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
             rec: dict[str, Any] = {"train": m}
             if "ledger" in msg.content.config_records:  # the partner's ledger head after recording this release:
                 rec["ledger"] = ledger_head(msg.content["ledger"], msg.metadata.src_node_id)
             parts = self._current["partners"]
-            parts[record_key(parts, partner_id(msg), int(msg.metadata.src_node_id))] = rec
+            parts[record_key(parts, name, int(msg.metadata.src_node_id))] = rec
         self._announce_missing(replies, "training", server_round)
-        return self.inner.aggregate_train(server_round, replies)
+        return self.inner.aggregate_train(server_round, screened)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -251,13 +325,22 @@ class RecordingStrategy(Strategy):
         t0 = time.perf_counter()
         server_round += self.round_offset
         self._timed("evaluate-wait-s", self._mark)
-        replies = sorted(replies, key=_reply_key)
+        replies, usable = sorted(replies, key=_reply_key), []
         for msg in replies:
             if msg.has_error():
                 self._current.setdefault("evaluate_refusals", []).append(self._missing(msg))
+                usable.append(msg)  # Flower's strategy counts the failures
                 continue
-            m = dict(next(iter(msg.content.metric_records.values())))
+            m = dict(next(iter(msg.content.metric_records.values()), {}))
             pid = partner_id(msg)
+            why = screen_evaluation(m, self.eval_edges)
+            if why is not None:
+                self._current.setdefault("evaluate_refusals", []).append(
+                    {"node": msg.metadata.src_node_id, "partner": pid, "code": INVALID_UPDATE, "reason": why})
+                print(f"fedprop: round {server_round} evaluation: the release of partner {pid} (node "
+                      f"{msg.metadata.src_node_id}) is not pooled: {why}", flush=True)
+                continue
+            usable.append(msg)
             self.names[int(msg.metadata.src_node_id)] = pid
             ev = {k: v for k, v in m.items() if HIST not in k and k != "partition-id"}
             ev.update(partner_summary(m))
@@ -270,10 +353,10 @@ class RecordingStrategy(Strategy):
                 rec["evaluation-ledger"] = ledger_head(msg.content["ledger"], node)
         if self.evaluate_rounds is None or server_round in self.evaluate_rounds:
             self._announce_missing(replies, "evaluation", server_round)  # unscheduled rounds asked nobody
-        ok = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
+        ok = [dict(next(iter(m.content.metric_records.values()))) for m in usable if not m.has_error()]
         if ok:
             self.pooled = pooled_summaries(ok)
-        agg = self.inner.aggregate_evaluate(server_round, replies) if ok else None
+        agg = self.inner.aggregate_evaluate(server_round, usable) if ok else None
         self._current["evaluate"] = dict(agg) if agg is not None else {}
         self._timed("aggregate-evaluate-s", t0)
         self.rounds.append(self._current)

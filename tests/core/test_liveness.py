@@ -35,8 +35,13 @@ def test_a_partner_that_stops_replying_is_named_from_its_earlier_replies(capsys)
         return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
                         group_id="1", created_at=0.0, ttl=60.0, message_type="train")
 
-    def ok(node, name):
-        content = RecordDict({"metrics": MetricRecord({"partition-id": 0}), "partner": ConfigRecord({"name": name})})
+    def ok(node, name):  # a well-formed train reply (a model and its FedAvg weight): the server's screen passes it
+        import torch
+        from flwr.app import ArrayRecord
+
+        content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
+                              "metrics": MetricRecord({"partition-id": 0, "num-examples": 10}),
+                              "partner": ConfigRecord({"name": name})})
         return Message(content=content, metadata=meta(node))
 
     dead = Message(error=Error(code=5, reason="Error: Node Unavailable - failed to report a heartbeat"), metadata=meta(1))

@@ -202,3 +202,31 @@ def test_both_dp_layers_share_one_federation_ledger_and_key(tmp_path):
     ledger = tmp_path / "ledgers" / cfg.data.name / "partner-0.sqlite"
     pub = tmp_path / "ledgers-keys" / cfg.data.name / "partner-0.key.pub"
     assert verify_against(ledger, out.dir / LEDGER_FILE, public_key=pub, federation_public_key=fed_pub).heads_checked >= 2
+
+
+def test_a_hostile_evaluation_release_is_set_aside_in_a_secure_round(tmp_path):
+    """A partner whose evaluation reply carries NaN counts (a hostile or broken node) used to fail the secure
+    round's evaluation pooling (DataValidationError in the server); now it is set aside and the run completes."""
+    from .conftest import InProcessGrid
+
+    class Corrupting(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            out = super().send_and_receive(messages, timeout=timeout)
+            for r in out:
+                if not r.has_error() and r.metadata.message_type == "evaluate" and r.metadata.src_node_id == 1001:
+                    rec = next(iter(r.content.metric_records.values()))
+                    for k in [k for k in rec if k.endswith(".hist.pos")]:
+                        rec[k] = [float("nan")] * len(rec[k])
+            return out
+
+    cfg = tiny_config(tmp_path, rounds=1)
+    app = make_client_app(config=cfg, loader=load_partner)
+    grid = Corrupting(app, cfg.partners)
+    out = RunOutputs(tmp_path / "run")
+    out.write_config(cfg)
+    run_federation(grid, cfg, heads=HEADS, out=out, run_id="test-run")
+    [r] = json.loads((tmp_path / "run" / "federated_rounds.json").read_text())[TAG]
+    [refusal] = r["evaluate_refusals"]
+    assert refusal["code"] == "invalid-update" and refusal["partner"] == "1" and "finite counts" in refusal["reason"]
+    assert "1" not in {k for k, v in r["partners"].items() if "evaluate" in v}
+    assert "churn.auc_roc" in r["evaluate"] and (out.dir / f"model_{TAG}.pt").exists()
