@@ -28,4 +28,8 @@ def test_tiny_federation_end_to_end(tmp_path):
     # its stated noise: 3 x the 95% half-width (~6 standard deviations)
     hw = churn["federated_eval_auc_half_width"]
     assert 0 < hw < 0.5
-    assert abs(churn["federated_eval_auc_from_histograms"] - churn["federated_dp_auc"]) < 3 * hw + 0.02
+    dp_auc = churn["federated_eval_auc_from_histograms"]
+    if dp_auc is None or math.isnan(dp_auc):  # the noisy counts of 3 tiny test sets left no AUC (seen once,
+        assert not churn["federated_eval_auc_meaningful"]  # half-width 0.19): then the summary must say so
+    else:
+        assert abs(dp_auc - churn["federated_dp_auc"]) < 3 * hw + 0.02
