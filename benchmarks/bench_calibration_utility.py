@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         for eps in args.eps:
             for k in range(args.splits):
                 key = hashlib.sha256(f"split-{k}".encode()).digest()
-                B.secrets.token_bytes = lambda n, key=key: key[:n]  # the split key evaluate_dataset draws
                 for acc in ("rdp", "tight"):
                     for _ in range(args.draws):
-                        r = B.evaluate_dataset(data, eps, [f"privacy.accountant={acc}"], personalise=False)
+                        r = B.evaluate_dataset(data, eps, [f"privacy.accountant={acc}"], personalise=False,
+                                               split_key=key)
                         sigmas[(data, eps, acc)] = [round(v[0], 2) for v in r["dp"].values()]
                         for head, h in r["heads"].items():
                             ratios[(data, head, eps, acc)].append(h["ratio"])

@@ -127,15 +127,17 @@ def replay_federation(cfg, parts, *, server_momentum: float = 0.0, server_lr: fl
 
 
 def evaluate_dataset(data: str, eps: float, extra: list[str], *, personalise: bool = True,
-                     server: dict[str, float] | None = None, thermometer_bins: int = 0) -> dict[str, Any]:
+                     server: dict[str, float] | None = None, thermometer_bins: int = 0,
+                     split_key: bytes | None = None) -> dict[str, Any]:
+    """One dataset x epsilon. ``split_key``: the keyed-hash train/test split (default: a fresh secret one per call;
+    a fixed public key repeats the same split across calls, e.g. to compare settings on the same customers)."""
     from federation import metrics as M
     from federation.models import federations
     from simulations.baselines import head_metrics, pooled_metrics, run_baselines
 
     cfg = compose([f"data={data}", f"privacy.epsilon={eps}", "privacy.noise=fast", *extra])
     heads = federations(cfg.task, cfg.model.heads)[0]
-    split_key = secrets.token_bytes(32)
-    parts = load_parts(cfg, heads, split_key)
+    parts = load_parts(cfg, heads, split_key if split_key is not None else secrets.token_bytes(32))
     if thermometer_bins:
         parts = thermometer(parts, thermometer_bins)
     t0 = time.perf_counter()

@@ -371,7 +371,7 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
-        if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:

@@ -39,8 +39,7 @@ from federation.privacy.events import Gaussian
 from federation.secagg.flower import RECORD_KEY, secure_sum
 from federation.secagg.primitives import Entropy, RoundAbortedError
 from federation.secure_fedavg import aggregate_step, min_partner_weight, plan_round
-from server.strategy import (HIST, INVALID_UPDATE, aggregate_eval_metrics, ledger_head, partition_id,
-                             screen_evaluation)
+from server.strategy import HIST, aggregate_eval_metrics, ledger_head, partition_id, screen_evaluation, set_aside
 
 __all__ = ["ACTION", "LEDGER_FILE", "SecureFedAvgResult", "run_secure_fedavg"]
 
@@ -218,10 +217,8 @@ def run_secure_fedavg(
             pid = str(partition_id(m))
             why = screen_evaluation(m, eval_edges)
             if why is not None:  # a hostile or broken release is set aside, never fails the round
-                rec.setdefault("evaluate_refusals", []).append(
-                    {"node": r.metadata.src_node_id, "partner": pid, "code": INVALID_UPDATE, "reason": why})
-                print(f"fedprop: round {rnd} evaluation: the release of partner {pid} (node {r.metadata.src_node_id}) "
-                      f"is not pooled: {why}", flush=True)
+                set_aside(rec.setdefault("evaluate_refusals", []), node=r.metadata.src_node_id, partner=pid, why=why,
+                          stage="evaluation", server_round=rnd)
                 continue
             node_pid[r.metadata.src_node_id] = pid
             flats.append((r.metadata.src_node_id, m, r.content))

@@ -20,10 +20,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from federation import metrics as M
 from federation.atomicio import atomic_write_text
 from federation.errors import FedpropError
 from federation.config import FedpropConfig, config_hash, evaluation_rounds, from_run_config
-from federation import metrics as M
 from federation.featurespec import feature_names
 from federation.models import build_model, federations
 from server.outputs import RunOutputs, check_resumable, progress_line

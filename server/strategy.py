@@ -154,11 +154,19 @@ def screen_update(msg: Message, reference: ArrayRecord | None) -> str | None:
     for k in arrays.keys():
         if not np.all(np.isfinite(arrays[k].numpy())):
             return f"parameter {k!r} holds NaN or infinite values"
-    metrics = next(iter(msg.content.metric_records.values()), {})
-    n = metrics.get("num-examples") if "num-examples" in metrics else None
+    n = next(iter(msg.content.metric_records.values()), {}).get("num-examples")
     if not _scalar(n) or not math.isfinite(n) or n < 1 or int(n) != n:
         return "num-examples (the FedAvg weight) is missing or not a positive integer"
     return None
+
+
+def set_aside(refusals: list, *, node: int, partner: str, why: str, stage: str, server_round: int) -> None:
+    """Record a reply that ``screen_update`` / ``screen_evaluation`` rejected with the round's refusals, and say so."""
+    refusals.append({"node": node, "partner": partner, "code": INVALID_UPDATE, "reason": why})
+    what = "update" if stage == "training" else "release"
+    done = "aggregated" if stage == "training" else "pooled"
+    print(f"fedprop: round {server_round} {stage}: the {what} of partner {partner} (node {node}) is not {done}: {why}",
+          flush=True)
 
 
 MAX_RELEASED_COUNT = 2 ** 40  # a noisy per-bin count beyond this is not a customer count (and overflows int64 sums)
@@ -296,10 +304,8 @@ class RecordingStrategy(Strategy):
             name = self.names[int(msg.metadata.src_node_id)] = partner_id(msg)
             why = screen_update(msg, self._arrays)
             if why is not None:  # set aside: recorded with the refusals, not aggregated, not counted as trained
-                self._current["refusals"].append({"node": msg.metadata.src_node_id, "partner": name,
-                                                  "code": INVALID_UPDATE, "reason": why})
-                print(f"fedprop: round {server_round} training: the update of partner {name} (node "
-                      f"{msg.metadata.src_node_id}) is not aggregated: {why}", flush=True)
+                set_aside(self._current["refusals"], node=msg.metadata.src_node_id, partner=name, why=why,
+                          stage="training", server_round=server_round)
                 continue
             screened.append(msg)
             m = dict(next(iter(msg.content.metric_records.values())))
@@ -335,10 +341,8 @@ class RecordingStrategy(Strategy):
             pid = partner_id(msg)
             why = screen_evaluation(m, self.eval_edges)
             if why is not None:
-                self._current.setdefault("evaluate_refusals", []).append(
-                    {"node": msg.metadata.src_node_id, "partner": pid, "code": INVALID_UPDATE, "reason": why})
-                print(f"fedprop: round {server_round} evaluation: the release of partner {pid} (node "
-                      f"{msg.metadata.src_node_id}) is not pooled: {why}", flush=True)
+                set_aside(self._current.setdefault("evaluate_refusals", []), node=msg.metadata.src_node_id,
+                          partner=pid, why=why, stage="evaluation", server_round=server_round)
                 continue
             usable.append(msg)
             self.names[int(msg.metadata.src_node_id)] = pid
